@@ -1,0 +1,1 @@
+"""bunny_backend: the Bunny VLM serving engine (model, paged KV cache, continuous batching)."""

@@ -1,0 +1,72 @@
+"""Engine configuration: one dataclass, built from `config.pbtxt` parameters or command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+_DEVICES = ("auto", "cpu", "cuda", "npu")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model_path: str = ""
+    device: str = "auto"            # auto picks npu > cuda > cpu
+    dtype: str = "auto"             # auto: float32 on CPU, bfloat16 on accelerators
+    block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 4096
+    max_model_len: int = 0          # 0: the checkpoint's max_position_embeddings
+    kv_cache_memory_bytes: int = 0  # 0: use kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.5  # of the memory free after loading the weights
+    enable_prefix_caching: bool = True
+    num_threads: int = 0            # CPU intra-op threads; 0: all cores
+    seed: int = 0                   # engine-level default for requests without a seed
+
+    def __post_init__(self) -> None:
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size < 0 or (self.block_size and self.block_size & (self.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_cache_memory_bytes < 0:
+            raise ValueError("kv_cache_memory_bytes must be >= 0")
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "EngineConfig":
+        """Build from string key/values (Triton `parameters`); unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, raw in params.items():
+            if key not in known:
+                raise ValueError(f"unknown engine parameter {key!r}; known: {sorted(known)}")
+            kwargs[key] = _parse(known[key], str(raw).strip())
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _parse(field: dataclasses.Field, raw: str):
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "bool":
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"parameter {field.name!r}: cannot read {raw!r} as {kind}") from None

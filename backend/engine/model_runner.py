@@ -1,0 +1,118 @@
+"""Runs one scheduled step: packs the sequences' tokens, sets the attention context, runs the model, samples."""
+from __future__ import annotations
+
+import torch
+
+from bunny_backend.engine.context import ForwardContext, reset_context, set_context
+from bunny_backend.engine.sequence import Sequence
+from bunny_backend.model.bunny import BunnyForCausalLM
+from bunny_backend.ops.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(self, model: BunnyForCausalLM, backend, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.model, self.backend = model, backend
+        self.device, self.dtype = device, dtype
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.sampler = Sampler()
+        text = model.config.text
+        self.kv_caches = []
+        for layer in model.model.layers:
+            k_cache, v_cache = backend.allocate_kv_cache(num_blocks, block_size, text.num_key_value_heads,
+                                                         text.head_dim, dtype, device)
+            attn = layer.self_attn.attn
+            attn.k_cache, attn.v_cache, attn.backend = k_cache, v_cache, backend
+            self.kv_caches.append((k_cache, v_cache))
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _encode_missing_images(self, seqs: list[Sequence], chunks: list[tuple[int, int]]) -> None:
+        """Run the vision tower once, batched, for every image this step touches that has no features yet."""
+        todo = [img for seq, (start, end) in zip(seqs, chunks) for img in seq.images
+                if img.embeds is None and img.offset < end and img.offset + img.length > start]
+        if not todo:
+            return
+        pixels = torch.stack([img.pixel_values for img in todo]).to(self.device)
+        feats = self.model.encode_images(pixels)
+        for img, f in zip(todo, feats):
+            img.embeds = f
+            img.pixel_values = None
+
+    def _image_rows(self, seq: Sequence, start: int, end: int) -> list[torch.Tensor]:
+        rows = []
+        for img in sorted(seq.images, key=lambda i: i.offset):
+            lo, hi = max(start, img.offset), min(end, img.offset + img.length)
+            if lo < hi:
+                rows.append(img.embeds[lo - img.offset:hi - img.offset])
+        return rows
+
+    def _prepare_prefill(self, seqs: list[Sequence], num_new: list[int]):
+        ids, positions, slots, rows, seqlens_q, seqlens_k, last_rows = [], [], [], [], [], [], []
+        chunks = [(s.num_cached_tokens, s.num_cached_tokens + n) for s, n in zip(seqs, num_new)]
+        self._encode_missing_images(seqs, chunks)
+        for seq, (start, end) in zip(seqs, chunks):
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self._slots(seq, start, end)
+            rows += self._image_rows(seq, start, end)
+            seqlens_q.append(end - start)
+            seqlens_k.append(end)
+            last_rows.append(len(ids) - 1 if end == seq.num_tokens else None)
+        cu_q = torch.tensor([0] + seqlens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu_k = torch.tensor([0] + seqlens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        ctx = ForwardContext(is_prefill=True, cu_seqlens_q=cu_q.to(self.device), cu_seqlens_k=cu_k.to(self.device),
+                             max_seqlen_q=max(seqlens_q), max_seqlen_k=max(seqlens_k),
+                             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+                             block_tables=self._block_tables(seqs), seqlens_q=seqlens_q, seqlens_k=seqlens_k)
+        image_embeds = torch.cat(rows) if rows else None
+        return ids, positions, image_embeds, ctx, last_rows
+
+    def _prepare_decode(self, seqs: list[Sequence]):
+        ids = [s.last_token for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [s.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                 for s, p in zip(seqs, positions)]
+        lens = [s.num_tokens for s in seqs]
+        ctx = ForwardContext(is_prefill=False,
+                             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+                             context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+                             block_tables=self._block_tables(seqs), max_seqlen_k=max(lens), seqlens_k=lens)
+        return ids, positions, ctx
+
+    # ---- step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool, num_new: list[int]) -> list[int | None]:
+        """Returns the sampled token per sequence, or None where a prefill chunk did not reach the end."""
+        if is_prefill:
+            ids, positions, image_embeds, ctx, last_rows = self._prepare_prefill(seqs, num_new)
+        else:
+            (ids, positions, ctx), image_embeds = self._prepare_decode(seqs), None
+            last_rows = list(range(len(seqs)))
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        set_context(ctx)
+        try:
+            embeds = self.model.embed_inputs(input_ids, image_embeds)
+            hidden = self.model(embeds, pos)
+        finally:
+            reset_context()
+        want = [i for i, r in enumerate(last_rows) if r is not None]
+        if not want:
+            return [None] * len(seqs)
+        logits = self.model.compute_logits(hidden[[last_rows[i] for i in want]])
+        picked = [seqs[i] for i in want]
+        tokens = self.sampler(logits, [s.params for s in picked], [s.generator for s in picked],
+                              [s.token_ids for s in picked]).tolist()
+        out: list[int | None] = [None] * len(seqs)
+        for i, t in zip(want, tokens):
+            out[i] = t
+        return out

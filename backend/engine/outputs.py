@@ -1,0 +1,40 @@
+"""What the engine hands back to its caller, one object per request per step that produced something."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class BadRequestError(ValueError):
+    """A request the engine refuses; the message says what is wrong and is safe to show the client."""
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None     # "stop" | "length" | "cancelled" | "error" on the final output
+    error: str | None = None             # set with finish_reason "error"
+    prompt_tokens: int = 0               # image feature rows counted
+    completion_tokens: int = 0           # generated so far
+    ttft_s: float | None = None          # set on the output that carries the first token
+    inter_token_latencies_s: list[float] = field(default_factory=list)  # for tokens after the first
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_query_tokens: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_preemptions: int = 0
+    requests_finished: dict = field(default_factory=dict)   # finish_reason -> count
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0

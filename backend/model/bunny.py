@@ -1,0 +1,75 @@
+"""Bunny = SigLIP tower + mlp2x_gelu projector + the unchanged Qwen2 decoder, driven by inputs_embeds.
+
+Image placeholders are expanded before scheduling: each image occupies `num_image_tokens` rows of the token ids,
+all equal to IMAGE_PAD_ID, and `embed_inputs` puts the image features there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bunny_backend.model.config import BunnyConfig
+from bunny_backend.model.qwen2 import Qwen2Model
+from bunny_backend.model.siglip import SiglipVisionTower
+
+IMAGE_PAD_ID = -200
+
+
+class VisionTowerWrapper(nn.Module):
+    """Bunny's checkpoint nests the tower as `vision_tower.vision_tower.vision_model`."""
+
+    def __init__(self, cfg: BunnyConfig):
+        super().__init__()
+        self.vision_tower = SiglipVisionTower(cfg.vision)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_tower(pixel_values)
+
+
+class BunnyModel(Qwen2Model):
+    def __init__(self, cfg: BunnyConfig):
+        super().__init__(cfg.text)
+        self.vision_tower = VisionTowerWrapper(cfg)
+        self.mm_projector = nn.Sequential(nn.Linear(cfg.mm_hidden_size, cfg.text.hidden_size), nn.GELU(),
+                                          nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size))
+
+
+class BunnyForCausalLM(nn.Module):
+    def __init__(self, cfg: BunnyConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = BunnyModel(cfg)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] -> SigLIP features [n, T, mm_hidden] (penultimate layer)."""
+        return self.model.vision_tower(pixel_values)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] -> projected image embeddings [n, T, hidden]."""
+        return self.model.mm_projector(self.vision_features(pixel_values))
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [N, hidden] with the IMAGE_PAD_ID rows replaced, in order, by image_embeds [M, hidden]."""
+        is_image = input_ids == IMAGE_PAD_ID
+        embeds = self.model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        num_rows = 0 if image_embeds is None else image_embeds.shape[0]
+        num_slots = int(is_image.sum())
+        if num_slots != num_rows:
+            raise ValueError(f"image placeholder rows ({num_slots}) and image feature rows ({num_rows}) differ")
+        if num_rows:
+            embeds[is_image] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Packed inputs [N, hidden] and positions [N] -> final hidden states [N, hidden]."""
+        return self.model.decode_embeds(inputs_embeds, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,48 @@
+"""The attention backend interface: the only place that knows how the paged KV cache is laid out.
+
+A backend is one file implementing `AttentionBackend`; the model calls it through `layers.Attention` and never
+sees block tables. Cache layout is the backend's choice (the portable and NPU ones use
+[num_blocks, block_size, num_kv_heads, head_dim] per layer for K and for V).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from bunny_backend.engine.context import ForwardContext
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                          dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (k_cache, v_cache)."""
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Write new K/V rows [N, Hkv, D] into their slots."""
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
+                v_cache: torch.Tensor | None, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        """Causal attention of packed queries [N, H, D] over each sequence's cached prefix plus its new tokens.
+        With no cache (k_cache is None) the new k/v are the whole context."""
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
+               scale: float) -> torch.Tensor:
+        """One query row per sequence [B, H, D] over its context_lens[i] cached tokens."""
+
+
+def get_backend(device: str) -> AttentionBackend:
+    if device == "npu":
+        from bunny_backend.ops.attention_npu import NpuAttentionBackend
+        return NpuAttentionBackend()
+    if device == "cuda":
+        try:
+            from bunny_backend.ops.attention_cuda import CudaAttentionBackend
+            return CudaAttentionBackend()
+        except ImportError:
+            pass
+    from bunny_backend.ops.attention_torch import TorchAttentionBackend
+    return TorchAttentionBackend()

@@ -1,0 +1,65 @@
+"""Portable paged attention in plain PyTorch (CPU, or any device torch supports)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bunny_backend.engine.context import ForwardContext
+
+
+def _sdpa(q, k, v, scale, mask=None, causal=False):
+    # [L, H, D] -> [1, H, L, D]; enable_gqa lets SDPA broadcast K/V heads without copying them.
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.squeeze(0).transpose(0, 1)
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached rows of one sequence: [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+    def prefill(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale):
+        out = torch.empty_like(q)
+        q_start = 0
+        for i, (len_q, len_k) in enumerate(zip(ctx.seqlens_q, ctx.seqlens_k)):
+            qi = q[q_start:q_start + len_q]
+            if k_cache is None or len_k == len_q:
+                ki, vi = k[q_start:q_start + len_q], v[q_start:q_start + len_q]
+                out[q_start:q_start + len_q] = _sdpa(qi, ki, vi, scale, causal=True)
+            else:
+                table = ctx.block_tables[i]
+                ki, vi = gather_blocks(k_cache, table, len_k), gather_blocks(v_cache, table, len_k)
+                # query row r sits at absolute position len_k - len_q + r
+                q_pos = torch.arange(len_k - len_q, len_k, device=q.device).unsqueeze(1)
+                mask = q_pos >= torch.arange(len_k, device=q.device).unsqueeze(0)
+                out[q_start:q_start + len_q] = _sdpa(qi, ki, vi, scale, mask=mask)
+            q_start += len_q
+        return out
+
+    def decode(self, q, k_cache, v_cache, ctx: ForwardContext, scale):
+        block_size = k_cache.shape[1]
+        tables = ctx.block_tables.long().clamp_min(0)            # [B, M]
+        b, m = tables.shape
+        k = k_cache[tables].view(b, m * block_size, *k_cache.shape[2:])   # [B, M*bs, Hkv, D]
+        v = v_cache[tables].view(b, m * block_size, *v_cache.shape[2:])
+        valid = torch.arange(m * block_size, device=q.device).unsqueeze(0) < ctx.context_lens.unsqueeze(1)
+        qb = q.unsqueeze(2)                                       # [B, H, 1, D]
+        out = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=valid[:, None, None, :], scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[2])
+        return out.squeeze(2)

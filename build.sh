@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One entry point: ./build.sh setup | test | run | serve | bench  (see README.md)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+DEMO_MODEL="$ROOT/models/bunny-demo"
+
+log() { echo "[build.sh] $*" >&2; }
+# pip on these machines lists find-links folders that may not exist; keep its output to real problems.
+pip_quiet() {
+  local out rc=0
+  out="$("$PY" -m pip "$@" 2>&1)" || rc=$?
+  printf '%s\n' "$out" | grep -vE 'is ignored: it is neither a file nor a directory|BuildBackendWarning|Editable installation|Please be careful|name as your package|with strategy|^[[:space:]]*[*!]*[[:space:]]*$' >&2 || true
+  return $rc
+}
+
+find_python311() {
+  for c in python3.11 "$HOME/.pyenv/versions/3.11.7/bin/python3.11" /usr/bin/python3.11; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
+      command -v "$c"; return 0
+    fi
+  done
+  log "Python 3.11 not found (install it, e.g. apt-get install python3.11-venv)"; return 1
+}
+
+setup_venv() {
+  if [ ! -x "$PY" ]; then
+    log "creating .venv"
+    "$(find_python311)" -m venv "$VENV"
+    pip_quiet install -q --upgrade pip
+  fi
+  local stamp="$VENV/.bunny-stamp" want
+  want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  local extras="serve,client,test"
+  # Keep a torch the user installed for an accelerator; otherwise take the pinned CPU build.
+  if "$PY" -c 'import torch, sys; sys.exit(0 if (torch.cuda.is_available() or hasattr(torch, "npu")) else 1)' 2>/dev/null; then
+    log "keeping the installed accelerator torch"
+  else
+    extras="cpu,$extras"
+  fi
+  log "installing python packages"
+  pip_quiet install -q -e ".[${extras}]"
+  echo "$want" > "$stamp"
+}
+
+setup_triton() {
+  # Filled by the Triton deployment work: backends/python with the stub for our interpreter.
+  [ -f "$ROOT/backend/tools/setup_triton.sh" ] && bash "$ROOT/backend/tools/setup_triton.sh" "$VENV" || true
+}
+
+setup_demo() {
+  if [ ! -f "$DEMO_MODEL/config.json" ]; then
+    log "writing the demo checkpoint to models/bunny-demo (random weights)"
+    "$PY" -m bunny_backend.tools.demo_checkpoint --out "$DEMO_MODEL"
+  fi
+}
+
+setup() { setup_venv; setup_triton; setup_demo; }
+
+cmd="${1:-run}"; shift || true
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    "$PY" -m pytest -q "$@" ;;
+  run)
+    setup
+    exec "$PY" -m bunny_backend.tools.run_demo --model-path "${BUNNY_MODEL_PATH:-$DEMO_MODEL}" "$@" ;;
+  serve)
+    setup
+    exec "$VENV/bin/bunny-serve" --model-path "${BUNNY_MODEL_PATH:-$DEMO_MODEL}" "$@" ;;
+  bench)
+    setup
+    exec "$PY" -m bench.run "$@" ;;
+  *) echo "usage: ./build.sh setup|test|run|serve|bench" >&2; exit 2 ;;
+esac

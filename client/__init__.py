@@ -1,0 +1,1 @@
+"""bunny_client: gRPC client jobs against the Triton model `bunny`."""

@@ -1,0 +1,48 @@
+"""Shared helpers for model-level tests: run our model without a KV cache, expand image placeholders."""
+import torch
+
+from bunny_backend.engine.context import dense_prefill_context, reset_context, set_context
+from bunny_backend.io.image import decode_image, preprocess_image
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
+from bunny_backend.model.bunny import IMAGE_PAD_ID
+
+
+def prompt_ids(tokenizer, text, has_image):
+    return tokenize_prompt(tokenizer, build_prompt(text, has_image=has_image))
+
+
+def pixels_of(image_bytes, image_size):
+    if image_bytes is None:
+        return None
+    return preprocess_image(decode_image(image_bytes), image_size).unsqueeze(0)
+
+
+def expand(ids, num_image_tokens):
+    out = []
+    for t in ids:
+        out += [IMAGE_PAD_ID] * num_image_tokens if t == IMAGE_TOKEN_INDEX else [t]
+    return out
+
+
+@torch.inference_mode()
+def dense_logits(model, ids, pixels):
+    """Logits [L, V] of our model for unexpanded ids (with IMAGE_TOKEN_INDEX), no cache."""
+    full = torch.tensor(expand(ids, model.num_image_tokens))
+    image_embeds = model.encode_images(pixels)[0] if pixels is not None else None
+    set_context(dense_prefill_context([len(full)]))
+    try:
+        hidden = model(model.embed_inputs(full, image_embeds), torch.arange(len(full)))
+    finally:
+        reset_context()
+    return model.compute_logits(hidden)
+
+
+def dense_greedy(model, ids, pixels, max_new_tokens, eos_token_id=None):
+    ids, out = list(ids), []
+    for _ in range(max_new_tokens):
+        token = int(dense_logits(model, ids, pixels)[-1].argmax())
+        out.append(token)
+        ids.append(token)
+        if token == eos_token_id:
+            break
+    return out

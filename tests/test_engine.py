@@ -1,0 +1,155 @@
+"""Engine level: continuous batching over the paged cache gives the reference's greedy outputs."""
+import pytest
+import torch
+
+from bunny_backend.config import EngineConfig
+from bunny_backend.engine.llm_engine import LLMEngine
+from bunny_backend.engine.outputs import BadRequestError
+from bunny_backend.engine.sampling_params import SamplingParams
+from bunny_backend.io.tokenizer import load_tokenizer
+from bunny_backend.reference import ReferenceBunny
+from model_helpers import pixels_of, prompt_ids
+
+QUESTIONS = ["What is a rabbit?", "Describe the image.", "请描述这张图片。", "How many cats are there?",
+             "Tell me a story about the sea.", "图中有什么？"]
+
+
+@pytest.fixture(scope="module")
+def model_path(checkpoint_factory):
+    return checkpoint_factory(seed=5, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    return ReferenceBunny.from_pretrained(model_path), load_tokenizer(model_path)
+
+
+def make_engine(model_path, **kw):
+    kw.setdefault("kv_cache_memory_bytes", 8 << 20)
+    kw.setdefault("max_num_batched_tokens", 64)   # forces chunked prefill of image prompts
+    return LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", **kw))
+
+
+def run_all(engine, arrivals, max_steps=10_000):
+    """arrivals: list of (step, request_id, text, images, params). Returns {id: (ids, text, reason)}."""
+    results = {rid: ([], "", None) for _, rid, *_ in arrivals}
+    pending = sorted(arrivals, key=lambda a: a[0])
+    step = 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= step:
+            _, rid, text, images, params = pending.pop(0)
+            engine.add_request(rid, text, images, params)
+        for out in engine.step():
+            ids, text, _ = results[out.request_id]
+            results[out.request_id] = (ids + out.delta_token_ids, text + out.delta_text, out.finish_reason)
+        step += 1
+        assert step < max_steps
+    return results
+
+
+def reference_greedy(reference, text, image, max_tokens, image_size):
+    ref, tok = reference
+    ids = prompt_ids(tok, text, image is not None)
+    return ref.generate_greedy(ids, pixels_of(image, image_size), max_new_tokens=max_tokens,
+                               eos_token_id=tok.eos_token_id)
+
+
+def twelve_requests(test_images):
+    reqs = []
+    for i in range(12):
+        image = [test_images[i % len(test_images)]] if i % 3 else []
+        reqs.append((i // 2, f"r{i}", QUESTIONS[i % len(QUESTIONS)], image, SamplingParams(max_tokens=4 + 3 * i)))
+    return reqs
+
+
+def assert_matches_reference(results, reqs, reference, image_size):
+    for _, rid, text, images, params in reqs:
+        expected = reference_greedy(reference, text, images[0] if images else None, params.max_tokens, image_size)
+        assert results[rid][0] == expected, rid
+
+
+def test_staggered_batch_matches_reference_one_by_one(model_path, reference, test_images):
+    engine = make_engine(model_path)
+    reqs = twelve_requests(test_images)
+    results = run_all(engine, reqs)
+    assert_matches_reference(results, reqs, reference, engine.model.config.vision.image_size)
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_preemption_keeps_outputs(model_path, reference, test_images):
+    from bunny_backend.engine.kv_cache import bytes_per_block
+    from bunny_backend.model.config import BunnyConfig
+    cfg = BunnyConfig.from_pretrained(model_path)
+    blocks = 2 * (cfg.num_image_tokens + 60) // 4       # about two image requests at a time
+    engine = make_engine(model_path, block_size=4,
+                         kv_cache_memory_bytes=blocks * bytes_per_block(cfg.text, 4, torch.float32))
+    reqs = twelve_requests(test_images)[:6]
+    results = run_all(engine, reqs)
+    assert engine.stats().num_preemptions > 0
+    assert_matches_reference(results, reqs, reference, engine.model.config.vision.image_size)
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_prefix_cache_hits_and_same_output(model_path, test_images):
+    engine = make_engine(model_path)
+    params = SamplingParams(max_tokens=8)
+    first = run_all(engine, [(0, "a", "Describe the image.", [test_images[0]], params)])
+    assert engine.stats().prefix_cache_hit_tokens == 0
+    second = run_all(engine, [(0, "b", "Describe the image.", [test_images[0]], params)])
+    assert engine.stats().prefix_cache_hit_tokens > engine.model.num_image_tokens
+    assert second["b"][0] == first["a"][0]
+    no_cache = run_all(make_engine(model_path, enable_prefix_caching=False),
+                       [(0, "c", "Describe the image.", [test_images[0]], params)])
+    assert no_cache["c"][0] == first["a"][0]
+
+
+def test_abort_mid_prefill_and_mid_decode_frees_blocks(model_path, test_images):
+    engine = make_engine(model_path, max_num_batched_tokens=16)
+    engine.add_request("p", "Describe the image.", [test_images[0]], SamplingParams(max_tokens=50))
+    engine.add_request("d", "What is a rabbit?", [], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()                      # "p" is partly prefilled
+    engine.abort("p")
+    outs = engine.step()
+    assert any(o.request_id == "p" and o.finish_reason == "cancelled" for o in outs)
+    for _ in range(12):
+        engine.step()
+    engine.abort("d")
+    final = engine.step()
+    assert any(o.request_id == "d" and o.finish_reason == "cancelled" for o in final)
+    assert not engine.has_unfinished()
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_seeded_sampling_reproducible_alone_and_in_batch(model_path, test_images):
+    params = dict(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = run_all(make_engine(model_path), [(0, "s", "Tell me a story.", [], SamplingParams(**params))])
+    others = [(0, f"o{i}", QUESTIONS[i], [test_images[0]] if i % 2 else [],
+               SamplingParams(max_tokens=10, temperature=1.0, seed=i)) for i in range(4)]
+    batched = run_all(make_engine(model_path), others[:2] + [(1, "s", "Tell me a story.", [], SamplingParams(**params))]
+                      + others[2:])
+    assert alone["s"][0] == batched["s"][0]
+    greedy = run_all(make_engine(model_path), [(0, "g", "Tell me a story.", [], SamplingParams(max_tokens=12, ignore_eos=True))])
+    topk1 = run_all(make_engine(model_path), [(0, "k", "Tell me a story.", [],
+                                                SamplingParams(max_tokens=12, temperature=1.0, top_k=1, seed=7, ignore_eos=True))])
+    assert greedy["g"][0] == topk1["k"][0]
+
+
+def test_streamed_chinese_equals_whole_decode(model_path):
+    # Random weights may emit byte sequences that are not UTF-8 at all, so U+FFFD can be in the whole decode
+    # too; streaming must add none of its own (tests/test_detokenizer.py streams real Chinese text).
+    engine = make_engine(model_path)
+    res = run_all(engine, [(0, "zh", "请用中文描述一只兔子。", [], SamplingParams(max_tokens=40, ignore_eos=True))])
+    ids, text, reason = res["zh"]
+    assert reason == "length" and len(ids) == 40
+    assert text == engine.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_requests_that_cannot_fit_are_refused(model_path, test_images):
+    engine = make_engine(model_path, max_model_len=64)
+    with pytest.raises(BadRequestError, match="max_tokens|context|long"):
+        engine.add_request("x", "hi", [], SamplingParams(max_tokens=1000))
+    with pytest.raises(BadRequestError, match="image"):
+        engine.add_request("y", "hi", [b"not an image"], SamplingParams())
+    with pytest.raises(BadRequestError, match="at most 1"):
+        engine.add_request("z", "hi", [test_images[0], test_images[1]], SamplingParams())
+    assert not engine.has_unfinished()
