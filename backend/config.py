@@ -21,11 +21,14 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5  # of the memory free after loading the weights
     enable_prefix_caching: bool = True
     num_threads: int = 0            # CPU intra-op threads; 0: all cores
+    attention_backend: str = "auto"  # auto: the device's own (npu, cuda) or the portable torch one
     seed: int = 0                   # engine-level default for requests without a seed
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
             raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
+        if self.attention_backend not in ("auto", "torch", "cuda", "npu"):
+            raise ValueError(f"attention_backend must be auto, torch, cuda or npu, got {self.attention_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):

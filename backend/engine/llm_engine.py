@@ -50,7 +50,8 @@ class LLMEngine:
         self.block_size = config.block_size or (128 if self.device.type == "npu" else 16)
         self.max_model_len = config.max_model_len or text.max_position_embeddings
         num_blocks = num_kv_blocks(config, text, self.block_size, self.max_model_len, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, get_backend(self.device.type), num_blocks, self.block_size,
+        backend_name = self.device.type if config.attention_backend == "auto" else config.attention_backend
+        self.runner = ModelRunner(self.model, get_backend(backend_name), num_blocks, self.block_size,
                                   self.device, self.dtype)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)

@@ -34,15 +34,13 @@ class AttentionBackend(Protocol):
         """One query row per sequence [B, H, D] over its context_lens[i] cached tokens."""
 
 
-def get_backend(device: str) -> AttentionBackend:
-    if device == "npu":
+def get_backend(name: str) -> AttentionBackend:
+    """`name`: torch, cuda or npu (a device type picks its own backend; cpu means torch)."""
+    if name == "npu":
         from bunny_backend.ops.attention_npu import NpuAttentionBackend
         return NpuAttentionBackend()
-    if device == "cuda":
-        try:
-            from bunny_backend.ops.attention_cuda import CudaAttentionBackend
-            return CudaAttentionBackend()
-        except ImportError:
-            pass
+    if name == "cuda":
+        from bunny_backend.ops.attention_cuda import CudaAttentionBackend
+        return CudaAttentionBackend()
     from bunny_backend.ops.attention_torch import TorchAttentionBackend
     return TorchAttentionBackend()
