@@ -154,13 +154,17 @@ def build_checkpoint(out_dir, *, seed=0, hidden_size=64, num_layers=2, num_heads
                      intermediate_size=128, tie_word_embeddings=False, vision_hidden=32, vision_layers=3,
                      vision_heads=2, vision_intermediate=64, image_size=56, patch_size=14, shards=1,
                      fmt="safetensors", include_dropped_layer=True, std=None, dtype=torch.float32,
-                     max_position_embeddings=2048) -> Path:
-    """Build the checkpoint folder and return its path. `std`, when given, replaces every weight matrix's scale."""
+                     max_position_embeddings=2048, vocab_size=None) -> Path:
+    """Build the checkpoint folder and return its path. `std`, when given, replaces every weight matrix's scale.
+    `vocab_size` pads the embedding and LM head past the tokenizer (as Qwen's 151936 does)."""
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab_size, eos_id = write_tokenizer(out)
+    tokenizer_size, eos_id = write_tokenizer(out)
+    if vocab_size is not None and vocab_size < tokenizer_size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer_size}")
+    vocab_size = vocab_size or tokenizer_size
     cfg = {
         "architectures": ["BunnyQwenForCausalLM"], "model_type": "bunny-qwen",
         "hidden_size": hidden_size, "intermediate_size": intermediate_size,
