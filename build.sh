@@ -47,8 +47,23 @@ setup_venv() {
 }
 
 setup_triton() {
-  # Filled by the Triton deployment work: backends/python with the stub for our interpreter.
-  [ -f "$ROOT/backend/tools/setup_triton.sh" ] && bash "$ROOT/backend/tools/setup_triton.sh" "$VENV" || true
+  # tritonserver from the nvidia-pytriton wheel, with the Python backend stub for our interpreter (build/triton)
+  bash "$ROOT/backend/tools/setup_triton.sh" "$VENV"
+}
+
+setup_client_extras() {
+  # perf_analyzer (inside the tritonclient wheel) links libb64.so.0d
+  if ! ldconfig -p | grep -q 'libb64.so.0d' && command -v apt-get >/dev/null 2>&1; then
+    log "installing libb64-0d for perf_analyzer"
+    { apt-get update -qq && apt-get install -y -qq libb64-0d; } >/dev/null 2>&1 || log "could not install libb64-0d (perf_analyzer will be skipped)"
+  fi
+  # The open_clip judge goes to a private folder: PyPI's torchvision is a CUDA build that must not sit beside the
+  # CPU torch in site-packages (transformers imports it whenever it is installed). See client/openclip_import.py.
+  if [ ! -d "$VENV/clip-site/open_clip" ]; then
+    log "installing open_clip for clip-score into .venv/clip-site"
+    pip_quiet install -q --no-deps --target "$VENV/clip-site" \
+      open-clip-torch==3.3.0 torchvision==0.28.0 ftfy==6.3.1 wcwidth==0.9.4
+  fi
 }
 
 setup_demo() {
@@ -58,7 +73,7 @@ setup_demo() {
   fi
 }
 
-setup() { setup_venv; setup_triton; setup_demo; }
+setup() { setup_venv; setup_triton; setup_client_extras; setup_demo; }
 
 cmd="${1:-run}"; shift || true
 case "$cmd" in

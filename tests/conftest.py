@@ -9,6 +9,8 @@ import pytest
 
 from bunny_backend.tools.demo_checkpoint import build_checkpoint
 
+pytest_plugins = ["server_fixture"]   # the real tritonserver, started once per session
+
 IMAGE_FILES = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]   # square, wide, wide, JPEG
 
 

@@ -53,13 +53,23 @@ class TorchAttentionBackend:
 
     def decode(self, q, k_cache, v_cache, ctx: ForwardContext, scale):
         block_size = k_cache.shape[1]
-        tables = ctx.block_tables.long().clamp_min(0)            # [B, M]
-        b, m = tables.shape
-        k = k_cache[tables].view(b, m * block_size, *k_cache.shape[2:])   # [B, M*bs, Hkv, D]
-        v = v_cache[tables].view(b, m * block_size, *v_cache.shape[2:])
-        valid = torch.arange(m * block_size, device=q.device).unsqueeze(0) < ctx.context_lens.unsqueeze(1)
-        qb = q.unsqueeze(2)                                       # [B, H, 1, D]
-        out = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2),
+        tables = ctx.block_tables.long().clamp_min(0).flatten()   # [B*M]
+        b = ctx.block_tables.shape[0]
+        width = tables.numel() // b * block_size
+        # Gather into reused buffers: fresh multi-MB tensors every layer cost page faults on CPU.
+        k = torch.index_select(k_cache, 0, tables, out=self._scratch("k", k_cache, tables.numel()))
+        v = torch.index_select(v_cache, 0, tables, out=self._scratch("v", v_cache, tables.numel()))
+        k, v = k.view(b, width, *k_cache.shape[2:]), v.view(b, width, *v_cache.shape[2:])
+        valid = torch.arange(width, device=q.device).unsqueeze(0) < ctx.context_lens.unsqueeze(1)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=valid[:, None, None, :], scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[2])
         return out.squeeze(2)
+
+    def _scratch(self, name: str, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        buffers = self.__dict__.setdefault("_buffers", {})
+        buf = buffers.get(name)
+        need = num_blocks * cache[0].numel()
+        if buf is None or buf.numel() < need or buf.dtype != cache.dtype or buf.device != cache.device:
+            buf = buffers[name] = torch.empty(max(need, 1), dtype=cache.dtype, device=cache.device)
+        return buf[:need].view(num_blocks, *cache.shape[1:])

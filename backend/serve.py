@@ -1,0 +1,186 @@
+"""`bunny-serve`: run the real tritonserver on a generated copy of model_repository/ in the foreground.
+
+The copy (a temporary folder) carries config.pbtxt with the engine parameters overridden by the command line
+(--model-path, --device, --dtype, --param KEY=VALUE); the tracked config.pbtxt is never edited. Every endpoint
+binds 127.0.0.1. `READY` is printed on its own line on stdout once the model takes requests; the server's log
+goes to stderr. SIGTERM/SIGINT stop the server cleanly. Exit status: 0 after a clean stop, 2 for bad
+arguments, 1 when the model fails to load (its error lines are repeated at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from bunny_backend import triton_env
+from bunny_backend.config import EngineConfig
+
+MODEL_NAME = "bunny"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bunny-serve", description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", required=True, type=Path, help="a checkpoint folder (CONTRACT.md section 2)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), help="engine device (config default: auto)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--repository", type=Path, default=triton_env.MODEL_REPOSITORY,
+                   help="model repository to copy (default: the checkout's model_repository/)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an engine parameter of config.pbtxt (repeatable), e.g. max_num_seqs=8")
+    p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the model to load")
+    p.add_argument("--exit-timeout", type=int, default=20,
+                   help="seconds tritonserver waits for in-flight requests and the unload on SIGTERM")
+    p.add_argument("--log-verbose", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The parameters to write; raises ValueError with a readable message."""
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param takes KEY=VALUE, got {item!r}")
+        params[key.strip()] = value.strip()
+    params["model_path"] = str(args.model_path.resolve())
+    if args.device:
+        params["device"] = args.device
+    if args.dtype:
+        params["dtype"] = args.dtype
+    return params
+
+
+def write_repository(src: Path, dst: Path, params: dict[str, str]) -> dict[str, str]:
+    """Copy `src` to `dst` with bunny's parameters overridden; returns the resulting parameters (validated)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    path = dst / MODEL_NAME / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    merged = {k: v.string_value for k, v in config.parameters.items()}
+    EngineConfig.from_parameters(merged)   # unknown keys, bad values: fail here, not inside the server
+    path.write_text(text_format.MessageToString(config))
+    return merged
+
+
+def model_ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{MODEL_NAME}/ready", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: tritonserver gets SIGTERM if bunny-serve dies without cleaning up."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _pump(stream, tail: collections.deque) -> None:
+    """Forward the server's log to stderr, remembering its last lines."""
+    for line in stream:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        tail.append(line.rstrip("\n"))
+
+
+def error_lines(tail) -> list[str]:
+    """The model's load error (unescaped) if the log has one, else the server's error lines."""
+    for line in tail:
+        m = re.search(r"failed to load '[^']+' version \d+: (.*?)\"?$", line)
+        if m:
+            return m.group(1).replace("\\n", "\n").rstrip().splitlines()
+    lines = [l for l in tail if l[:1] == "E" and "CudaDriverHelper" not in l or l.startswith("error:")]
+    return lines[-20:] or list(tail)[-20:]
+
+
+def serve(args: argparse.Namespace) -> int:
+    ports = triton_env.Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
+    with tempfile.TemporaryDirectory(prefix="bunny-repo-") as tmp:
+        repo = Path(tmp) / "model_repository"
+        try:
+            write_repository(args.repository, repo, overrides(args))
+        except (ValueError, OSError) as e:
+            print(f"bunny-serve: {e}", file=sys.stderr)
+            return 2
+        cmd = triton_env.server_command(repo, ports, log_verbose=args.log_verbose, exit_timeout_s=args.exit_timeout)
+        proc = subprocess.Popen(cmd, env=triton_env.server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", bufsize=1, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        tail: collections.deque = collections.deque(maxlen=400)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
+        pump.start()
+        stopping = threading.Event()
+
+        def on_signal(signum, _frame):
+            if stopping.is_set():
+                proc.kill()
+            stopping.set()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+        deadline, timed_out = time.monotonic() + args.ready_timeout, False
+        while proc.poll() is None and not stopping.is_set():
+            if model_ready(ports.http):
+                print("READY", flush=True)
+                break
+            if time.monotonic() > deadline:
+                print(f"bunny-serve: the model was not ready after {args.ready_timeout:.0f}s", file=sys.stderr)
+                timed_out = True
+                on_signal(signal.SIGTERM, None)
+                break
+            time.sleep(0.25)
+        rc = proc.wait()
+        pump.join(timeout=5)
+        if stopping.is_set() and not timed_out:
+            if rc not in (0, -signal.SIGTERM) and any("Exit timeout expired" in l for l in tail):
+                # Triton 2.51 can keep a model referenced after a client cancels a gRPC stream whose request
+                # had already finished; the unload then waits for the exit timeout. The server did stop.
+                print(f"bunny-serve: the model did not unload within {args.exit_timeout}s; tritonserver was "
+                      "stopped anyway", file=sys.stderr)
+                return 0
+            return 0 if rc in (0, -signal.SIGTERM) else rc
+        lines = error_lines(tail)
+        what = "the model failed to load" if any("failed to load" in l for l in tail) else "the server stopped"
+        print(f"bunny-serve: tritonserver exited with status {rc}; {what}:", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        return rc or 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path = args.model_path
+    if not path.is_dir():
+        print(f"bunny-serve: model path {str(path)!r} does not exist or is not a folder", file=sys.stderr)
+        return 2
+    if not (path / "config.json").is_file():
+        print(f"bunny-serve: {str(path)!r} has no config.json; expected a Bunny checkpoint folder", file=sys.stderr)
+        return 2
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

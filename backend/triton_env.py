@@ -1,0 +1,84 @@
+"""Where tritonserver lives and how to start it: one place for bunny-serve and the test fixture.
+
+pytriton's wheel ships the `tritonserver` binary, the python backend and one stub per Python version;
+`backend/tools/setup_triton.sh` lays the backend out under `build/triton/backends/python` with the stub of
+our interpreter. The stub embeds libpython: it must find *this* interpreter's libpython first on
+LD_LIBRARY_PATH, and it locates the venv's site-packages through the first `python3` on PATH.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent          # the checkout (backend/ is installed editable)
+MODEL_REPOSITORY = ROOT / "model_repository"
+BACKEND_DIR = ROOT / "build" / "triton" / "backends"
+SETUP_SCRIPT = Path(__file__).resolve().parent / "tools" / "setup_triton.sh"
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    grpc: int = 8001
+    http: int = 8000
+    metrics: int = 8002
+
+
+def pytriton_dir() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise RuntimeError("nvidia-pytriton is not installed; run ./build.sh setup") from None
+    return Path(pytriton.__file__).resolve().parent
+
+
+def tritonserver_binary() -> Path:
+    return pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+
+
+def venv_bin() -> Path:
+    """The directory of the running interpreter (the venv's bin/, not the resolved base interpreter)."""
+    return Path(sys.executable).parent
+
+
+def ensure_backend_dir() -> Path:
+    """Run setup_triton.sh if the python backend with our stub is missing; return the backend directory."""
+    stub = BACKEND_DIR / "python" / "triton_python_backend_stub"
+    if not stub.exists() or not (BACKEND_DIR / "python" / "libtriton_python.so").exists():
+        venv = venv_bin().parent
+        subprocess.run(["bash", str(SETUP_SCRIPT), str(venv)], check=True)
+    return BACKEND_DIR
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver: our libpython first, then pytriton's bundled libs; venv bin/ first on PATH."""
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR") or str(Path(sys.base_prefix) / "lib")
+    bundled = pytriton_dir().parent / "nvidia_pytriton.libs"
+    ld = [libdir, str(bundled)] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+    env["LD_LIBRARY_PATH"] = ":".join(dict.fromkeys(ld))
+    path = [str(venv_bin())] + [p for p in env.get("PATH", "").split(":") if p]
+    env["PATH"] = ":".join(dict.fromkeys(path))
+    env.pop("PYTHONHOME", None)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def server_command(repository: Path, ports: Ports, *, log_verbose: int = 0, exit_timeout_s: int = 20) -> list[str]:
+    """tritonserver command line serving `repository`, every endpoint bound to 127.0.0.1."""
+    return [
+        str(tritonserver_binary()),
+        f"--model-repository={repository}",
+        f"--backend-directory={ensure_backend_dir()}",
+        "--grpc-address=127.0.0.1", f"--grpc-port={ports.grpc}",
+        "--http-address=127.0.0.1", f"--http-port={ports.http}",
+        "--metrics-address=127.0.0.1", f"--metrics-port={ports.metrics}",
+        "--allow-gpu-metrics=false",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        f"--log-verbose={log_verbose}",
+    ]

@@ -1,0 +1,139 @@
+"""Triton tensors <-> engine types for the model `bunny` (CONTRACT.md section 3). Pure functions over numpy.
+
+`parse_request(inputs)` turns the request's input arrays (name -> array, absent optional inputs left out or
+None) into a `ParsedRequest`, or raises `InvalidInput` whose message names the input and the problem.
+`response_arrays(...)` builds the output arrays of one response.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from bunny_backend.engine.sampling_params import SamplingParams
+
+MAX_IMAGES = 1   # Bunny-v1.0 takes at most one image per request
+
+
+class InvalidInput(ValueError):
+    """A request the adapter refuses before it reaches the engine; the message is shown to the client."""
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    text: str
+    images: list[bytes] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    apply_chat_template: bool = True
+
+
+# name -> (accepted numpy dtype kinds, label for messages); every scalar input has dims [1]
+_SCALARS = {
+    "max_tokens": ("iu", "INT32"),
+    "temperature": ("f", "FP32"),
+    "top_p": ("f", "FP32"),
+    "top_k": ("iu", "INT32"),
+    "repetition_penalty": ("f", "FP32"),
+    "seed": ("iu", "UINT64"),
+    "ignore_eos": ("b", "BOOL"),
+    "stream": ("b", "BOOL"),
+    "apply_chat_template": ("b", "BOOL"),
+}
+INPUT_NAMES = ("text_input", "image", "stop", *_SCALARS)
+
+
+def _scalar(name: str, array: np.ndarray):
+    kinds, label = _SCALARS[name]
+    if array.dtype.kind not in kinds:
+        raise InvalidInput(f"{name} must be {label}, got {array.dtype}")
+    if array.size != 1:
+        raise InvalidInput(f"{name} must hold exactly one value (dims [1]), got shape {list(array.shape)}")
+    value = array.reshape(-1)[0].item()
+    if kinds == "f" and not np.isfinite(value):
+        raise InvalidInput(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _byte_strings(name: str, array: np.ndarray) -> list[bytes]:
+    if array.dtype.kind not in "OSU":
+        raise InvalidInput(f"{name} must be BYTES, got {array.dtype}")
+    out = []
+    for item in array.reshape(-1):
+        if isinstance(item, str):
+            item = item.encode("utf-8")
+        if not isinstance(item, (bytes, np.bytes_)):
+            raise InvalidInput(f"{name} must be BYTES, got an element of type {type(item).__name__}")
+        out.append(bytes(item))
+    return out
+
+
+def _utf8(name: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{name} is not valid UTF-8 (byte {e.start})") from None
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ParsedRequest:
+    """Validate and convert one request's inputs; raises InvalidInput naming the problem."""
+    unknown = sorted(k for k, v in inputs.items() if v is not None and k not in INPUT_NAMES)
+    if unknown:
+        raise InvalidInput(f"unknown input(s) {unknown}; this model takes {list(INPUT_NAMES)}")
+    arrays = {k: np.asarray(v) for k, v in inputs.items() if v is not None}
+
+    if "text_input" not in arrays:
+        raise InvalidInput("text_input is missing")
+    texts = _byte_strings("text_input", arrays["text_input"])
+    if len(texts) != 1:
+        raise InvalidInput(f"text_input must hold exactly one string (dims [1]), got {len(texts)}")
+    text = _utf8("text_input", texts[0])
+    if not text.strip():
+        raise InvalidInput("text_input is empty")
+
+    images = _byte_strings("image", arrays["image"]) if "image" in arrays else []
+    if len(images) > MAX_IMAGES:
+        raise InvalidInput(f"{len(images)} images given; this model takes at most {MAX_IMAGES}")
+    for i, data in enumerate(images):
+        if not data:
+            raise InvalidInput(f"image {i} is empty")
+
+    stop = [_utf8("stop", s) for s in _byte_strings("stop", arrays["stop"])] if "stop" in arrays else []
+    if any(not s for s in stop):
+        raise InvalidInput("stop strings must not be empty")
+
+    values = {name: _scalar(name, arrays[name]) for name in _SCALARS if name in arrays}
+    if "seed" in values and not 0 <= values["seed"] < 2**64:
+        raise InvalidInput(f"seed must be in [0, 2^64), got {values['seed']}")
+    for name in ("max_tokens", "top_k"):   # INT32 on the wire: refuse what would overflow it
+        if name in values and not -2**31 <= values[name] < 2**31:
+            raise InvalidInput(f"{name} is out of the INT32 range: {values[name]}")
+    try:
+        params = SamplingParams(
+            max_tokens=int(values.get("max_tokens", 256)),
+            temperature=float(values.get("temperature", 0.0)),
+            top_p=float(values.get("top_p", 1.0)),
+            top_k=int(values.get("top_k", 0)),
+            repetition_penalty=float(values.get("repetition_penalty", 1.0)),
+            seed=None if "seed" not in values else int(values["seed"]),
+            stop=stop,
+            ignore_eos=bool(values.get("ignore_eos", False)),
+        )
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
+    return ParsedRequest(text=text, images=images, params=params,
+                         stream=bool(values.get("stream", False)),
+                         apply_chat_template=bool(values.get("apply_chat_template", True)))
+
+
+def response_arrays(text: str, token_ids: list[int], finish_reason: str | None,
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, np.ndarray]:
+    """The output arrays of one response (finish_reason empty before the final one)."""
+    return {
+        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+        "output_ids": np.asarray(token_ids, dtype=np.int32).reshape(-1),
+        "finish_reason": np.array([(finish_reason or "").encode()], dtype=np.object_),
+        "prompt_tokens": np.array([prompt_tokens], dtype=np.int32),
+        "completion_tokens": np.array([completion_tokens], dtype=np.int32),
+    }

@@ -1,0 +1,133 @@
+"""What every benchmarked system shares: the request, the workload description, and the process measurements.
+
+Every system gets the perf client's request (bunny-client perf): its default prompt with one synthetic 384x384
+PNG, greedy, `ignore_eos`, exactly `max_tokens` new tokens; N identical requests sent at once per round. Rows are
+`bunny_client.perf_stats.BatchStats`, so the three systems are summarised by the same arithmetic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import socket
+from dataclasses import asdict, dataclass, field
+
+from bunny_client.captions import DEFAULT_PROMPT
+from bunny_client.perf import synthetic_image
+from bunny_client.perf_stats import BatchStats, RequestTiming, summarize
+
+__all__ = ["Workload", "BatchStats", "RequestTiming", "summarize", "peak_rss_bytes", "machine_info", "emit"]
+
+
+@dataclass(slots=True)
+class Workload:
+    batch_sizes: list[int]
+    max_tokens: int
+    rounds: int = 1
+    warmup: int = 1
+    prompt: str = DEFAULT_PROMPT
+    prefix_caching: bool = False      # off: every request pays its own prefill, as transformers' generate does
+    threads: int = 0                  # torch intra-op threads; 0: all cores
+    image: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.image:
+            self.image = synthetic_image()
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("image")
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Workload":
+        return cls(**json.loads(text))
+
+    def describe(self) -> dict:
+        d = json.loads(self.to_json())
+        d["image"] = "synthetic 384x384 PNG (bunny_client.perf.synthetic_image)"
+        return d
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tree_peak_rss_bytes(root_pid: int) -> int:
+    """Sum of VmHWM (peak RSS) over `root_pid` and its living descendants (e.g. tritonserver and its stub)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (all cores; /proc/stat, idle and iowait excluded)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished (waited-for) children and their waited-for descendants."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def attention_backend() -> str:
+    """'auto' where the device's own attention backend exists, else the portable 'torch' one (the CUDA backend
+    may not be written yet; the engine's 'auto' would fail to import it)."""
+    import importlib.util
+
+    import torch
+    if torch.cuda.is_available() and importlib.util.find_spec("bunny_backend.ops.attention_cuda") is None:
+        return "torch"
+    return "auto"
+
+
+def machine_info() -> dict:
+    import torch
+    info = {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+        with open("/proc/meminfo") as f:
+            info["mem_total_bytes"] = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return info
+
+
+def machine_name(info: dict) -> str:
+    if info.get("gpu"):
+        return info["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    return f"cpu-{info['cpu_count']}core"
+
+
+def emit(result: dict) -> None:
+    """A worker's result: one JSON line on stdout, marked so the runner can find it among other output."""
+    print("BENCH_RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,88 @@
+"""The run's printed table and its plot: output tokens/s against batch size, one line per system."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SYSTEMS = ("engine", "triton", "transformers")
+
+
+def _rows_by_batch(result: dict) -> dict[int, dict]:
+    return {r["batch_size"]: r for r in result.get("rows", [])}
+
+
+def format_model(model: dict) -> str:
+    """One model's section: tokens/s per batch size per system, then the single-number measurements."""
+    systems = [s for s in SYSTEMS if s in model["systems"]]
+    by = {s: _rows_by_batch(model["systems"][s]) for s in systems}
+    sizes = sorted({b for rows in by.values() for b in rows})
+    head = f"{'batch':>5} " + " ".join(f"{s + ' tok/s':>18}" for s in systems)
+    if {"engine", "transformers"} <= set(systems):
+        head += f" {'engine/hf':>10}"
+    if {"engine", "triton"} <= set(systems):
+        head += f" {'triton/engine':>14}"
+    lines = [f"== {model['name']}: {model['spec']['params_total'] / 1e6:.0f}M params "
+             f"({model['spec']['params_llm_total'] / 1e6:.0f}M LLM), {model['spec']['dtype']}, "
+             f"{model['workload']['max_tokens']} new tokens, {model['workload']['rounds']} round(s)", head]
+    for b in sizes:
+        tok = {s: by[s].get(b, {}).get("output_tokens_per_s") for s in systems}
+        line = f"{b:>5} " + " ".join(f"{tok[s]:>18.1f}" if tok[s] else f"{'-':>18}" for s in systems)
+        if {"engine", "transformers"} <= set(systems):
+            line += f" {tok['engine'] / tok['transformers']:>10.2f}" if tok["engine"] and tok["transformers"] else f" {'-':>10}"
+        if {"engine", "triton"} <= set(systems):
+            line += f" {tok['triton'] / tok['engine']:>14.2f}" if tok["engine"] and tok["triton"] else f" {'-':>14}"
+        lines.append(line)
+    lines.append("")
+    for s in systems:
+        r = model["systems"][s]
+        extra = ""
+        if "kv_blocks_used_max" in r:
+            extra += f", KV blocks max {r['kv_blocks_used_max']:.0f}/{r['kv_blocks_total']:.0f}"
+        if "kv_excess_blocks_per_seq_max" in r:
+            extra += (f" (over live need: max {r['kv_excess_blocks_max']:.0f}, {r['kv_excess_blocks_per_seq_max']:.2f}/seq, "
+                      f"steps over need+1/seq: {r['kv_steps_over_need_plus_one']})")
+        if "peak_device_bytes" in r:
+            extra += f", peak device mem {r['peak_device_bytes'] / 2**30:.2f} GiB"
+        if r.get("contention") is not None:
+            extra += f", others' CPU share {100 * r['contention']:.0f}%"
+        lines.append(f"{s:>12}: TTFT 1 image {1000 * r['ttft_1image_s']:.0f} ms (median of 3: "
+                     f"{1000 * r['ttft_1image_median_s']:.0f} ms), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB{extra}")
+    roof = model.get("roofline")
+    if roof:
+        frac = roof.get("fraction_of_roofline")
+        lines.append(f"    roofline: {roof['decode_weight_bytes'] / 1e6:.0f} MB weights/step at "
+                     f"{roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> {roof['roofline_tok_s']:.1f} tok/s; "
+                     f"engine batch-1 decode {roof.get('engine_batch1_decode_tok_s', 0):.1f} tok/s"
+                     + (f" = {100 * frac:.0f}% of roofline" if frac else ""))
+    if "outputs_agree" in model:
+        lines.append(f"    engine vs transformers greedy tokens, first request: {model['outputs_agree']}")
+    return "\n".join(lines)
+
+
+def format_targets(model: dict) -> str:
+    checks = model.get("targets", {})
+    return "\n".join(f"    target {name}: {'MET' if ok else 'not met'} ({detail})" for name, (ok, detail) in checks.items())
+
+
+def plot(models: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for s, style in zip(SYSTEMS, ("o-", "s--", "^:")):
+            rows = model["systems"].get(s, {}).get("rows")
+            if rows:
+                ax.plot([r["batch_size"] for r in rows], [r["output_tokens_per_s"] for r in rows], style, label=s)
+        ax.set_xlabel("concurrent requests (batch size)")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"{model['name']} model, {model['workload']['max_tokens']} new tokens")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

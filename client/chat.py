@@ -1,0 +1,119 @@
+"""`bunny-client chat`: one request, the answer on stdout, token counts and speed on stderr."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .grpc_requests import DEFAULT_URL, BunnyClientError, BunnyStream, RequestOptions
+
+
+@dataclass(slots=True)
+class ChatResult:
+    text: str
+    ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float  # time to the first response that carried tokens
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def run_request(stream: BunnyStream, opts: RequestOptions, on_text: Callable[[str], None] | None = None) -> ChatResult:
+    """Send one request on an open stream and gather its responses."""
+    t0 = time.perf_counter()
+    texts: list[str] = []
+    ids: list[int] = []
+    ttft = None
+    reason, prompt, completion = "", None, None
+    for delta in stream.generate(opts):
+        if ttft is None and (delta.ids or delta.text):
+            ttft = delta.t - t0
+        texts.append(delta.text)
+        ids.extend(delta.ids)
+        if on_text and delta.text:
+            on_text(delta.text)
+        reason = delta.finish_reason or reason
+        prompt = delta.prompt_tokens if delta.prompt_tokens is not None else prompt
+        completion = delta.completion_tokens if delta.completion_tokens is not None else completion
+    elapsed = time.perf_counter() - t0
+    return ChatResult(
+        text="".join(texts),
+        ids=ids,
+        finish_reason=reason,
+        prompt_tokens=prompt or 0,
+        completion_tokens=completion if completion is not None else len(ids),
+        ttft_s=ttft if ttft is not None else elapsed,
+        elapsed_s=elapsed,
+    )
+
+
+def chat(url: str, text: str, image_bytes: bytes | None = None, stream: bool = False,
+         on_text: Callable[[str], None] | None = None, **sampling) -> ChatResult:
+    """One chat turn against the server at `url`; `sampling` takes RequestOptions fields (max_tokens, ...)."""
+    opts = RequestOptions(text=text, images=[image_bytes] if image_bytes else [], stream=stream, **sampling)
+    with BunnyStream(url) as conn:
+        return run_request(conn, opts, on_text)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, help="upper bound on new tokens (server default 256)")
+    p.add_argument("--temperature", type=float, help="0 means greedy (the default)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos")
+    return {k: getattr(args, k) for k in keys}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="send one message (and an image) and print the answer")
+    p.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address (default %(default)s)")
+    p.add_argument("--image", type=Path, help="an image file (JPEG, PNG, WebP, BMP)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--no-chat-template", action="store_true", help="send TEXT as the whole prompt")
+    add_sampling_args(p)
+    p.add_argument("text", metavar="TEXT")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        image = args.image.read_bytes() if args.image else None
+    except OSError as err:
+        print(f"bunny-client: cannot read image {args.image}: {err.strerror}", file=sys.stderr)
+        return 2
+    sampling = sampling_from_args(args)
+    if args.no_chat_template:
+        sampling["apply_chat_template"] = False
+
+    def echo(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = chat(args.url, args.text, image, stream=args.stream,
+                      on_text=echo if args.stream else None, **sampling)
+    except BunnyClientError as err:
+        if args.stream:
+            sys.stdout.write("\n")
+        print(f"bunny-client: {err}", file=sys.stderr)
+        return 1
+    print("" if args.stream else result.text)
+    print(f"[prompt {result.prompt_tokens} tokens, completion {result.completion_tokens} tokens, "
+          f"finish {result.finish_reason or '?'}, first token {result.ttft_s * 1000:.0f} ms, "
+          f"{result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0

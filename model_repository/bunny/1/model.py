@@ -1,0 +1,212 @@
+"""Triton python-backend adapter for Bunny (decoupled; CONTRACT.md section 3). No model logic here.
+
+`execute` validates each request (bunny_backend.triton_io) and hands it to the engine, returning at once.
+One engine thread loops `step()` and answers through each request's response sender: one response per new
+piece of text when streaming, else one response with everything. Every request ends with exactly one response
+flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL: on success, on a bad request, on cancellation, on an engine
+error, and at unload.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import triton_python_backend_utils as pb_utils
+
+from bunny_backend.config import EngineConfig
+from bunny_backend.engine.llm_engine import LLMEngine
+from bunny_backend.engine.outputs import BadRequestError, RequestOutput
+from bunny_backend.triton_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
+from bunny_backend.triton_metrics import BunnyMetrics
+
+IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, cancellations, gauges)
+CANCEL_POLL_S = 0.02     # how often the senders are asked whether their client cancelled
+STATS_PERIOD_S = 0.1     # how often gauges and counters are published
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclass
+class _InFlight:
+    sender: object
+    stream: bool
+    texts: list[str] = field(default_factory=list)   # accumulated when not streaming
+    ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+
+
+def _error(message: str, code_name: str = "INTERNAL"):
+    code = getattr(pb_utils.TritonError, code_name, None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise ValueError("the bunny model must be decoupled (model_transaction_policy { decoupled: true })")
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        self.config = EngineConfig.from_parameters(params)
+        if not self.config.model_path:
+            raise ValueError("parameter model_path is empty: set it in config.pbtxt or start with bunny-serve --model-path")
+        self.log = pb_utils.Logger
+        self.engine = LLMEngine(self.config)
+        self.metrics = BunnyMetrics(pb_utils, args.get("model_name", "bunny"))
+        self._inflight: dict[str, _InFlight] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._rejected = 0                       # bad requests not yet counted in the metrics
+        self._next_cancel_poll = self._next_stats = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bunny-engine", daemon=True)
+        self._thread.start()
+        self.log.log_info(f"bunny: engine ready ({self.config.to_dict()})")
+
+    # ---- requests in (Triton's thread) ---------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def _submit(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            inputs = {}
+            for name in INPUT_NAMES:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                inputs[name] = None if tensor is None else tensor.as_numpy()
+            parsed = parse_request(inputs)
+        except InvalidInput as e:
+            return self._reject(sender, str(e))
+        request_id = str(next(self._ids))
+        with self._lock:
+            self._inflight[request_id] = _InFlight(sender, parsed.stream)
+        try:
+            self.engine.add_request(request_id, parsed.text, parsed.images, parsed.params, parsed.apply_chat_template)
+        except Exception as e:
+            with self._lock:
+                self._inflight.pop(request_id, None)
+            if not isinstance(e, BadRequestError):
+                self.log.log_error(f"bunny: add_request failed: {traceback.format_exc()}")
+            self._reject(sender, str(e) if isinstance(e, BadRequestError) else f"internal error: {e}")
+
+    def _reject(self, sender, message: str) -> None:
+        with self._lock:
+            self._rejected += 1
+        self._send(sender, pb_utils.InferenceResponse(error=_error(message, "INVALID_ARG")), FINAL)
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._poll_cancellations()
+                if not self.engine.has_unfinished():
+                    self._publish_stats()
+                    self.engine.wait_for_work(IDLE_WAIT_S)
+                    continue
+                outputs = self.engine.step()
+            except Exception as e:
+                self.log.log_error(f"bunny: engine step failed: {traceback.format_exc()}")
+                outputs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                time.sleep(0.01)
+            for out in outputs:
+                self._deliver(out)
+            self._publish_stats()
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        try:
+            outputs = self.engine.fail_all(message)
+        except Exception:
+            outputs = []
+        with self._lock:   # anything the engine did not know about fails too
+            known = {o.request_id for o in outputs}
+            outputs += [RequestOutput(rid, finished=True, finish_reason="error", error=message)
+                        for rid in self._inflight if rid not in known]
+        return outputs
+
+    def _poll_cancellations(self) -> None:
+        now = time.monotonic()
+        if now < self._next_cancel_poll:
+            return
+        self._next_cancel_poll = now + CANCEL_POLL_S
+        with self._lock:
+            live = [(rid, f) for rid, f in self._inflight.items() if not f.cancelled]
+        for rid, f in live:
+            try:
+                cancelled = f.sender.is_cancelled()
+            except Exception:
+                cancelled = False
+            if cancelled:
+                f.cancelled = True
+                self.engine.abort(rid)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            f = self._inflight.pop(out.request_id, None) if out.finished else self._inflight.get(out.request_id)
+        if f is None:
+            return
+        self.metrics.on_output(out)
+        if out.finished:
+            self.metrics.on_finished(out.finish_reason or "error")
+            if out.finish_reason == "error":
+                self._send(f.sender, pb_utils.InferenceResponse(error=_error(out.error or "internal error")), FINAL)
+                return
+        if not f.stream:
+            f.texts.append(out.delta_text)
+            f.ids.extend(out.delta_token_ids)
+            if not out.finished:
+                return
+            text, ids = "".join(f.texts), f.ids
+        else:
+            text, ids = out.delta_text, out.delta_token_ids
+            if not out.finished and not (text or ids):
+                return
+        arrays = response_arrays(text, ids, out.finish_reason if out.finished else "",
+                                 out.prompt_tokens, out.completion_tokens)
+        response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
+        self._send(f.sender, response, FINAL if out.finished else 0)
+
+    def _send(self, sender, response, flags: int) -> None:
+        try:
+            sender.send(response, flags=flags)
+        except Exception as e:   # e.g. the client went away; never let one request hurt the others
+            self.log.log_warn(f"bunny: could not send a response: {e}")
+
+    def _publish_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if now < self._next_stats and not force:
+            return
+        self._next_stats = now + STATS_PERIOD_S
+        try:
+            with self._lock:
+                rejected, self._rejected = self._rejected, 0
+            for _ in range(rejected):
+                self.metrics.on_finished("error")
+            self.metrics.on_stats(self.engine.stats())
+        except Exception:
+            self.log.log_warn(f"bunny: publishing metrics failed: {traceback.format_exc()}")
+
+    # ---- unload --------------------------------------------------------------------------------------------
+    def finalize(self):
+        self._stop.set()
+        self._thread.join(timeout=60)
+        with self._lock:
+            left = list(self._inflight)
+        for rid in left:
+            self.engine.abort(rid)
+        try:
+            outputs = self.engine.step() if left else []   # emits the "cancelled" finals
+        except Exception:
+            outputs = []
+        for out in outputs:
+            self._deliver(out)
+        with self._lock:   # whatever the engine did not answer still gets its final response
+            rest = [RequestOutput(rid, finished=True, finish_reason="cancelled") for rid in self._inflight]
+        for out in rest:
+            self._deliver(out)
+        self._publish_stats(force=True)
+        self.metrics.close()
+        self.log.log_info("bunny: engine stopped")

@@ -1,0 +1,197 @@
+"""Stand-ins for the python backend's `triton_python_backend_utils` and for LLMEngine, to drive model.py in-process."""
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import numpy as np
+
+from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput
+
+FINAL = 1
+
+
+class Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+
+class TritonError:
+    INTERNAL, INVALID_ARG, CANCELLED = 13, 3, 1
+
+    def __init__(self, message, code=13):
+        self._message, self.code = message, code
+
+    def message(self):
+        return self._message
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self.tensors = {t.name(): t.as_numpy() for t in (output_tensors or [])}
+        self.error = error
+
+
+class Sender:
+    """Records (response, flags); `cancelled` is what is_cancelled() answers."""
+
+    def __init__(self):
+        self.responses: list[tuple[InferenceResponse | None, int]] = []
+        self.cancelled = False
+        self.done = threading.Event()
+
+    def send(self, response=None, flags=0):
+        assert not self.done.is_set(), "response sent after the final one"
+        self.responses.append((response, flags))
+        if flags & FINAL:
+            self.done.set()
+
+    def is_cancelled(self):
+        return self.cancelled
+
+    def wait(self, timeout=10.0):
+        assert self.done.wait(timeout), "no final response"
+        return self
+
+    @property
+    def finals(self):
+        return [r for r, f in self.responses if f & FINAL]
+
+
+class Request:
+    def __init__(self, **inputs):
+        self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        self.sender = Sender()
+
+    def get_response_sender(self):
+        return self.sender
+
+
+class Metric:
+    def __init__(self, labels, buckets=None):
+        self.labels, self.buckets, self.value, self.observations = labels, buckets, 0.0, []
+
+    def increment(self, v):
+        self.value += v
+
+    def set(self, v):
+        self.value = v
+
+    def observe(self, v):
+        self.observations.append(v)
+
+
+class MetricFamily:
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    families: dict = {}
+
+    def __init__(self, name, description, kind):
+        self.name, self.kind, self.metrics = name, kind, []
+        MetricFamily.families[name] = self
+
+    def Metric(self, labels=None, buckets=None):
+        assert (buckets is not None) == (self.kind == self.HISTOGRAM)
+        m = Metric(labels or {}, buckets)
+        self.metrics.append(m)
+        return m
+
+
+class Logger:
+    lines: list[str] = []
+
+    @classmethod
+    def _log(cls, msg):
+        cls.lines.append(msg)
+
+    log_info = log_warn = log_error = log_verbose = _log
+
+
+def make_pb_utils() -> types.ModuleType:
+    m = types.ModuleType("triton_python_backend_utils")
+    m.Tensor, m.TritonError, m.InferenceResponse, m.MetricFamily, m.Logger = (
+        Tensor, TritonError, InferenceResponse, MetricFamily, Logger)
+    m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    m.get_input_tensor_by_name = lambda req, name: Tensor(name, req.inputs[name]) if name in req.inputs else None
+    m.using_decoupled_model_transaction_policy = (
+        lambda cfg: cfg.get("model_transaction_policy", {}).get("decoupled", False))
+    MetricFamily.families = {}
+    return m
+
+
+class FakeEngine:
+    """One token per step per request, token id = step count; text "t<id> "; "bad" text is refused."""
+
+    def __init__(self, config):
+        self.config = config
+        self.requests: dict[str, dict] = {}
+        self.aborts: list[str] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.fail_next_step = False
+        self.step_delay = 0.001
+        self.st = EngineStats(kv_blocks_total=64)
+
+    def add_request(self, request_id, text, images=(), params=None, apply_chat_template=True):
+        if text == "bad":
+            raise BadRequestError("the prompt is longer than the context")
+        with self.lock:
+            self.requests[request_id] = {"params": params, "n": 0, "prompt": len(text.split())}
+            self.wake.notify_all()
+        return request_id
+
+    def abort(self, request_id):
+        with self.lock:
+            self.aborts.append(request_id)
+
+    def has_unfinished(self):
+        with self.lock:
+            return bool(self.requests)
+
+    def wait_for_work(self, timeout):
+        with self.lock:
+            if not self.requests:
+                self.wake.wait(timeout)
+
+    def step(self):
+        time.sleep(self.step_delay)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("boom")
+        outs = []
+        with self.lock:
+            aborts, self.aborts = self.aborts, []
+            for rid in aborts:
+                r = self.requests.pop(rid, None)
+                if r is not None:
+                    outs.append(RequestOutput(rid, finished=True, finish_reason="cancelled",
+                                              prompt_tokens=r["prompt"], completion_tokens=r["n"]))
+            for rid, r in list(self.requests.items()):
+                r["n"] += 1
+                out = RequestOutput(rid, delta_text=f"t{r['n']} ", delta_token_ids=[r["n"]], prompt_tokens=r["prompt"],
+                                    completion_tokens=r["n"], ttft_s=0.01 if r["n"] == 1 else None,
+                                    inter_token_latencies_s=[] if r["n"] == 1 else [0.002])
+                self.st.generation_tokens_total += 1
+                if r["n"] >= r["params"].max_tokens:
+                    out.finished, out.finish_reason = True, "length"
+                    del self.requests[rid]
+                outs.append(out)
+        return outs
+
+    def fail_all(self, message):
+        with self.lock:
+            outs = [RequestOutput(rid, finished=True, finish_reason="error", error=message) for rid in self.requests]
+            self.requests.clear()
+        return outs
+
+    def stats(self):
+        with self.lock:
+            self.st.num_running = len(self.requests)
+            self.st.kv_blocks_used = 2 * len(self.requests)
+        return self.st

@@ -1,0 +1,148 @@
+"""A tiny in-process stand-in for Triton's gRPC service (KServe v2) serving a fake decoupled `bunny`.
+
+Enough of the protocol for client tests without tritonserver: ServerLive, ModelReady, ModelConfig and
+ModelStreamInfer. The fake model answers "caption <n>" words for an image (n = the image's byte count mod
+1000), one response per word when streaming; an image PIL cannot open gets a Triton-style error response.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+from PIL import Image
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+
+from bunny_client.perf_analyzer import serialize_bytes
+
+
+INPUTS = [("text_input", "BYTES", [1]), ("image", "BYTES", [-1]), ("max_tokens", "INT32", [1]),
+          ("temperature", "FP32", [1]), ("top_p", "FP32", [1]), ("top_k", "INT32", [1]),
+          ("repetition_penalty", "FP32", [1]), ("seed", "UINT64", [1]), ("stop", "BYTES", [-1]),
+          ("ignore_eos", "BOOL", [1]), ("stream", "BOOL", [1]), ("apply_chat_template", "BOOL", [1])]
+OUTPUTS = [("text_output", "BYTES", [1]), ("output_ids", "INT32", [-1]), ("finish_reason", "BYTES", [1]),
+           ("prompt_tokens", "INT32", [1]), ("completion_tokens", "INT32", [1])]
+
+
+def fake_answer(text: str, image: bytes | None, max_tokens: int, ignore_eos: bool) -> list[str]:
+    words = [f"caption {len(image) % 1000}" if image else "answer", *text.split()[:3]]
+    words = [w for piece in words for w in piece.split()]
+    if ignore_eos:
+        words = [words[i % len(words)] for i in range(max_tokens)]
+    return [("" if i == 0 else " ") + w for i, w in enumerate(words[:max_tokens])]
+
+
+class FakeBunny(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, token_delay_s: float = 0.0):
+        self.token_delay_s = token_delay_s
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    def ModelReady(self, request, context):
+        return service_pb2.ModelReadyResponse(ready=request.name == "bunny")
+
+    def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(name="fake-triton", version="2.51.0")
+
+    def ModelMetadata(self, request, context):
+        meta = service_pb2.ModelMetadataResponse(name="bunny", versions=["1"], platform="python")
+        for name, dtype, dims in INPUTS:
+            meta.inputs.add(name=name, datatype=dtype, shape=dims)
+        for name, dtype, dims in OUTPUTS:
+            meta.outputs.add(name=name, datatype=dtype, shape=dims)
+        return meta
+
+    def ModelConfig(self, request, context):
+        config = model_config_pb2.ModelConfig(name="bunny", max_batch_size=0, backend="python")
+        config.model_transaction_policy.decoupled = True
+        for name, dtype, dims in INPUTS:
+            config.input.add(name=name, data_type=model_config_pb2.DataType.Value("TYPE_" + dtype.replace("BYTES", "STRING")),
+                             dims=dims, optional=name != "text_input")
+        for name, dtype, dims in OUTPUTS:
+            config.output.add(name=name, data_type=model_config_pb2.DataType.Value("TYPE_" + dtype.replace("BYTES", "STRING")),
+                              dims=dims)
+        return service_pb2.ModelConfigResponse(config=config)
+
+    def ModelStatistics(self, request, context):
+        return service_pb2.ModelStatisticsResponse()
+
+    @staticmethod
+    def _inputs(request) -> dict[str, np.ndarray]:
+        out = {}
+        for spec, raw in zip(request.inputs, request.raw_input_contents):
+            if spec.datatype == "BYTES":
+                out[spec.name] = deserialize_bytes_tensor(raw)
+            else:
+                out[spec.name] = np.frombuffer(raw, dtype=triton_to_np_dtype(spec.datatype))
+        return out
+
+    @staticmethod
+    def _response(request, text: str, ids: list[int], reason: str, prompt: int, done: int, final: bool):
+        resp = service_pb2.ModelInferResponse(model_name="bunny", id=request.id)
+        tensors = [
+            ("text_output", "BYTES", serialize_bytes(text.encode()), [1]),
+            ("output_ids", "INT32", np.array(ids, dtype=np.int32).tobytes(), [len(ids)]),
+            ("finish_reason", "BYTES", serialize_bytes(reason.encode()), [1]),
+            ("prompt_tokens", "INT32", np.array([prompt], dtype=np.int32).tobytes(), [1]),
+            ("completion_tokens", "INT32", np.array([done], dtype=np.int32).tobytes(), [1]),
+        ]
+        for name, dtype, raw, shape in tensors:
+            resp.outputs.add(name=name, datatype=dtype, shape=shape)
+            resp.raw_output_contents.append(raw)
+        resp.parameters["triton_final_response"].bool_param = final
+        return service_pb2.ModelStreamInferResponse(infer_response=resp)
+
+    def _answer(self, request):
+        with self._lock:
+            self.requests += 1
+        x = self._inputs(request)
+        text = x["text_input"][0].decode()
+        image = x["image"][0] if "image" in x else None
+        if image is not None:
+            try:
+                Image.open(io.BytesIO(image)).verify()
+            except Exception:
+                yield service_pb2.ModelStreamInferResponse(
+                    error_message="image 0 is not a readable image file",
+                    infer_response=service_pb2.ModelInferResponse(model_name="bunny", id=request.id))
+                return
+        max_tokens = int(x["max_tokens"][0]) if "max_tokens" in x else 256
+        ignore_eos = bool(x["ignore_eos"][0]) if "ignore_eos" in x else False
+        stream = bool(x["stream"][0]) if "stream" in x else False
+        pieces = fake_answer(text, image, max_tokens, ignore_eos)
+        reason = "length" if len(pieces) >= max_tokens else "stop"
+        prompt = 10 + len(text.split())
+        if not stream:
+            ids = list(range(1, len(pieces) + 1))
+            yield self._response(request, "".join(pieces), ids, reason, prompt, len(pieces), True)
+            return
+        for i, piece in enumerate(pieces):
+            time.sleep(self.token_delay_s)
+            yield self._response(request, piece, [i + 1], "", prompt, i + 1, False)
+        yield self._response(request, "", [], reason, prompt, len(pieces), True)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        for request in request_iterator:  # one at a time: the client sends one request per stream at a time
+            yield from self._answer(request)
+
+
+class FakeServer:
+    """Start on a free port of 127.0.0.1; `url` is host:port; `stop()` ends it."""
+
+    def __init__(self, token_delay_s: float = 0.0):
+        self.servicer = FakeBunny(token_delay_s)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.url = f"127.0.0.1:{port}"
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)

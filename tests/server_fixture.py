@@ -1,0 +1,112 @@
+"""A real tritonserver for the tests, started once per session through `bunny-serve` on free ports.
+
+Import `bunny_server` (and `tiny_checkpoint` comes from conftest) into a test module to use it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Small KV cache and batch limits shared by the server and the in-process engine the tests compare with.
+SERVER_PARAMS = {"kv_cache_memory_bytes": str(8 << 20), "max_num_seqs": "16", "num_threads": "2"}
+_METRIC_LINE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class BunnyServer:
+    proc: subprocess.Popen
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    model_path: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        """{(name, '{labels}'): value} from the Prometheus endpoint."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            m = _METRIC_LINE.match(line)
+            if m:
+                out[(m.group(1), m.group(2) or "")] = float(m.group(3))
+        return out
+
+    def metric(self, name: str, **labels) -> float:
+        """The sum of the samples of `name` whose labels include `labels`."""
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        return sum(v for (n, lab), v in self.metrics().items() if n == name and all(w in lab for w in want))
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PARAMS,
+                 timeout_s: float = 120.0) -> BunnyServer:
+    grpc, http, metrics = free_ports(3)
+    cmd = [sys.executable, "-m", "bunny_backend.serve", "--model-path", str(model_path), "--device", "cpu",
+           "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)]
+    for k, v in params.items():
+        cmd += ["--param", f"{k}={v}"]
+    log_file = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, start_new_session=True)
+    ready = threading.Event()
+
+    def watch():
+        for line in proc.stdout:
+            if line.strip() == "READY":
+                ready.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            pytest.fail(f"bunny-serve did not become ready (status {proc.returncode}):\n"
+                        f"{log.read_text(errors='replace')[-4000:]}")
+    return BunnyServer(proc, grpc, http, metrics, Path(model_path), log)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def bunny_server(tiny_checkpoint, tmp_path_factory):
+    server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("triton") / "server.log")
+    yield server
+    rc = stop_process(server.proc)
+    assert rc == 0, f"bunny-serve exited with {rc} on SIGTERM:\n{server.log_text()[-3000:]}"

@@ -1,0 +1,182 @@
+"""Client parts that need no tritonserver: request tensors, ranges, statistics, caption files, the CLIP judge."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import numpy as np
+import pytest
+from tritonclient.utils import deserialize_bytes_tensor
+
+from bunny_client.captions import CaptionWriter, list_images, load_captions, pending_images, write_json_atomic
+from bunny_client.grpc_requests import RequestOptions, build_inputs
+from bunny_client.perf_analyzer import input_data, serialize_bytes
+from bunny_client.perf_stats import RequestTiming, parse_batch_sizes, summarize
+
+
+def _tensors(opts, batched=False):
+    return {t.name(): t for t in build_inputs(opts, batched)}
+
+
+def test_build_inputs_sends_only_what_is_set():
+    t = _tensors(RequestOptions(text="hi"))
+    assert set(t) == {"text_input", "stream"}
+    assert (t["text_input"].datatype(), t["text_input"].shape()) == ("BYTES", [1])
+    assert (t["stream"].datatype(), t["stream"].shape()) == ("BOOL", [1])
+
+
+def test_build_inputs_types_shapes_and_values():
+    opts = RequestOptions(text="describe", images=[b"\x89PNG\x00a", b"jpg"], max_tokens=7, temperature=0.5, top_p=0.9,
+                          top_k=3, repetition_penalty=1.1, seed=2**63 + 5, stop=["</s>", "\n\n"], ignore_eos=True,
+                          stream=True, apply_chat_template=False)
+    t = _tensors(opts)
+    want = {"text_input": ("BYTES", [1]), "image": ("BYTES", [2]), "max_tokens": ("INT32", [1]),
+            "temperature": ("FP32", [1]), "top_p": ("FP32", [1]), "top_k": ("INT32", [1]),
+            "repetition_penalty": ("FP32", [1]), "seed": ("UINT64", [1]), "stop": ("BYTES", [2]),
+            "ignore_eos": ("BOOL", [1]), "stream": ("BOOL", [1]), "apply_chat_template": ("BOOL", [1])}
+    assert {k: (v.datatype(), v.shape()) for k, v in t.items()} == want
+    raw = lambda name: t[name]._get_content()  # noqa: E731
+    assert list(deserialize_bytes_tensor(raw("image"))) == [b"\x89PNG\x00a", b"jpg"]
+    assert list(deserialize_bytes_tensor(raw("stop"))) == [b"</s>", b"\n\n"]
+    assert np.frombuffer(raw("seed"), np.uint64)[0] == 2**63 + 5
+    assert np.frombuffer(raw("max_tokens"), np.int32)[0] == 7
+    assert np.frombuffer(raw("apply_chat_template"), np.bool_)[0] == np.False_
+
+
+def test_build_inputs_batched_model_gets_leading_dim():
+    t = _tensors(RequestOptions(text="x", images=[b"a"], max_tokens=3), batched=True)
+    assert t["text_input"].shape() == [1, 1] and t["image"].shape() == [1, 1] and t["max_tokens"].shape() == [1, 1]
+
+
+def test_parse_batch_sizes():
+    assert parse_batch_sizes("1-10") == list(range(1, 11))
+    assert parse_batch_sizes("1,2,4,8") == [1, 2, 4, 8]
+    assert parse_batch_sizes("8, 1-3,2") == [1, 2, 3, 8]
+    for bad in ("", "0-3", "5-2", "a-b", "3-"):
+        with pytest.raises(ValueError):
+            parse_batch_sizes(bad)
+
+
+def test_summarize_throughput_and_latency():
+    # round 1: two requests of 5 tokens over 2 s; round 2: one of 3 tokens (other failed) over 1 s
+    r1 = [RequestTiming(sent=0.0, first=0.1, last=0.5, tokens=5), RequestTiming(sent=0.0, first=0.3, last=1.1, tokens=5)]
+    r2 = [RequestTiming(sent=10.0, first=10.2, last=10.4, tokens=3)]
+    s = summarize(2, [(2.0, r1), (1.0, r2)], failed=1)
+    assert (s.requests, s.failed, s.rounds) == (3, 1, 2)
+    assert s.requests_per_s == pytest.approx(1.0)
+    assert s.output_tokens_per_s == pytest.approx(13 / 3)
+    assert s.ttft_mean_ms == pytest.approx(200.0)
+    assert s.ttft_p90_ms == pytest.approx(np.percentile([100, 300, 200], 90))
+    assert s.itl_mean_ms == pytest.approx(1000 * np.mean([0.1, 0.2, 0.1]))
+    one_token = summarize(1, [(1.0, [RequestTiming(0.0, 0.5, 0.5, 1)])])
+    assert np.isnan(one_token.itl_mean_ms) and one_token.ttft_mean_ms == pytest.approx(500)
+
+
+def test_atomic_write_resume_and_writer(tmp_path):
+    out = tmp_path / "sub" / "pred.json"
+    assert load_captions(out) == {}
+    write_json_atomic(out, {"a.jpg": "a cat", "b.png": "ünïcode"})
+    assert load_captions(out) == {"a.jpg": "a cat", "b.png": "ünïcode"}
+    assert [p.name for p in out.parent.iterdir()] == ["pred.json"]  # no temp file left
+    for name in ("b.png", "a.jpg", "c.JPEG", "notes.txt", "d.gif"):
+        (tmp_path / name).write_bytes(b"x")
+    images = list_images(tmp_path)
+    assert [p.name for p in images] == ["a.jpg", "b.png", "c.JPEG"]
+    assert [p.name for p in pending_images(images, {"a.jpg": "cap", "b.png": ""})] == ["b.png", "c.JPEG"]
+    w = CaptionWriter(out, initial={"a.jpg": "old"}, every_s=3600)
+    w.add("c.JPEG", "new")
+    assert "c.JPEG" not in load_captions(out)  # not yet due
+    w.close()
+    assert load_captions(out) == {"a.jpg": "old", "c.JPEG": "new"}
+    out.write_text("[1, 2]")
+    with pytest.raises(ValueError):
+        load_captions(out)
+
+
+def test_perf_analyzer_input_carries_serialized_image():
+    data = input_data("describe", b"\x00\x01image", 8)["data"][0]
+    raw = base64.b64decode(data["image"]["content"]["b64"])
+    assert raw == serialize_bytes(b"\x00\x01image")
+    assert list(deserialize_bytes_tensor(raw)) == [b"\x00\x01image"]
+    assert data["max_tokens"]["content"] == [8] and data["stream"]["content"] == [True]
+    assert data["ignore_eos"]["content"] == [True] and data["text_input"]["content"] == ["describe"]
+
+
+# ---- the CLIP judge, on a tiny random open_clip model registered at run time ----
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    import torch
+
+    from bunny_client.openclip_import import import_open_clip
+
+    try:
+        open_clip = import_open_clip()
+    except ImportError as err:
+        pytest.skip(str(err))
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "bunny-test-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model("bunny-test-tiny-clip")
+    weights = folder / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), weights)
+    return "bunny-test-tiny-clip", weights
+
+
+@pytest.fixture(scope="module")
+def skimage_dir(tmp_path_factory):
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("images")
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.jpg")
+    return folder
+
+
+def test_clip_scores_in_range_and_side_by_side(tiny_clip, skimage_dir, tmp_path, capsys):
+    from bunny_client.cli import main
+    from bunny_client.clip_score import ClipJudge, clip_scores, mean, score_files
+
+    name, weights = tiny_clip
+    a = tmp_path / "gpu_coco_predict.json"
+    b = tmp_path / "predict_result.json"
+    write_json_atomic(a, {"astronaut.jpg": "a woman in a space suit", "coffee.jpg": "a cup of coffee",
+                          "chelsea.jpg": "a cat"})
+    write_json_atomic(b, {"astronaut.jpg": "an astronaut", "coffee.jpg": "coffee", "missing.jpg": "nothing"})
+    judge = ClipJudge.load(name, weights, "cpu")
+    result = score_files(judge, skimage_dir, [a, b])
+    assert set(result[str(a)]) == {"astronaut.jpg", "coffee.jpg", "chelsea.jpg"}
+    assert set(result[str(b)]) == {"astronaut.jpg", "coffee.jpg"}
+    assert all(0.0 <= s <= 100.0 for r in result.values() for s in r.values())
+    feats = judge.image_features(sorted(skimage_dir.iterdir()))
+    assert clip_scores(feats, feats) == pytest.approx([100.0] * 3, abs=1e-3)  # identical embeddings score 100
+    assert clip_scores(feats, -feats) == [0.0] * 3  # opposite ones are floored at 0
+
+    rc = main(["clip-score", "--captions", str(a), "--captions", str(b), "--images", str(skimage_dir),
+               "--model", name, "--weights", str(weights), "--device", "cpu", "--out", str(tmp_path / "s.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"clip score {mean(result[str(a)]):.2f}" in out and f"clip score {mean(result[str(b)]):.2f}" in out
+    diff = mean(result[str(b)]) - mean(result[str(a)])
+    assert next(line for line in out.splitlines() if line.startswith("difference")).split()[-1] == f"{diff:+.2f}"
+    assert json.loads((tmp_path / "s.json").read_text())[str(a)]["mean"] == pytest.approx(mean(result[str(a)]))
+
+
+def test_clip_score_missing_weights_is_one_line(skimage_dir, tmp_path, capsys):
+    from bunny_client.cli import main
+
+    (tmp_path / "c.json").write_text('{"coffee.jpg": "coffee"}')
+    rc = main(["clip-score", "--captions", str(tmp_path / "c.json"), "--images", str(skimage_dir),
+               "--weights", os.fspath(tmp_path / "nope.bin")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "nope.bin" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,149 @@
+"""model_repository/bunny/1/model.py driven in-process: fake triton_python_backend_utils, fake engine."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fake_triton
+from fake_triton import FINAL, FakeEngine, MetricFamily, Request
+
+MODEL_PY = Path(__file__).resolve().parent.parent / "model_repository" / "bunny" / "1" / "model.py"
+
+
+def text(s: str) -> np.ndarray:
+    return np.array([s.encode()], dtype=object)
+
+
+def load_model_py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_triton.make_pb_utils())
+    spec = importlib.util.spec_from_file_location("bunny_model_under_test", MODEL_PY)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def model(monkeypatch):
+    mod = load_model_py(monkeypatch)
+    monkeypatch.setattr(mod, "LLMEngine", FakeEngine)
+    config = {"model_transaction_policy": {"decoupled": True},
+              "parameters": {"model_path": {"string_value": "/some/ckpt"}, "max_num_seqs": {"string_value": "4"}}}
+    m = mod.TritonPythonModel()
+    m.initialize({"model_config": json.dumps(config), "model_name": "bunny"})
+    yield m
+    if not m._stop.is_set():
+        m.finalize()
+
+
+def run(model, **inputs) -> Request:
+    req = Request(**inputs)
+    assert model.execute([req]) is None
+    return req
+
+
+def outputs(resp) -> dict:
+    return {k: v.tolist() for k, v in resp.tensors.items()}
+
+
+def test_parameters_reach_the_engine(model):
+    assert model.engine.config.model_path == "/some/ckpt" and model.engine.config.max_num_seqs == 4
+
+
+def test_non_stream_gets_one_final_response_with_everything(model):
+    req = run(model, text_input=text("hello there"), max_tokens=np.array([3], np.int32)).sender.wait()
+    assert len(req.responses) == 1 and req.responses[0][1] == FINAL
+    out = outputs(req.responses[0][0])
+    assert out["text_output"] == [b"t1 t2 t3 "] and out["output_ids"] == [1, 2, 3]
+    assert out["finish_reason"] == [b"length"] and out["prompt_tokens"] == [2] and out["completion_tokens"] == [3]
+
+
+def test_stream_gets_one_response_per_delta_and_the_last_is_final(model):
+    req = run(model, text_input=text("hi"), max_tokens=np.array([4], np.int32), stream=np.array([True]))
+    req.sender.wait()
+    flags = [f for _, f in req.sender.responses]
+    assert flags == [0, 0, 0, FINAL]
+    outs = [outputs(r) for r, _ in req.sender.responses]
+    assert b"".join(o["text_output"][0] for o in outs) == b"t1 t2 t3 t4 "
+    assert sum((o["output_ids"] for o in outs), []) == [1, 2, 3, 4]
+    assert [o["finish_reason"] for o in outs] == [[b""], [b""], [b""], [b"length"]]
+
+
+@pytest.mark.parametrize("inputs, needle", [
+    ({}, "text_input is missing"),
+    ({"text_input": text("")}, "text_input is empty"),
+    ({"text_input": text("hi"), "max_tokens": np.array([0], np.int32)}, "max_tokens"),
+    ({"text_input": text("hi"), "image": np.array([b"a", b"b"], dtype=object)}, "at most 1"),
+    ({"text_input": text("bad")}, "longer than the context"),       # refused by the engine
+])
+def test_bad_request_gets_one_final_error_and_others_are_unaffected(model, inputs, needle):
+    good = run(model, text_input=text("ok"), max_tokens=np.array([20], np.int32))
+    bad = run(model, **inputs).sender.wait()
+    assert len(bad.responses) == 1 and bad.responses[0][1] == FINAL
+    assert needle in bad.responses[0][0].error.message()
+    good.sender.wait()
+    assert outputs(good.sender.finals[0])["completion_tokens"] == [20]
+
+
+def test_cancelled_request_is_aborted_and_still_gets_a_final(model):
+    victim = run(model, text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
+    other = run(model, text_input=text("y"), max_tokens=np.array([30], np.int32))
+    time.sleep(0.05)
+    victim.sender.cancelled = True
+    victim.sender.wait()
+    assert len(victim.sender.finals) == 1
+    assert outputs(victim.sender.finals[0])["finish_reason"] == [b"cancelled"]
+    assert outputs(other.sender.wait().finals[0])["finish_reason"] == [b"length"]
+
+
+def test_engine_exception_fails_in_flight_requests_and_keeps_serving(model):
+    model.engine.step_delay = 0.01
+    a = run(model, text_input=text("a"), max_tokens=np.array([100000], np.int32))
+    b = run(model, text_input=text("b"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
+    time.sleep(0.05)
+    model.engine.fail_next_step = True
+    for req in (a, b):
+        req.sender.wait()
+        assert len(req.sender.finals) == 1 and "engine error: RuntimeError: boom" in req.sender.finals[0].error.message()
+    after = run(model, text_input=text("c"), max_tokens=np.array([2], np.int32)).sender.wait()
+    assert outputs(after.finals[0])["output_ids"] == [1, 2]
+    assert model._thread.is_alive()
+
+
+def test_finalize_gives_every_request_in_flight_its_final(model):
+    reqs = [run(model, text_input=text("z"), max_tokens=np.array([100000], np.int32), stream=np.array([s]))
+            for s in (True, False, True)]
+    time.sleep(0.05)
+    model.finalize()
+    assert not model._thread.is_alive()
+    for req in reqs:
+        assert req.sender.done.is_set() and len(req.sender.finals) == 1
+        assert outputs(req.sender.finals[0])["finish_reason"] == [b"cancelled"]
+
+
+def test_metrics_move(model):
+    run(model, text_input=text("a b c"), max_tokens=np.array([5], np.int32)).sender.wait()
+    run(model, text_input=text("")).sender.wait()
+    deadline = time.time() + 5
+    fams = MetricFamily.families
+    while time.time() < deadline and fams["bunny_requests_total"].metrics[3].value < 1:
+        time.sleep(0.02)
+    by_reason = {m.labels["finish_reason"]: m.value for m in fams["bunny_requests_total"].metrics}
+    assert by_reason == {"stop": 0, "length": 1, "cancelled": 0, "error": 1}
+    assert fams["bunny_generation_tokens_total"].metrics[0].value == 5
+    assert fams["bunny_time_to_first_token_seconds"].metrics[0].observations == [0.01]
+    assert len(fams["bunny_inter_token_latency_seconds"].metrics[0].observations) == 4
+    assert fams["bunny_kv_blocks_total"].metrics[0].value == 64
+
+
+def test_model_path_is_required(monkeypatch):
+    mod = load_model_py(monkeypatch)
+    config = {"model_transaction_policy": {"decoupled": True}, "parameters": {"model_path": {"string_value": ""}}}
+    with pytest.raises(ValueError, match="model_path is empty"):
+        mod.TritonPythonModel().initialize({"model_config": json.dumps(config)})

@@ -1,0 +1,74 @@
+"""bunny_backend.triton_io: request tensors -> ParsedRequest, with a readable message for every bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bunny_backend.triton_io import InvalidInput, parse_request, response_arrays
+
+
+def b(*items) -> np.ndarray:
+    return np.array([s.encode() if isinstance(s, str) else s for s in items], dtype=object)
+
+
+def test_defaults_follow_the_contract():
+    r = parse_request({"text_input": b("hello"), "image": None})
+    assert r.text == "hello" and r.images == [] and r.stream is False and r.apply_chat_template is True
+    p = r.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.seed, p.stop, p.ignore_eos) == \
+        (256, 0.0, 1.0, 0, 1.0, None, [], False)
+
+
+def test_every_input_is_read():
+    r = parse_request({
+        "text_input": b("描述这张图"), "image": b(b"\x89PNG..."), "max_tokens": np.array([7], np.int32),
+        "temperature": np.array([0.5], np.float32), "top_p": np.array([0.9], np.float32),
+        "top_k": np.array([40], np.int32), "repetition_penalty": np.array([1.1], np.float32),
+        "seed": np.array([2**64 - 1], np.uint64), "stop": b("\n", "END"), "ignore_eos": np.array([True]),
+        "stream": np.array([True]), "apply_chat_template": np.array([False]),
+    })
+    assert r.text == "描述这张图" and r.images == [b"\x89PNG..."] and r.stream and not r.apply_chat_template
+    p = r.params
+    assert p.max_tokens == 7 and p.temperature == pytest.approx(0.5) and p.top_p == pytest.approx(0.9)
+    assert p.top_k == 40 and p.repetition_penalty == pytest.approx(1.1) and p.seed == 2**64 - 1
+    assert p.stop == ["\n", "END"] and p.ignore_eos is True
+
+
+@pytest.mark.parametrize("inputs, needle", [
+    ({}, "text_input is missing"),
+    ({"text_input": b("")}, "text_input is empty"),
+    ({"text_input": b("  \n")}, "text_input is empty"),
+    ({"text_input": b("a", "b")}, "exactly one string"),
+    ({"text_input": b(b"\xff\xfe")}, "not valid UTF-8"),
+    ({"text_input": np.array([1], np.int32)}, "text_input must be BYTES"),
+    ({"text_input": b("hi"), "image": b(b"1", b"2")}, "2 images given; this model takes at most 1"),
+    ({"text_input": b("hi"), "image": b(b"")}, "image 0 is empty"),
+    ({"text_input": b("hi"), "max_tokens": np.array([0], np.int32)}, "max_tokens must be >= 1"),
+    ({"text_input": b("hi"), "max_tokens": np.array([1.5], np.float32)}, "max_tokens must be INT32"),
+    ({"text_input": b("hi"), "max_tokens": np.array([1, 2], np.int32)}, "exactly one value"),
+    ({"text_input": b("hi"), "temperature": np.array([-0.1], np.float32)}, "temperature must be >= 0"),
+    ({"text_input": b("hi"), "temperature": np.array([np.nan], np.float32)}, "temperature must be a finite"),
+    ({"text_input": b("hi"), "top_p": np.array([0.0], np.float32)}, "top_p must be in (0, 1]"),
+    ({"text_input": b("hi"), "top_p": np.array([1.5], np.float32)}, "top_p must be in (0, 1]"),
+    ({"text_input": b("hi"), "top_k": np.array([-1], np.int32)}, "top_k must be >= 0"),
+    ({"text_input": b("hi"), "repetition_penalty": np.array([0.0], np.float32)}, "repetition_penalty must be > 0"),
+    ({"text_input": b("hi"), "seed": np.array([-1], np.int64)}, "seed must be in"),
+    ({"text_input": b("hi"), "stop": b("")}, "stop strings must not be empty"),
+    ({"text_input": b("hi"), "stream": np.array([1], np.int32)}, "stream must be BOOL"),
+    ({"text_input": b("hi"), "bogus": np.array([1])}, "unknown input"),
+])
+def test_bad_inputs_name_the_problem(inputs, needle):
+    with pytest.raises(InvalidInput) as err:
+        parse_request(inputs)
+    assert needle in str(err.value)
+
+
+def test_response_arrays_have_the_contract_types():
+    out = response_arrays("héllo", [5, 6], "stop", 12, 2)
+    assert out["text_output"].dtype == object and out["text_output"].tolist() == ["héllo".encode()]
+    assert out["output_ids"].dtype == np.int32 and out["output_ids"].tolist() == [5, 6]
+    assert out["finish_reason"].tolist() == [b"stop"]
+    assert out["prompt_tokens"].dtype == np.int32 and out["prompt_tokens"].tolist() == [12]
+    assert out["completion_tokens"].tolist() == [2]
+    empty = response_arrays("", [], None, 3, 0)
+    assert empty["output_ids"].shape == (0,) and empty["finish_reason"].tolist() == [b""]
