@@ -2,27 +2,31 @@
 import pytest
 import torch
 
-from bunny_backend.model.cpu_layout import TransposedLinear, use_transposed_linears
+from bunny_backend.model.cpu_layout import OneDnnLinear, TransposedLinear, use_cpu_linears
 from bunny_backend.model.loader import load_model
 from model_helpers import dense_logits, pixels_of, prompt_ids
 from bunny_backend.io.tokenizer import load_tokenizer
 
 
+@pytest.mark.parametrize("cls", [OneDnnLinear, TransposedLinear])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 32), (7, 32), (2, 3, 32)])
-def test_transposed_linear_matches_linear(bias, shape):
+def test_cpu_linear_matches_linear(cls, bias, shape):
+    if cls is OneDnnLinear and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 48, bias=bias)
     x = torch.randn(*shape)
-    torch.testing.assert_close(TransposedLinear(lin)(x), lin(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cls(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cls", [None, TransposedLinear])
 @pytest.mark.parametrize("tied", [False, True])
-def test_model_logits_unchanged(checkpoint_factory, test_images, tied):
+def test_model_logits_unchanged(checkpoint_factory, test_images, tied, cls):
     path = checkpoint_factory(seed=6, tie_word_embeddings=tied)
     model = load_model(path)
     ids = prompt_ids(load_tokenizer(path), "Describe the image.", True)
     pixels = pixels_of(test_images[1], model.config.vision.image_size)
     before = dense_logits(model, ids, pixels)
-    use_transposed_linears(model)
+    use_cpu_linears(model, cls)
     torch.testing.assert_close(dense_logits(model, ids, pixels), before, atol=1e-5, rtol=1e-5)

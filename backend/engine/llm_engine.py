@@ -23,7 +23,7 @@ from bunny_backend.io.image import ImageError, decode_image, preprocess_image
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.model.bunny import IMAGE_PAD_ID
-from bunny_backend.model.cpu_layout import use_transposed_linears
+from bunny_backend.model.cpu_layout import use_cpu_linears
 from bunny_backend.model.loader import load_model
 from bunny_backend.ops.attention import get_backend
 
@@ -48,7 +48,7 @@ class LLMEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.model = load_model(config.model_path, self.dtype, self.device)
         if self.device.type == "cpu":
-            use_transposed_linears(self.model)
+            use_cpu_linears(self.model)
         text = self.model.config.text
         self.block_size = config.block_size or (128 if self.device.type == "npu" else 16)
         self.max_model_len = config.max_model_len or text.max_position_embeddings
