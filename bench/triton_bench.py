@@ -11,7 +11,6 @@ import dataclasses
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,23 +18,13 @@ import threading
 import time
 import urllib.request
 
+from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command
 from bench.common import Workload, attention_backend, emit, tree_peak_rss_bytes
 from bunny_client.grpc_requests import BunnyStream, RequestOptions
 from bunny_client.perf import benchmark as perf_benchmark
 from bunny_client.perf import run_round
 
 _GAUGE = re.compile(r"^(bunny_kv_blocks_(?:used|total))\{[^}]*\}\s+(\S+)$", re.M)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _die_with_parent() -> None:
@@ -48,25 +37,11 @@ class Server:
     def __init__(self, model_path: str, params: dict[str, str], dtype: str, timeout_s: float = 600.0):
         self.grpc, self.http, self.metrics_port = free_ports(3)
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-triton-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "bunny_backend.serve", "--model-path", model_path, "--dtype", dtype,
-               "--grpc-port", str(self.grpc), "--http-port", str(self.http), "--metrics-port", str(self.metrics_port)]
-        for k, v in params.items():
-            cmd += ["--param", f"{k}={v}"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
-        ready = threading.Event()
-        threading.Thread(target=self._watch, args=(ready,), daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"bunny-serve did not become ready (status {self.proc.returncode}); "
-                                   f"log {self.log.name}:\n{self.tail()}")
-
-    def _watch(self, ready: threading.Event) -> None:
-        for line in self.proc.stdout:
-            if line.strip() == "READY":
-                ready.set()
+        cmd = serve_command(model_path, [self.grpc, self.http, self.metrics_port], params, ["--dtype", dtype])
+        try:
+            self.proc = launch(cmd, self.log, timeout_s, start_new_session=True, preexec_fn=_die_with_parent)
+        except LaunchError as e:
+            raise RuntimeError(f"bunny-serve did not become ready ({e}); log {self.log.name}:\n{self.tail()}") from None
 
     @property
     def url(self) -> str:

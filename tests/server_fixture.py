@@ -7,31 +7,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import threading
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command
+
 # Small KV cache and batch limits shared by the server and the in-process engine the tests compare with.
 SERVER_PARAMS = {"kv_cache_memory_bytes": str(8 << 20), "max_num_seqs": "16", "num_threads": "2"}
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
@@ -70,26 +57,12 @@ class BunnyServer:
 def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PARAMS,
                  timeout_s: float = 120.0) -> BunnyServer:
     grpc, http, metrics = free_ports(3)
-    cmd = [sys.executable, "-m", "bunny_backend.serve", "--model-path", str(model_path), "--device", "cpu",
-           "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)]
-    for k, v in params.items():
-        cmd += ["--param", f"{k}={v}"]
+    cmd = serve_command(model_path, [grpc, http, metrics], params, extra_args=["--device", "cpu"])
     log_file = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, start_new_session=True)
-    ready = threading.Event()
-
-    def watch():
-        for line in proc.stdout:
-            if line.strip() == "READY":
-                ready.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
-            pytest.fail(f"bunny-serve did not become ready (status {proc.returncode}):\n"
-                        f"{log.read_text(errors='replace')[-4000:]}")
+    try:
+        proc = launch(cmd, log_file, timeout_s, start_new_session=True)
+    except LaunchError as e:
+        pytest.fail(f"bunny-serve did not become ready ({e}):\n{log.read_text(errors='replace')[-4000:]}")
     return BunnyServer(proc, grpc, http, metrics, Path(model_path), log)
 
 

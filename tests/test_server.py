@@ -4,7 +4,6 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

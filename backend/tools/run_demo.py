@@ -7,27 +7,15 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from bunny_backend.serve_launch import free_ports, launch, serve_command
 from bunny_backend.triton_env import ROOT
 
 DEFAULT_PROMPT = "Describe this image in detail."
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def example_image() -> Path:
@@ -44,25 +32,7 @@ def example_image() -> Path:
 
 
 def start_server(model_path: Path, ports: list[int], log_file, timeout_s: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "bunny_backend.serve", "--model-path", str(model_path),
-           "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
-           "--exit-timeout", "5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
-    ready = threading.Event()
-
-    def watch():
-        for line in proc.stdout:
-            if line.strip() == "READY":
-                ready.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.2):
-        if proc.poll() is not None:
-            raise RuntimeError(f"bunny-serve exited with status {proc.returncode} before the model was ready")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the model was not ready after {timeout_s:.0f}s")
-    return proc
+    return launch(serve_command(model_path, ports, extra_args=["--exit-timeout", "5"]), log_file, timeout_s)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
