@@ -2,14 +2,18 @@
 
 The copy (a temporary folder) carries config.pbtxt with the engine parameters overridden by the command line
 (--model-path, --device, --dtype, --param KEY=VALUE); the tracked config.pbtxt is never edited. Every endpoint
-binds 127.0.0.1. `READY` is printed on its own line on stdout once the model takes requests; the server's log
+binds 127.0.0.1 unless --address says otherwise. `READY` is printed on its own line on stdout once the model takes requests; the server's log
 goes to stderr. SIGTERM/SIGINT stop the server cleanly. Exit status: 0 after a clean stop, 2 for bad
-arguments, 1 when the model fails to load (its error lines are repeated at the end).
+arguments, 1 when the model fails to load (its error lines are repeated at the end) or when its Python stub
+process dies while serving (serve_watchdog.py: the model is unloaded and tritonserver stopped). A stop that
+outlives --exit-timeout by STOP_KILL_GRACE_S (a client holding a stream open keeps Triton 2.51's gRPC server
+from shutting down) ends with SIGKILL.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import signal
@@ -18,13 +22,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from bunny_backend import triton_env
+from bunny_backend import serve_watchdog, triton_env
 from bunny_backend.config import EngineConfig
 
 MODEL_NAME = "bunny"
+STOP_KILL_GRACE_S = 10.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address every endpoint binds (default 127.0.0.1; 0.0.0.0 exposes the server)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="pass ARG to tritonserver (repeatable), e.g. --server-arg=--grpc-use-ssl=true")
     p.add_argument("--repository", type=Path, default=triton_env.MODEL_REPOSITORY,
                    help="model repository to copy (default: the checkout's model_repository/)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -78,12 +86,8 @@ def write_repository(src: Path, dst: Path, params: dict[str, str]) -> dict[str, 
     return merged
 
 
-def model_ready(http_port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{MODEL_NAME}/ready", timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
+def model_ready(http_url: str) -> bool:
+    return serve_watchdog.model_status(http_url, MODEL_NAME) == 200
 
 
 def _die_with_parent() -> None:
@@ -113,8 +117,39 @@ def error_lines(tail) -> list[str]:
     return lines[-20:] or list(tail)[-20:]
 
 
+def watch_stubs(proc: subprocess.Popen, http_url: str, stopping: threading.Event) -> bool:
+    """Until tritonserver exits or a clean stop begins, check its stub processes; True if one died (the server
+    has then been stopped)."""
+    watchdog = serve_watchdog.StubWatchdog(proc.pid, http_url, MODEL_NAME)
+    while proc.poll() is None and not stopping.is_set():
+        pid = watchdog.dead_stub()
+        # A clean stop unloads the model, so its stub exits too; a dead tritonserver orphans its stubs.
+        if pid is not None and not stopping.is_set() and proc.poll() is None:
+            serve_watchdog.stop_after_stub_death(proc, pid, http_url, MODEL_NAME)
+            return True
+        time.sleep(serve_watchdog.POLL_S)
+    return False
+
+
+def wait_or_kill(proc: subprocess.Popen, stop_deadline: list[float]) -> int:
+    """Wait for tritonserver; once a stop was asked for, SIGKILL it at stop_deadline[0]."""
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > stop_deadline[0]:
+                print("bunny-serve: tritonserver did not exit after its exit timeout (a client still holds a "
+                      "stream open); killing it", file=sys.stderr, flush=True)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return proc.wait()
+
+
 def serve(args: argparse.Namespace) -> int:
-    ports = triton_env.Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
+    ports = triton_env.Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port,
+                             address=args.address)
     with tempfile.TemporaryDirectory(prefix="bunny-repo-") as tmp:
         repo = Path(tmp) / "model_repository"
         try:
@@ -122,7 +157,8 @@ def serve(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:
             print(f"bunny-serve: {e}", file=sys.stderr)
             return 2
-        cmd = triton_env.server_command(repo, ports, log_verbose=args.log_verbose, exit_timeout_s=args.exit_timeout)
+        cmd = triton_env.server_command(repo, ports, log_verbose=args.log_verbose, exit_timeout_s=args.exit_timeout,
+                                        models=(MODEL_NAME,), extra_args=tuple(args.server_arg))
         proc = subprocess.Popen(cmd, env=triton_env.server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", bufsize=1, start_new_session=True,
                                 preexec_fn=_die_with_parent)
@@ -130,21 +166,24 @@ def serve(args: argparse.Namespace) -> int:
         pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
         pump.start()
         stopping = threading.Event()
+        stop_deadline = [float("inf")]
 
         def on_signal(signum, _frame):
             if stopping.is_set():
                 proc.kill()
             stopping.set()
+            stop_deadline[0] = time.monotonic() + args.exit_timeout + STOP_KILL_GRACE_S
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-        deadline, timed_out = time.monotonic() + args.ready_timeout, False
+        deadline, timed_out, ready = time.monotonic() + args.ready_timeout, False, False
         while proc.poll() is None and not stopping.is_set():
-            if model_ready(ports.http):
+            if model_ready(ports.http_url):
                 print("READY", flush=True)
+                ready = True
                 break
             if time.monotonic() > deadline:
                 print(f"bunny-serve: the model was not ready after {args.ready_timeout:.0f}s", file=sys.stderr)
@@ -152,10 +191,14 @@ def serve(args: argparse.Namespace) -> int:
                 on_signal(signal.SIGTERM, None)
                 break
             time.sleep(0.25)
-        rc = proc.wait()
+        stub_died = ready and watch_stubs(proc, ports.http_url, stopping)
+        rc = wait_or_kill(proc, stop_deadline)
         pump.join(timeout=5)
+        if stub_died:
+            print(f"bunny-serve: tritonserver stopped (status {rc}) after its Python stub died", file=sys.stderr)
+            return 1
         if stopping.is_set() and not timed_out:
-            if rc not in (0, -signal.SIGTERM) and any("Exit timeout expired" in l for l in tail):
+            if rc not in (0, -signal.SIGTERM) and any("Exit timeout expired" in l for l in tail) or rc == -signal.SIGKILL:
                 # Triton 2.51 can keep a model referenced after a client cancels a gRPC stream whose request
                 # had already finished; the unload then waits for the exit timeout. The server did stop.
                 print(f"bunny-serve: the model did not unload within {args.exit_timeout}s; tritonserver was "

@@ -25,6 +25,14 @@ class Ports:
     grpc: int = 8001
     http: int = 8000
     metrics: int = 8002
+    address: str = "127.0.0.1"   # what every endpoint binds
+
+    @property
+    def http_url(self) -> str:
+        """Where this machine reaches the HTTP endpoint (a wildcard address is reached on loopback)."""
+        host = "127.0.0.1" if self.address in ("0.0.0.0", "", "localhost") else self.address
+        host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+        return f"http://{host}:{self.http}"
 
 
 def pytriton_dir() -> Path:
@@ -67,18 +75,25 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def server_command(repository: Path, ports: Ports, *, log_verbose: int = 0, exit_timeout_s: int = 20) -> list[str]:
-    """tritonserver command line serving `repository`, every endpoint bound to 127.0.0.1."""
+def server_command(repository: Path, ports: Ports, *, log_verbose: int = 0, exit_timeout_s: int = 20,
+                   models: tuple[str, ...] = ("bunny",), extra_args: tuple[str, ...] = ()) -> list[str]:
+    """tritonserver command line serving `models` of `repository`, every endpoint bound to `ports.address`
+    (127.0.0.1 unless asked otherwise); `extra_args` go last (TLS, restricted APIs: tritonserver --help).
+
+    Explicit model control (the models are still loaded at start) lets bunny-serve unload a model through the
+    HTTP repository API, the one way to make Triton report it not ready once its stub process died."""
     return [
         str(tritonserver_binary()),
         f"--model-repository={repository}",
+        "--model-control-mode=explicit", *(f"--load-model={m}" for m in models),
         f"--backend-directory={ensure_backend_dir()}",
-        "--grpc-address=127.0.0.1", f"--grpc-port={ports.grpc}",
-        "--http-address=127.0.0.1", f"--http-port={ports.http}",
-        "--metrics-address=127.0.0.1", f"--metrics-port={ports.metrics}",
+        f"--grpc-address={ports.address}", f"--grpc-port={ports.grpc}",
+        f"--http-address={ports.address}", f"--http-port={ports.http}",
+        f"--metrics-address={ports.address}", f"--metrics-port={ports.metrics}",
         "--allow-gpu-metrics=false",
         "--exit-on-error=true",
         "--strict-readiness=true",
         f"--exit-timeout-secs={exit_timeout_s}",
         f"--log-verbose={log_verbose}",
+        *extra_args,
     ]

@@ -11,9 +11,8 @@ from typing import Mapping
 
 import numpy as np
 
+from bunny_backend.engine.request_builder import MAX_IMAGES
 from bunny_backend.engine.sampling_params import SamplingParams
-
-MAX_IMAGES = 1   # Bunny-v1.0 takes at most one image per request
 
 
 class InvalidInput(ValueError):

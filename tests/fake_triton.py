@@ -7,7 +7,7 @@ import types
 
 import numpy as np
 
-from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput
+from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput, ServerBusyError
 
 FINAL = 1
 
@@ -24,7 +24,7 @@ class Tensor:
 
 
 class TritonError:
-    INTERNAL, INVALID_ARG, CANCELLED = 13, 3, 1
+    INTERNAL, INVALID_ARG, CANCELLED, UNAVAILABLE = 13, 3, 1, 14
 
     def __init__(self, message, code=13):
         self._message, self.code = message, code
@@ -141,6 +141,10 @@ class FakeEngine:
     def add_request(self, request_id, text, images=(), params=None, apply_chat_template=True):
         if text == "bad":
             raise BadRequestError("the prompt is longer than the context")
+        if text == "busy":
+            raise ServerBusyError("server busy: 9 requests in flight")
+        if text == "crash":
+            raise KeyError("unexpected")
         with self.lock:
             self.requests[request_id] = {"params": params, "n": 0, "prompt": len(text.split())}
             self.wake.notify_all()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bunny_backend.engine import fault_injection
 from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command
 
 # Small KV cache and batch limits shared by the server and the in-process engine the tests compare with.
@@ -50,17 +51,41 @@ class BunnyServer:
         want = [f'{k}="{v}"' for k, v in labels.items()]
         return sum(v for (n, lab), v in self.metrics().items() if n == name and all(w in lab for w in want))
 
+    def stub_pid(self) -> int:
+        """The pid of the model's python stub (tritonserver's child, itself bunny-serve's child)."""
+        for triton in _children(self.proc.pid):
+            for pid in _children(triton):
+                if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        raise RuntimeError("no triton_python_backend_stub process found")
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PARAMS,
                  timeout_s: float = 120.0) -> BunnyServer:
+    """bunny-serve on free ports; the test-only fault hook is switched on (engine/fault_injection.py)."""
     grpc, http, metrics = free_ports(3)
     cmd = serve_command(model_path, [grpc, http, metrics], params, extra_args=["--device", "cpu"])
     log_file = open(log, "w")
+    env = {**os.environ, fault_injection.ENV_VAR: "1"}
     try:
-        proc = launch(cmd, log_file, timeout_s, start_new_session=True)
+        proc = launch(cmd, log_file, timeout_s, start_new_session=True, env=env)
     except LaunchError as e:
         pytest.fail(f"bunny-serve did not become ready ({e}):\n{log.read_text(errors='replace')[-4000:]}")
     return BunnyServer(proc, grpc, http, metrics, Path(model_path), log)

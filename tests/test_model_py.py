@@ -91,6 +91,33 @@ def test_bad_request_gets_one_final_error_and_others_are_unaffected(model, input
     assert outputs(good.sender.finals[0])["completion_tokens"] == [20]
 
 
+@pytest.mark.parametrize("prompt, code, needle", [("busy", 14, "server busy"), ("crash", 13, "internal error")])
+def test_busy_and_unexpected_refusals_carry_their_code(model, prompt, code, needle):
+    req = run(model, text_input=text(prompt)).sender.wait()
+    assert len(req.responses) == 1 and req.responses[0][1] == FINAL
+    error = req.responses[0][0].error
+    assert error.code == code and needle in error.message()
+    assert outputs(run(model, text_input=text("ok"), max_tokens=np.array([2], np.int32)).sender.wait().finals[0])[
+        "output_ids"] == [1, 2]
+
+
+def test_a_response_that_cannot_be_built_ends_its_request_only(model, monkeypatch):
+    real = model.metrics.on_output
+
+    def broken(out):
+        if out.request_id == "0":
+            raise ValueError("metrics broke")
+        real(out)
+
+    monkeypatch.setattr(model.metrics, "on_output", broken)
+    victim = run(model, text_input=text("x"), max_tokens=np.array([50], np.int32), stream=np.array([True]))
+    other = run(model, text_input=text("y"), max_tokens=np.array([5], np.int32))
+    victim.sender.wait()
+    assert len(victim.sender.finals) == 1 and "metrics broke" in victim.sender.finals[0].error.message()
+    assert outputs(other.sender.wait().finals[0])["finish_reason"] == [b"length"]
+    assert model._thread.is_alive()
+
+
 def test_cancelled_request_is_aborted_and_still_gets_a_final(model):
     victim = run(model, text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
     other = run(model, text_input=text("y"), max_tokens=np.array([30], np.int32))

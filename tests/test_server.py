@@ -1,81 +1,22 @@
 """System tests through the real tritonserver (bunny-serve on free ports, gRPC streaming, metrics endpoint)."""
 from __future__ import annotations
 
-import queue
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
+from grpc_helpers import inputs_of, joined, send   # noqa: F401 - other test modules import them from here
 from server_fixture import SERVER_PARAMS, free_ports, stop_process
 
 pytestmark = pytest.mark.server
 TEXTS = ["Describe the image.", "What is a rabbit?", "请描述这张图片。", "Tell me a story about the sea.",
          "图中有什么？", "How many cats are there?", "What colour is the sky?", "Write a poem."]
-
-
-def inputs_of(text=None, images=(), stream=False, **scalars) -> dict[str, np.ndarray]:
-    dtypes = {"max_tokens": np.int32, "temperature": np.float32, "top_p": np.float32, "top_k": np.int32,
-              "seed": np.uint64, "ignore_eos": np.bool_, "apply_chat_template": np.bool_}
-    out = {"stream": np.array([stream])}
-    if text is not None:
-        out["text_input"] = np.array([text.encode()], dtype=object)
-    if images:
-        out["image"] = np.array(list(images), dtype=object)
-    out.update({k: np.array([v], dtype=dtypes[k]) for k, v in scalars.items()})
-    return out
-
-
-def send(url: str, inputs: dict[str, np.ndarray], timeout: float = 120.0, cancel_after: int | None = None):
-    """One request on its own stream -> (responses as dicts, error message or None).
-
-    The stream is cancelled only while the request is unfinished: with Triton 2.51, cancelling a gRPC stream
-    whose request has already completed can leave the model referenced, and the server's shutdown then hangs
-    until --exit-timeout-secs (reproduced with a trivial python model too)."""
-    client = grpcclient.InferenceServerClient(url)
-    q: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: q.put((result, error)))
-    tensors = []
-    for name, array in inputs.items():
-        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        t.set_data_from_numpy(array)
-        tensors.append(t)
-    responses, finished = [], False
-    try:
-        client.async_stream_infer("bunny", tensors, enable_empty_final_response=True)
-        while True:
-            result, error = q.get(timeout=timeout)
-            if error is not None:
-                finished = True
-                return responses, str(error)
-            final = result.get_response().parameters["triton_final_response"].bool_param
-            r = {"final": final}
-            if result.as_numpy("text_output") is not None:
-                r.update(text=result.as_numpy("text_output")[0].decode(), ids=result.as_numpy("output_ids").tolist(),
-                         reason=result.as_numpy("finish_reason")[0].decode(),
-                         prompt=int(result.as_numpy("prompt_tokens")[0]),
-                         completion=int(result.as_numpy("completion_tokens")[0]))
-            responses.append(r)
-            if final:
-                finished = True
-                return responses, None
-            if cancel_after is not None and len(responses) >= cancel_after:
-                return responses, "cancelled by the test"
-    finally:
-        client.stop_stream(cancel_requests=not finished)
-        client.close()
-
-
-def joined(responses) -> tuple[str, list[int]]:
-    return "".join(r["text"] for r in responses), sum((r["ids"] for r in responses), [])
 
 
 @pytest.fixture(scope="module")

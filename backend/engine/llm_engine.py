@@ -1,8 +1,8 @@
 """The engine: requests in (thread-safe), one `step()` at a time, RequestOutputs out."""
 from __future__ import annotations
 
-import hashlib
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -14,20 +14,20 @@ from bunny_backend.engine.block_manager import BlockManager
 from bunny_backend.engine.device import resolve_device, resolve_dtype
 from bunny_backend.engine.kv_cache import num_kv_blocks
 from bunny_backend.engine.model_runner import ModelRunner
-from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput
+from bunny_backend.engine import fault_injection
+from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput, ServerBusyError
+from bunny_backend.engine.request_builder import RequestBuilder
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.scheduler import Scheduler
-from bunny_backend.engine.sequence import ImageSpan, Sequence
+from bunny_backend.engine.scheduler import Scheduler, SchedulerOutput
+from bunny_backend.engine.sequence import Sequence
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
-from bunny_backend.io.image import ImageError, decode_image, preprocess_image
-from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
 from bunny_backend.io.tokenizer import load_tokenizer
-from bunny_backend.model.bunny import IMAGE_PAD_ID
 from bunny_backend.model.cpu_layout import use_cpu_linears
 from bunny_backend.model.loader import load_model
 from bunny_backend.ops.attention import get_backend
 
-MAX_IMAGES = 1   # Bunny-v1.0 takes at most one image per request
+MAX_QUARANTINES = 3   # a sequence whose batches failed this often is failed itself
+log = logging.getLogger("bunny.engine")
 
 
 @dataclass
@@ -58,6 +58,10 @@ class LLMEngine:
                                   self.device, self.dtype)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
+        self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
+                                      self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits)
+        self._max_in_flight = config.max_num_seqs + config.max_queued_requests
+        self._faults = fault_injection.enabled()
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
         self._aborts: list[str] = []
@@ -70,15 +74,22 @@ class LLMEngine:
     def add_request(self, request_id: str | None, text: str, images: list[bytes] = (), params: SamplingParams | None = None,
                     apply_chat_template: bool = True) -> str:
         request_id = request_id or f"req-{next(self._ids)}"
-        seq = self._make_sequence(request_id, text, list(images), params or SamplingParams(), apply_chat_template)
+        self._check_not_busy()   # before decoding images: an overloaded server should refuse cheaply
+        seq = self.builder.build(request_id, text, list(images), params or SamplingParams(), apply_chat_template)
         req = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.params.stop))
         with self._lock:
             if request_id in self._requests:
                 raise BadRequestError(f"request id {request_id!r} is already in flight")
+            self._check_not_busy()
             self._requests[request_id] = req
             self._incoming.append(req)
             self._wakeup.notify_all()
         return request_id
+
+    def _check_not_busy(self) -> None:
+        if len(self._requests) >= self._max_in_flight:
+            raise ServerBusyError(f"server busy: {len(self._requests)} requests in flight, the limit is "
+                                  f"{self._max_in_flight} (max_num_seqs + max_queued_requests); retry later")
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -94,40 +105,11 @@ class LLMEngine:
         with self._lock:
             return bool(self._requests)
 
-    def _make_sequence(self, request_id, text, images, params, apply_chat_template) -> Sequence:
-        if not isinstance(text, str) or not text.strip():
-            raise BadRequestError("text_input is empty")
-        if len(images) > MAX_IMAGES:
-            raise BadRequestError(f"{len(images)} images given; this model takes at most {MAX_IMAGES}")
-        vision = self.model.config.vision
-        try:
-            pixels = [preprocess_image(decode_image(data), vision.image_size) for data in images]
-            prompt = build_prompt(text, has_image=bool(images), apply_chat_template=apply_chat_template)
-            ids = tokenize_prompt(self.tokenizer, prompt)
-        except ImageError as e:
-            raise BadRequestError(f"image: {e}") from None
-        except ValueError as e:
-            raise BadRequestError(str(e)) from None
-        token_ids, spans = [], []
-        n_img = self.model.num_image_tokens
-        image_iter = iter(zip(images, pixels))
-        for tid in ids:
-            if tid == IMAGE_TOKEN_INDEX:
-                data, px = next(image_iter)
-                spans.append(ImageSpan(offset=len(token_ids), length=n_img,
-                                       content_hash=hashlib.sha256(data).digest(), pixel_values=px))
-                token_ids += [IMAGE_PAD_ID] * n_img
-            else:
-                token_ids.append(tid)
-        if not token_ids:
-            raise BadRequestError("the prompt tokenizes to nothing")
-        problem = self.scheduler.check_fits(len(token_ids), params.max_tokens)
-        if problem:
-            raise BadRequestError(problem)
-        return Sequence(request_id, token_ids, params, spans, arrival_time=time.perf_counter())
-
     # ---- the loop (engine thread) --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns the outputs it produced. A forward that raises fails only the request
+        that causes it: a batch of one ends its request with an error, a larger batch is retried one request at a
+        time (Scheduler.quarantine). Exceptions outside the forward still propagate (see fail_all)."""
         with self._lock:
             incoming, self._incoming = self._incoming, []
             aborts, self._aborts = self._aborts, []
@@ -141,13 +123,38 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        sampled = self.runner.run(sched.seqs, sched.is_prefill, sched.num_new_tokens)
+        try:
+            if self._faults:
+                fault_injection.check(sched.seqs)
+            sampled = self.runner.run(sched.seqs, sched.is_prefill, sched.num_new_tokens)
+        except Exception as e:   # noqa: BLE001 - isolate the request that broke the step, keep serving
+            return outputs + self._on_step_failure(sched, e)
         self.scheduler.postprocess(sched, sampled)   # advances the cache, seals full blocks, appends tokens
         now = time.perf_counter()
         for seq, token in zip(sched.seqs, sampled):
             if token is not None:
-                outputs.append(self._on_token(seq, token, now))
+                try:
+                    outputs.append(self._on_token(seq, token, now))
+                except Exception as e:   # noqa: BLE001 - e.g. a detokenizer failure: this request only
+                    log.exception("bunny: output processing failed for %s", seq.request_id)
+                    outputs.append(self._fail(seq, f"engine error: {type(e).__name__}: {e}"))
         return outputs
+
+    def _on_step_failure(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """A batch of one fails its request; a larger batch is quarantined so each request is retried alone."""
+        message = f"engine error: {type(error).__name__}: {error}"
+        log.warning("bunny: step of %d sequence(s) failed: %s", len(sched.seqs), message)
+        alone = len(sched.seqs) == 1
+        culprits = [s for s in sched.seqs if alone or s.num_quarantines >= MAX_QUARANTINES]
+        if not alone:
+            self.scheduler.quarantine(SchedulerOutput([s for s in sched.seqs if s not in culprits]))
+        return [self._fail(seq, message) for seq in culprits]
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        out = RequestOutput(seq.request_id, prompt_tokens=seq.num_prompt_tokens,
+                            completion_tokens=seq.num_completion_tokens, error=message)
+        self._finish(seq, "error", out)
+        return out
 
     def _on_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         """`token` has just been appended to `seq`: detokenize, check the stop conditions, build the output."""

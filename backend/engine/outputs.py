@@ -8,6 +8,10 @@ class BadRequestError(ValueError):
     """A request the engine refuses; the message says what is wrong and is safe to show the client."""
 
 
+class ServerBusyError(BadRequestError):
+    """The request is fine but too many are already waiting (max_queued_requests); the client may retry."""
+
+
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str

@@ -9,6 +9,11 @@ Policy (after nano-vllm): prefill first. A step is either all prefill or all dec
   front of the queue and is later recomputed as a prefill over its prompt and generated tokens); if it is the
   only one left, it preempts itself.
 
+Failure isolation: when a step raises, the engine calls quarantine(out): the step's sequences give back their
+blocks (their K/V is recomputed) and become suspects. While suspects exist, each step runs one suspect alone,
+through its recompute prefill and one decode step; one that fails alone is the culprit and the engine fails
+only it. The others rejoin the batch.
+
 One step, as the engine drives it:
     out = scheduler.schedule()
     sampled = runner.run(out)            # a token for each seq where out.needs_sample[i], else None
@@ -52,6 +57,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()   # in admission order: the last one is preempted first
         self.num_preemptions = 0
+        self.num_suspects = 0
 
     @property
     def num_running(self) -> int:
@@ -87,7 +93,9 @@ class Scheduler:
     # -- scheduling ----------------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = self._schedule_prefill()
+        out = self._schedule_suspect() if self.num_suspects else SchedulerOutput()
+        if out.is_empty:
+            out = self._schedule_prefill()
         if out.is_empty:
             out = self._schedule_decode()
         out.needs_sample = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)]
@@ -137,6 +145,44 @@ class Scheduler:
         self.running.extendleft(reversed(out.seqs))
         return out
 
+    def _schedule_suspect(self) -> SchedulerOutput:
+        """One suspect alone: admitted first if need be (the latest-admitted running sequences make room)."""
+        seq = next((s for s in self.running if s.suspect), None)
+        if seq is None:
+            seq = next(s for s in self.waiting if s.suspect)
+            while self.running and (len(self.running) >= self.max_num_seqs or not self.block_manager.can_allocate(seq)):
+                self._preempt(self.running.pop())
+            if not self.block_manager.can_allocate(seq):
+                return SchedulerOutput()   # not reached: check_fits admitted it against the empty cache
+            self.block_manager.allocate(seq)
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        if not seq.is_prefill_done:
+            n = min(seq.num_tokens - seq.num_cached_tokens, self.max_num_batched_tokens)
+            return SchedulerOutput([seq], True, [n])
+        while not self.block_manager.can_append(seq):
+            victim = next((s for s in reversed(self.running) if s is not seq), None)
+            if victim is None:
+                return SchedulerOutput()   # not reached, as above
+            self.running.remove(victim)
+            self._preempt(victim)
+        self.block_manager.may_append(seq)
+        return SchedulerOutput([seq], False, [1])
+
+    def quarantine(self, out: SchedulerOutput) -> None:
+        """The step `out` raised: its sequences give back their blocks and will each be retried alone."""
+        failed = [seq for seq in out.seqs if seq.status == SequenceStatus.RUNNING]
+        for seq in failed:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
+            seq.num_quarantines += 1
+            if not seq.suspect:
+                seq.suspect = True
+                self.num_suspects += 1
+        self.waiting.extendleft(reversed(failed))
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
@@ -158,6 +204,9 @@ class Scheduler:
             self.block_manager.seal_full_blocks(seq)
             if token is not None:
                 seq.append_token(token)
+            if seq.suspect and not out.is_prefill:   # it has now prefilled and decoded alone
+                seq.suspect = False
+                self.num_suspects -= 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a running sequence (eos, length, stop string, error): free its blocks and drop it."""
@@ -170,6 +219,9 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if seq.suspect:
+            seq.suspect = False
+            self.num_suspects -= 1
 
     def abort(self, request_id: str) -> Sequence | None:
         """Cancel a request wherever it is; returns its sequence, or None if unknown or already finished."""

@@ -61,6 +61,12 @@ class Sequence:
         self.num_prefix_hit_tokens = 0    # of those, taken from the prefix cache at the last allocation
         self.num_sealed_blocks = 0        # leading blocks whose hash the block manager has computed
 
+        # Failure isolation (Scheduler.quarantine): after a failed batch, a suspect runs alone until it has done
+        # its recompute prefill and one decode step; quarantined counts how often that happened.
+        self.suspect = False
+        self.num_quarantines = 0
+        self.inject_fault = False         # test-only, see engine/fault_injection.py
+
         # The effective seed is kept so a runner can seed a generator on its own device.
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(self.seed)

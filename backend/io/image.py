@@ -77,8 +77,24 @@ def expand_to_square(img: Image.Image, color: tuple[int, int, int] = PAD_COLOR) 
     return out
 
 
-def preprocess_image(img: Image.Image, image_size: int) -> torch.Tensor:
+def shrink_for_square(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Scale the picture down (aspect kept) when padding it to a square would exceed `max_pixels`.
+
+    An image within the pixel limit can still be long and thin (1 x 60M), and its padded square would not fit
+    in memory. Such an image ends at the tower's size anyway, so shrinking first changes nothing that matters.
+    """
+    side = max(img.size)
+    if side * side <= max_pixels:
+        return img
+    limit = max(1, int(max_pixels ** 0.5))
+    scale = limit / side
+    size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def preprocess_image(img: Image.Image, image_size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """RGB picture -> float32 [3, S, S]: pad to square, bicubic resize, scale to [0, 1], normalise."""
+    img = shrink_for_square(img, max_pixels)
     square = expand_to_square(img.convert("RGB") if img.mode != "RGB" else img)
     resized = square.resize((image_size, image_size), Image.Resampling.BICUBIC)
     arr = np.asarray(resized, dtype=np.float32) / 255.0

@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
-from bunny_backend.engine.outputs import BadRequestError, RequestOutput
+from bunny_backend.engine.outputs import BadRequestError, RequestOutput, ServerBusyError
 from bunny_backend.triton_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
 from bunny_backend.triton_metrics import BunnyMetrics
 
@@ -68,11 +68,17 @@ class TritonPythonModel:
     # ---- requests in (Triton's thread) ---------------------------------------------------------------------
     def execute(self, requests):
         for request in requests:
-            self._submit(request)
+            sender = request.get_response_sender()
+            try:
+                self._submit(request, sender)
+            except Exception as e:   # noqa: BLE001 - whatever happens, the request gets its final response
+                self.log.log_error(f"bunny: submitting a request failed: {traceback.format_exc()}")
+                self._reject(sender, f"internal error: {type(e).__name__}: {e}", "INTERNAL")
         return None
 
-    def _submit(self, request) -> None:
-        sender = request.get_response_sender()
+    def _submit(self, request, sender) -> None:
+        if not self._thread.is_alive():
+            return self._reject(sender, "the engine thread has stopped; restart the server", "UNAVAILABLE")
         try:
             inputs = {}
             for name in INPUT_NAMES:
@@ -89,14 +95,17 @@ class TritonPythonModel:
         except Exception as e:
             with self._lock:
                 self._inflight.pop(request_id, None)
-            if not isinstance(e, BadRequestError):
-                self.log.log_error(f"bunny: add_request failed: {traceback.format_exc()}")
-            self._reject(sender, str(e) if isinstance(e, BadRequestError) else f"internal error: {e}")
+            if isinstance(e, ServerBusyError):
+                return self._reject(sender, str(e), "UNAVAILABLE")
+            if isinstance(e, BadRequestError):
+                return self._reject(sender, str(e))
+            self.log.log_error(f"bunny: add_request failed: {traceback.format_exc()}")
+            self._reject(sender, f"internal error: {type(e).__name__}: {e}", "INTERNAL")
 
-    def _reject(self, sender, message: str) -> None:
+    def _reject(self, sender, message: str, code_name: str = "INVALID_ARG") -> None:
         with self._lock:
             self._rejected += 1
-        self._send(sender, pb_utils.InferenceResponse(error=_error(message, "INVALID_ARG")), FINAL)
+        self._send(sender, pb_utils.InferenceResponse(error=_error(message, code_name)), FINAL)
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -107,8 +116,8 @@ class TritonPythonModel:
                     self._publish_stats()
                     self.engine.wait_for_work(IDLE_WAIT_S)
                     continue
-                outputs = self.engine.step()
-            except Exception as e:
+                outputs = self.engine.step()   # isolates a failing request itself (engine.step docstring)
+            except Exception as e:   # noqa: BLE001 - outside any one request: fail what is in flight
                 self.log.log_error(f"bunny: engine step failed: {traceback.format_exc()}")
                 outputs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
                 time.sleep(0.01)
@@ -148,6 +157,17 @@ class TritonPythonModel:
             f = self._inflight.pop(out.request_id, None) if out.finished else self._inflight.get(out.request_id)
         if f is None:
             return
+        try:
+            self._respond(f, out)
+        except Exception as e:   # noqa: BLE001 - this request ends with an error; the loop goes on
+            self.log.log_error(f"bunny: building a response failed: {traceback.format_exc()}")
+            if not out.finished:
+                with self._lock:
+                    self._inflight.pop(out.request_id, None)
+                self.engine.abort(out.request_id)
+            self._send(f.sender, pb_utils.InferenceResponse(error=_error(f"internal error: {e}")), FINAL)
+
+    def _respond(self, f: _InFlight, out: RequestOutput) -> None:
         self.metrics.on_output(out)
         if out.finished:
             self.metrics.on_finished(out.finish_reason or "error")

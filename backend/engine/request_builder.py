@@ -1,0 +1,85 @@
+"""A request's raw inputs (text, encoded images, sampling parameters) -> a validated `Sequence`, or a
+BadRequestError that names the problem: the configured limits, unreadable images, prompts that can never fit."""
+from __future__ import annotations
+
+import hashlib
+import time
+
+from bunny_backend.config import EngineConfig
+from bunny_backend.engine import fault_injection
+from bunny_backend.engine.outputs import BadRequestError
+from bunny_backend.engine.sampling_params import SamplingParams
+from bunny_backend.engine.sequence import ImageSpan, Sequence
+from bunny_backend.io.image import ImageError, decode_image, preprocess_image
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
+from bunny_backend.model.bunny import IMAGE_PAD_ID
+
+MAX_IMAGES = 1   # Bunny-v1.0 takes at most one image per request
+
+
+class RequestBuilder:
+    def __init__(self, config: EngineConfig, tokenizer, image_size: int, num_image_tokens: int,
+                 max_model_len: int, check_fits):
+        """check_fits(num_prompt_tokens, max_tokens) -> why the request can never run, or None (the scheduler's)."""
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+        # 0 or beyond the context: the scheduler's check_fits names the context length instead
+        self.max_prompt_tokens = config.max_prompt_tokens if 0 < config.max_prompt_tokens < max_model_len else 0
+        self.max_output_tokens = config.max_output_tokens
+        self.check_fits = check_fits
+        self.faults = fault_injection.enabled()
+
+    def build(self, request_id: str, text: str, images: list[bytes], params: SamplingParams,
+              apply_chat_template: bool) -> Sequence:
+        self._check_raw(text, images, params)
+        try:
+            pixels = [preprocess_image(decode_image(data, self.config.max_image_pixels), self.image_size,
+                                       self.config.max_image_pixels) for data in images]
+            prompt = build_prompt(text, has_image=bool(images), apply_chat_template=apply_chat_template)
+            ids = tokenize_prompt(self.tokenizer, prompt)
+        except ImageError as e:
+            raise BadRequestError(f"image: {e}") from None
+        except ValueError as e:
+            raise BadRequestError(str(e)) from None
+        token_ids, spans = [], []
+        image_iter = iter(zip(images, pixels))
+        for tid in ids:
+            if tid == IMAGE_TOKEN_INDEX:
+                data, px = next(image_iter)
+                spans.append(ImageSpan(offset=len(token_ids), length=self.num_image_tokens,
+                                       content_hash=hashlib.sha256(data).digest(), pixel_values=px))
+                token_ids += [IMAGE_PAD_ID] * self.num_image_tokens
+            else:
+                token_ids.append(tid)
+        if not token_ids:
+            raise BadRequestError("the prompt tokenizes to nothing")
+        if self.max_prompt_tokens and len(token_ids) > self.max_prompt_tokens:
+            raise BadRequestError(f"the prompt is {len(token_ids)} tokens (image features counted), more than "
+                                  f"the {self.max_prompt_tokens} allowed (max_prompt_tokens)")
+        problem = self.check_fits(len(token_ids), params.max_tokens)
+        if problem:
+            raise BadRequestError(problem)
+        seq = Sequence(request_id, token_ids, params, spans, arrival_time=time.perf_counter())
+        seq.inject_fault = self.faults and fault_injection.wants_fault(text)
+        return seq
+
+    def _check_raw(self, text, images, params: SamplingParams) -> None:
+        """The cheap checks, before any decoding or tokenizing."""
+        cfg = self.config
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequestError("text_input is empty")
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > cfg.max_text_bytes:
+            raise BadRequestError(f"text_input is {size} bytes, more than the {cfg.max_text_bytes} allowed "
+                                  "(max_text_bytes)")
+        if len(images) > MAX_IMAGES:
+            raise BadRequestError(f"{len(images)} images given; this model takes at most {MAX_IMAGES}")
+        for data in images:
+            if len(data) > cfg.max_image_bytes:
+                raise BadRequestError(f"image: {len(data)} bytes, more than the {cfg.max_image_bytes} allowed "
+                                      "(max_image_bytes)")
+        if self.max_output_tokens and params.max_tokens > self.max_output_tokens:
+            raise BadRequestError(f"max_tokens is {params.max_tokens}, more than the {self.max_output_tokens} "
+                                  "allowed (max_output_tokens)")

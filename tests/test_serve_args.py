@@ -1,0 +1,41 @@
+"""bunny-serve's command line: loopback by default, --address and --server-arg reach tritonserver; stops are bounded."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from bunny_backend import serve, triton_env
+
+
+def command(*argv) -> list[str]:
+    args = serve.parse_args(["--model-path", "/m", *argv])
+    ports = triton_env.Ports(args.grpc_port, args.http_port, args.metrics_port, args.address)
+    return triton_env.server_command(Path("/repo"), ports, extra_args=tuple(args.server_arg))
+
+
+def test_every_endpoint_binds_loopback_by_default():
+    cmd = command()
+    assert {a for a in cmd if a.split("=")[0].endswith("-address")} == {
+        "--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"}
+
+
+def test_address_and_server_args_are_passed_on():
+    cmd = command("--address", "0.0.0.0", "--server-arg=--grpc-use-ssl=true", "--server-arg=--grpc-server-cert=c.pem")
+    assert "--grpc-address=0.0.0.0" in cmd and "--http-address=0.0.0.0" in cmd
+    assert cmd[-2:] == ["--grpc-use-ssl=true", "--grpc-server-cert=c.pem"]
+
+
+def test_probes_reach_a_wildcard_address_on_loopback():
+    assert triton_env.Ports(http=9).http_url == "http://127.0.0.1:9"
+    assert triton_env.Ports(http=9, address="0.0.0.0").http_url == "http://127.0.0.1:9"
+    assert triton_env.Ports(http=9, address="10.1.2.3").http_url == "http://10.1.2.3:9"
+    assert triton_env.Ports(http=9, address="::").http_url == "http://[::1]:9"
+
+
+def test_a_stop_that_outlives_its_deadline_is_killed():
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    t0 = time.monotonic()
+    assert serve.wait_or_kill(proc, [time.monotonic() + 1.0]) == -signal.SIGKILL
+    assert time.monotonic() - t0 < 10

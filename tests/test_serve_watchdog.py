@@ -1,0 +1,102 @@
+"""bunny-serve's stub watchdog (backend/serve_watchdog.py) against the real tritonserver (marker `server`).
+
+Killing the model's Python stub must not leave a server that reports READY while it hangs every stream: the model
+is unloaded, tritonserver stopped (killed after a short grace), the in-flight stream ends with an error and
+bunny-serve exits non-zero. Each test starts its own bunny-serve: the session server must stay healthy.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from bunny_backend import serve_watchdog
+from grpc_helpers import inputs_of, send
+from reliability_report import record
+from server_fixture import start_server, stop_process
+
+pytestmark = pytest.mark.server
+BOUND_S = 30.0   # from the kill to not-ready, to bunny-serve's exit and to the client's error
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"{what} within {timeout_s:.0f}s")
+
+
+def ready_status(http_port: int) -> int | str:
+    status = serve_watchdog.model_status(f"http://127.0.0.1:{http_port}", "bunny")
+    return "refused" if status is None else status
+
+
+def test_proc_helpers_tell_live_children_from_zombies():
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert serve_watchdog.child_pids(os.getpid(), "sleep") == {child.pid}
+        assert not serve_watchdog.is_dead(child.pid, os.getpid())
+        assert serve_watchdog.is_dead(child.pid, os.getpid() + 1)   # someone else's child: a reused pid
+        os.kill(child.pid, signal.SIGKILL)
+        wait_for(lambda: serve_watchdog.is_dead(child.pid, os.getpid()), 10, "the killed child did not show as dead")
+        assert child.pid not in serve_watchdog.child_pids(os.getpid(), "sleep")   # a zombie, not yet reaped
+    finally:
+        child.kill()
+        child.wait()
+    assert serve_watchdog.is_dead(child.pid, os.getpid())   # reaped: gone
+
+
+def test_a_dead_stub_unloads_the_model_and_stops_the_server(tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint, tmp_path / "server.log")
+    try:
+        (tritonserver,) = wait_for(lambda: serve_watchdog.child_pids(server.proc.pid, "tritonserver"), 10,
+                                   "no tritonserver under bunny-serve")
+        stubs = wait_for(lambda: serve_watchdog.child_pids(tritonserver, serve_watchdog.STUB_NAME), 10,
+                         "no Python stub under tritonserver")
+        with ThreadPoolExecutor(1) as pool:
+            def timed_send():
+                result = send(server.url, inputs_of("Tell me a story.", stream=True, max_tokens=1900, ignore_eos=True),
+                              timeout=BOUND_S)
+                return result, time.monotonic()
+
+            stream = pool.submit(timed_send)
+            wait_for(lambda: server.metric("bunny_generation_tokens_total") >= 5, 60,
+                     "the stream produced no tokens")
+            assert not stream.done()
+            stub = min(stubs)
+            os.kill(stub, signal.SIGKILL)
+            killed = time.monotonic()
+
+            seen, not_ready_s = [], None   # the readiness answers in order, without repeats
+            while time.monotonic() - killed < BOUND_S:
+                status = ready_status(server.http_port)
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+                if status != 200 and not_ready_s is None:
+                    not_ready_s = time.monotonic() - killed
+                if not_ready_s is not None and server.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert not_ready_s is not None and seen[-1] != 200, f"still ready {BOUND_S:.0f}s after the kill: {seen}"
+
+            rc = server.proc.wait(timeout=max(1.0, BOUND_S - (time.monotonic() - killed)))
+            exited_s = time.monotonic() - killed
+            (responses, err), ended = stream.result(timeout=BOUND_S)
+    finally:
+        stop_process(server.proc)
+    log = server.log_text()
+    record("stub killed", readiness_after_kill=seen, not_ready_after_s=round(not_ready_s, 1),
+           bunny_serve_exit=rc, exited_after_s=round(exited_s, 1), stream_error_after_s=round(ended - killed, 1),
+           stream_error=repr(err)[:60])
+    assert rc == 1, log[-3000:]
+    assert f"stub process (pid {stub}) died" in log
+    assert responses and not responses[-1]["final"] and err is not None, (len(responses), err)
+    assert ended - killed < BOUND_S
+    assert "Stopping tritonserver" in log and "after its Python stub died" in log

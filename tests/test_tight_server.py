@@ -1,0 +1,74 @@
+"""A server with a tiny KV cache and tight limits (config.pbtxt parameters through bunny-serve --param)."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from bunny_backend.config import EngineConfig
+from bunny_backend.engine.llm_engine import LLMEngine
+from bunny_backend.engine.sampling_params import SamplingParams
+from grpc_helpers import error_kind, inputs_of, joined, send_raw
+from reliability_report import record
+from server_fixture import start_server, stop_process
+from test_soak import TEXTS, wait_until_idle
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+BLOCK_BYTES = 2 * 2 * 2 * 16 * 16 * 4   # K and V, 2 layers, 2 KV heads, head_dim 16, 16 tokens, fp32
+TIGHT = {"kv_cache_memory_bytes": str(48 * BLOCK_BYTES), "max_num_seqs": "16", "max_queued_requests": "16",
+         "num_threads": "2", "max_output_tokens": "160", "max_image_bytes": "200000", "max_prompt_tokens": "300",
+         "max_text_bytes": "4096"}
+
+
+@pytest.fixture(scope="module")
+def tight_server(tiny_checkpoint, tmp_path_factory):
+    server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("tight") / "server.log", params=TIGHT)
+    yield server
+    assert stop_process(server.proc) == 0, server.log_text()[-3000:]
+
+
+def one_by_one(model_path, requests) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", kv_cache_memory_bytes=8 << 20))
+    for i, (text, max_tokens) in enumerate(requests):
+        engine.add_request(str(i), text, [], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    ids = {str(i): [] for i in range(len(requests))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids[out.request_id] += out.delta_token_ids
+    return [ids[str(i)] for i in range(len(requests))]
+
+
+def test_kv_exhaustion_32_long_requests_all_complete_and_the_33rd_is_told_busy(tight_server, tiny_checkpoint):
+    assert tight_server.metric("bunny_kv_blocks_total") == 48
+    requests = [(f"{TEXTS[i % len(TEXTS)]} ({i})", 100 + i) for i in range(32)]
+    preempted_before = tight_server.metric("bunny_preemptions_total")
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(send_raw, tight_server.url, inputs_of(text, stream=True, max_tokens=n, ignore_eos=True))
+                   for text, n in requests]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (tight_server.metric("bunny_num_requests_running")
+                                               + tight_server.metric("bunny_num_requests_waiting")) < 32:
+            time.sleep(0.02)
+        busy = send_raw(tight_server.url, inputs_of("One more?", max_tokens=4))
+        results = [f.result() for f in futures]
+    assert error_kind(busy[1]) == "busy" and "max_queued_requests" in str(busy[1]), busy
+    assert [error for _, error in results] == [None] * 32
+    got = [joined(responses)[1] for responses, _ in results]
+    assert got == one_by_one(tiny_checkpoint, requests)
+    preemptions = tight_server.metric("bunny_preemptions_total") - preempted_before
+    idle = wait_until_idle(tight_server)
+    record("KV exhaustion", requests=32, kv_blocks=48, completed=sum(r[-1]["reason"] == "length" for r, _ in results),
+           preemptions=int(preemptions), busy_refusals=1, after=idle)
+    assert preemptions > 0 and not any(idle.values())
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(text="hi", max_tokens=161), "max_output_tokens"),
+    (dict(text="word " * 400, max_tokens=4), "max_prompt_tokens"),
+    (dict(text="x" * 5000, max_tokens=4), "max_text_bytes"),
+    (dict(text="hi", images=[b"\x89PNG" + bytes(300_000)], max_tokens=4), "max_image_bytes"),
+])
+def test_configured_limits_reach_the_client(tight_server, kw, needle):
+    responses, error = send_raw(tight_server.url, inputs_of(**kw))
+    assert responses == [] and needle in str(error), str(error)
