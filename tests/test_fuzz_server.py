@@ -114,6 +114,8 @@ WRONG = [
     ({"text_input": text_tensor(1), "image": np.full((1, 2), b"x", dtype=object)}, "image"),
     ({"text_input": text_tensor(1), "stream": np.array([1], dtype=np.int32)}, "data-type"),
     ({"text_input": text_tensor(1), "stop": np.array([b""], dtype=object)}, "stop"),
+    ({"text_input": text_tensor(1), "stop": np.full(33, b"x", dtype=object)}, "stop strings"),
+    ({"text_input": text_tensor(1), "stop": np.array([b"x" * 1025], dtype=object)}, "stop string"),
     ({"text_input": text_tensor(1), "nonsense": np.array([1], dtype=np.int32)}, "nonsense"),
     ({"max_tokens": np.array([4], dtype=np.int32)}, "text_input"),
 ]

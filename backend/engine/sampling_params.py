@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Stop strings are matched after every token: bound the work one request can add to each step.
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 1024
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -30,6 +34,10 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(self.stop)} stop strings given; at most {MAX_STOP_STRINGS}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
 
     @property
     def greedy(self) -> bool:
