@@ -139,3 +139,22 @@ def test_engine_bf16_greedy_matches_cpu_fp32(checkpoint_factory, test_images):
     assert engine.runner.backend.name == "cuda"
     for rid in results["cpu"]:
         assert results["cuda"][rid][0] == results["cpu"][rid][0], rid
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_cuda_graph_decode_gives_the_eager_tokens(checkpoint_factory, test_images):
+    from bunny_backend.config import EngineConfig
+    from bunny_backend.engine.llm_engine import LLMEngine
+    from test_engine import run_all, twelve_requests
+
+    path = str(checkpoint_factory(seed=5, num_kv_heads=2))
+    reqs = twelve_requests(test_images)
+    results = {}
+    for graphs in (False, True):
+        engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", cuda_graphs=graphs,
+                                        kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=64))
+        assert (engine.runner.graphs is not None) == graphs
+        results[graphs] = run_all(engine, reqs)
+    assert results[True] == results[False]

@@ -11,6 +11,7 @@ import torch
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.block_manager import BlockManager
+from bunny_backend.engine.decode_graphs import GraphCapture
 from bunny_backend.engine.device import resolve_device, resolve_dtype
 from bunny_backend.engine.kv_cache import num_kv_blocks
 from bunny_backend.engine.model_runner import ModelRunner
@@ -24,6 +25,7 @@ from bunny_backend.io.detokenizer import IncrementalDetokenizer
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.model.cpu_layout import use_cpu_linears
 from bunny_backend.model.loader import load_model
+from bunny_backend.ops import triton_paged_decode
 from bunny_backend.ops.attention import get_backend
 
 MAX_QUARANTINES = 3   # a sequence whose batches failed this often is failed itself
@@ -55,7 +57,9 @@ class LLMEngine:
         num_blocks = num_kv_blocks(config, text, self.block_size, self.max_model_len, self.dtype, self.device)
         backend_name = self.device.type if config.attention_backend == "auto" else config.attention_backend
         self.runner = ModelRunner(self.model, get_backend(backend_name), num_blocks, self.block_size,
-                                  self.device, self.dtype)
+                                  self.device, self.dtype, graph_capture=self._graph_capture(backend_name),
+                                  max_graph_batch=config.max_num_seqs,
+                                  max_blocks_per_seq=-(-self.max_model_len // self.block_size))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
@@ -69,6 +73,19 @@ class LLMEngine:
         self._wakeup = threading.Condition(self._lock)
         self._stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = itertools.count()
+
+    def _graph_capture(self, backend_name: str):
+        """torch.cuda graph capture when asked for and the decode attention can be captured, else None."""
+        if not self.config.cuda_graphs:
+            return None
+        text = self.model.config.text
+        reason = ("the device is not cuda" if self.device.type != "cuda" else
+                  f"attention backend {backend_name}" if backend_name != "cuda" else
+                  triton_paged_decode.unsupported_for(self.dtype, text.head_dim, self.block_size))
+        if reason:
+            log.warning("bunny: cuda_graphs is on but decode runs eagerly: %s", reason)
+            return None
+        return GraphCapture()
 
     # ---- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, request_id: str | None, text: str, images: list[bytes] = (), params: SamplingParams | None = None,

@@ -1,29 +1,47 @@
 """Runs one scheduled step: packs the sequences' tokens, sets the attention context, runs the model, samples."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from bunny_backend.engine.context import ForwardContext, reset_context, set_context
+from bunny_backend.engine.decode_graphs import DecodeGraphs
 from bunny_backend.engine.sequence import Sequence
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler
 
 
+log = logging.getLogger("bunny.engine")
+
+
 class ModelRunner:
     def __init__(self, model: BunnyForCausalLM, backend, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, graph_capture=None, max_graph_batch: int = 0,
+                 max_blocks_per_seq: int = 0):
+        """graph_capture (decode_graphs.GraphCapture or EagerCapture): capture decode steps of up to
+        max_graph_batch sequences with block tables of up to max_blocks_per_seq blocks; None runs eagerly."""
         self.model, self.backend = model, backend
         self.device, self.dtype = device, dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.sampler = Sampler()
         text = model.config.text
         self.kv_caches = []
+        allocated = num_blocks + (graph_capture is not None)   # the graphs' scratch block comes last
         for layer in model.model.layers:
-            k_cache, v_cache = backend.allocate_kv_cache(num_blocks, block_size, text.num_key_value_heads,
+            k_cache, v_cache = backend.allocate_kv_cache(allocated, block_size, text.num_key_value_heads,
                                                          text.head_dim, dtype, device)
             attn = layer.self_attn.attn
             attn.k_cache, attn.v_cache, attn.backend = k_cache, v_cache, backend
             self.kv_caches.append((k_cache, v_cache))
+        self.graphs = None
+        if graph_capture is not None:
+            try:
+                self.graphs = DecodeGraphs(model, max_graph_batch, max_blocks_per_seq, num_blocks, block_size,
+                                           device, graph_capture)
+                log.info("bunny: decode graphs captured for batch sizes %s", self.graphs.sizes)
+            except Exception as e:   # noqa: BLE001 - eager decode still works
+                log.warning("bunny: capturing decode graphs failed (%s: %s); decoding eagerly", type(e).__name__, e)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -76,12 +94,15 @@ class ModelRunner:
         image_embeds = torch.cat(rows) if rows else None
         return ids, positions, image_embeds, ctx, last_rows
 
-    def _prepare_decode(self, seqs: list[Sequence]):
+    def _decode_lists(self, seqs: list[Sequence]):
         ids = [s.last_token for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [s.block_table[p // self.block_size] * self.block_size + p % self.block_size
                  for s, p in zip(seqs, positions)]
-        lens = [s.num_tokens for s in seqs]
+        return ids, positions, slots, [s.num_tokens for s in seqs]
+
+    def _prepare_decode(self, seqs: list[Sequence]):
+        ids, positions, slots, lens = self._decode_lists(seqs)
         ctx = ForwardContext(is_prefill=False,
                              slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
                              context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
@@ -92,6 +113,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, num_new: list[int]) -> list[int | None]:
         """Returns the sampled token per sequence, or None where a prefill chunk did not reach the end."""
+        if (not is_prefill and self.graphs is not None
+                and self.graphs.can_run(len(seqs), max(len(s.block_table) for s in seqs))):
+            hidden = self.graphs.run(*self._decode_lists(seqs), [s.block_table for s in seqs])
+            return self._sample(self.model.compute_logits(hidden), seqs, list(range(len(seqs))))
         if is_prefill:
             ids, positions, image_embeds, ctx, last_rows = self._prepare_prefill(seqs, num_new)
         else:
@@ -108,7 +133,10 @@ class ModelRunner:
         want = [i for i, r in enumerate(last_rows) if r is not None]
         if not want:
             return [None] * len(seqs)
-        logits = self.model.compute_logits(hidden[[last_rows[i] for i in want]])
+        return self._sample(self.model.compute_logits(hidden[[last_rows[i] for i in want]]), seqs, want)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], want: list[int]) -> list[int | None]:
+        """logits[j] belongs to seqs[want[j]]; the others get None."""
         picked = [seqs[i] for i in want]
         tokens = self.sampler(logits, [s.params for s in picked], [s.generator for s in picked],
                               [s.token_ids for s in picked]).tolist()

@@ -39,11 +39,14 @@ def _pow2(n: int) -> bool:
 
 def unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
     """Why the kernel cannot take these tensors (the backend then falls back), or None."""
+    return unsupported_for(q.dtype, k_cache.shape[3], k_cache.shape[1])
+
+
+def unsupported_for(dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
     if triton is None:
         return "triton is not installed"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (the kernel takes float16/bfloat16)"
-    head_dim, block_size = k_cache.shape[3], k_cache.shape[1]
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (the kernel takes float16/bfloat16)"
     if not (_pow2(head_dim) and head_dim >= MIN_DOT and _pow2(block_size) and block_size >= MIN_DOT):
         return f"head_dim {head_dim} / block_size {block_size} must be powers of two >= {MIN_DOT}"
     return None

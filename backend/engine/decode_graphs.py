@@ -1,0 +1,128 @@
+"""CUDA graphs for decode steps: the decode forward (embeddings and layers) captured once per padded batch size and
+replayed, so a step costs one replay instead of hundreds of kernel launches from Python. The LM head stays outside:
+its [batch, vocab] output per captured size would cost more memory than its one launch costs time.
+
+A graph replays the kernels it captured on the tensors it captured, so every input lives in a static buffer that
+`run()` fills before `replay()`: token ids, positions, cache slots, context lengths and block tables. A batch of n
+runs in the smallest captured size >= n; the padding rows read and write one scratch KV block that the block
+manager never hands out (the model runner allocates it past the managed blocks), so they touch nobody's cache.
+Sampling stays outside the graph. Capture needs an attention backend whose decode reads only device tensors
+(the Triton paged-decode kernel; the portable gather does too); `GraphCapture` is torch.cuda's, and
+`EagerCapture` re-runs the function on the same buffers for tests without a GPU.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bunny_backend.engine.context import ForwardContext, reset_context, set_context
+
+log = logging.getLogger("bunny.engine")
+DEFAULT_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
+
+
+@dataclass
+class Captured:
+    replay: Callable[[], None]
+    output: torch.Tensor
+
+
+class GraphCapture:
+    """torch.cuda graphs, all sizes sharing one memory pool (captured largest first)."""
+
+    def __init__(self):
+        self.pool = None
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Captured:
+        side = torch.cuda.Stream()   # warm-up outside the graph (Triton compiles, cuBLAS picks its kernels)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        self.pool = graph.pool()
+        return Captured(graph.replay, out)
+
+
+class EagerCapture:
+    """Same contract without a GPU: replay() re-runs fn on the static buffers into the same output tensor."""
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Captured:
+        out = fn()
+        return Captured(lambda: out.copy_(fn()), out)
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in DEFAULT_SIZES if b < max_batch]
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model, max_batch: int, max_blocks: int, scratch_block: int, block_size: int,
+                 device: torch.device, capture: GraphCapture | EagerCapture):
+        self.model, self.max_blocks, self.sizes = model, max_blocks, graph_sizes(max_batch)
+        self.scratch_slot = scratch_block * block_size
+        self.scratch_block = scratch_block
+        self.ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slots = torch.full((max_batch,), self.scratch_slot, dtype=torch.int64, device=device)
+        self.lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.tables = torch.full((max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device)
+        self.device = device
+        self.graphs: dict[int, Captured] = {}
+        self._capture_all(capture)
+
+    def _context(self, bs: int) -> ForwardContext:
+        return ForwardContext(is_prefill=False, slot_mapping=self.slots[:bs], context_lens=self.lens[:bs],
+                              block_tables=self.tables[:bs])
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        set_context(self._context(bs))
+        try:
+            embeds = self.model.model.embed_tokens(self.ids[:bs])   # decode ids are never image rows
+            return self.model(embeds, self.positions[:bs])
+        finally:
+            reset_context()
+
+    @torch.inference_mode()
+    def _capture_all(self, capture) -> None:
+        for bs in sorted(self.sizes, reverse=True):
+            self.graphs[bs] = capture.capture(lambda bs=bs: self._forward(bs))
+        self._reset_padding(0, max(self.sizes))   # capture ran on the buffers' dummy contents
+
+    def can_run(self, batch: int, table_width: int) -> bool:
+        return batch <= self.sizes[-1] and table_width <= self.max_blocks
+
+    def _reset_padding(self, start: int, end: int) -> None:
+        self.ids[start:end] = 0
+        self.positions[start:end] = 0
+        self.slots[start:end] = self.scratch_slot
+        self.lens[start:end] = 1
+        self.tables[start:end] = self.scratch_block
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """Final hidden states [n, hidden] of one decode step over n sequences (a view of the graph's output: use
+        it before the next run)."""
+        n = len(ids)
+        bs = next(b for b in self.sizes if b >= n)
+        width = max(len(t) for t in tables)
+        host = torch.tensor([ids, positions, slots], dtype=torch.int64)
+        self.ids[:n].copy_(host[0])
+        self.positions[:n].copy_(host[1])
+        self.slots[:n].copy_(host[2])
+        self.lens[:n].copy_(torch.tensor(lens, dtype=torch.int32))
+        rows = torch.full((n, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        rows[:, :width] = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in tables],
+                                       dtype=torch.int32)
+        self.tables[:n].copy_(rows)
+        self._reset_padding(n, bs)
+        self.graphs[bs].replay()
+        return self.graphs[bs].output[:n]
