@@ -25,7 +25,7 @@ BAD = [dict(top_p=0.0), dict(max_tokens=0), dict(temperature=-1.0)]   # each ans
 def mixed_request(rng: random.Random, n_images: int):
     """-> (inputs, key or None, expect_error). key groups requests whose outputs must be prefixes of each other."""
     text, image = rng.randrange(len(TEXTS)), rng.choice([None, *range(n_images)])
-    kw = dict(max_tokens=rng.randint(1, 48), ignore_eos=True, stream=rng.random() < 0.5)
+    kw = dict(max_tokens=rng.randint(1, 128), ignore_eos=True, stream=rng.random() < 0.5)
     if rng.random() < 0.05:
         return dict(text=TEXTS[text], **{**kw, **rng.choice(BAD)}), None, True
     if rng.random() < 0.4:
