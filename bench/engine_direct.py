@@ -48,7 +48,8 @@ class KVWatch:
 def make_engine(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str) -> LLMEngine:
     cfg = EngineConfig(model_path=model_path, dtype=dtype, max_num_seqs=max(16, max(work.batch_sizes)),
                        kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=work.prefix_caching,
-                       num_threads=work.threads, attention_backend=attention_backend())
+                       num_threads=work.threads, attention_backend=attention_backend(),
+                       cuda_graphs=work.cuda_graphs)
     return LLMEngine(cfg)
 
 

@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--prefix-caching", action="store_true",
                    help="keep the engine's prefix cache on (off by default: identical requests would skip prefill)")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode with CUDA graphs (engine and triton, on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per system (default: all cores)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<machine>-<date>.json)")
     args = p.parse_args(argv)
@@ -88,7 +89,7 @@ def run_worker(module: str, *args: str) -> dict:
 def bench_model(spec: ModelSpec, args, bandwidth: dict, log) -> dict:
     path = str(ensure_checkpoint(spec, log=log))
     work = Workload(batch_sizes=args.batch_sizes, max_tokens=args.max_tokens, rounds=args.rounds,
-                    prefix_caching=args.prefix_caching, threads=args.threads)
+                    prefix_caching=args.prefix_caching, threads=args.threads, cuda_graphs=args.cuda_graphs)
     hf_work = Workload(**{**json.loads(work.to_json()), "batch_sizes": args.hf_batch_sizes})
     kv = str(kv_cache_bytes(spec, work))
     model = {"name": spec.name, "spec": describe(spec), "checkpoint": path, "workload": work.describe(),
