@@ -29,7 +29,7 @@ def encoded(size, fmt="PNG") -> bytes:
 
 CRAFTED_IMAGES = [png_header(0, 5), png_header(100_000, 100_000), png_header(1, 64_000_000), encoded((1, 20_000)),
                   encoded((20_000, 1)), encoded((1, 1)), encoded((64, 48), "GIF"), encoded((31, 17), "BMP"),
-                  encoded((40, 40), "JPEG")[:200], b"\x00", b"GIF89a" + bytes(20)]
+                  encoded((40, 40), "JPEG")[:200], b"\x00", b"", b"GIF89a" + bytes(20)]
 
 
 def check(server, inputs, outcomes: collections.Counter) -> None:
@@ -61,6 +61,13 @@ def test_fuzz_images(bunny_server):
     still_serving(bunny_server)
     record("fuzz images", examples=sum(outcomes.values()), by_outcome=dict(outcomes))
     assert outcomes["invalid_input"] > 0 and outcomes["ok"] > 0
+
+
+def test_an_image_over_the_default_byte_limit_is_refused(bunny_server):
+    outcomes = collections.Counter()
+    check(bunny_server, inputs_of("What is this?", images=[b"\x89PNG" + bytes(21 << 20)], max_tokens=4), outcomes)
+    assert outcomes == {"invalid_input": 1}
+    still_serving(bunny_server)
 
 
 def test_fuzz_text(bunny_server):
