@@ -116,3 +116,19 @@ def test_shrink_for_square_keeps_the_aspect_and_the_limit():
     assert img.size == (1000, 1)
     assert shrink_for_square(Image.new("RGB", (500, 400)), max_pixels=1_000_000).size == (500, 400)
     assert preprocess_image(Image.new("RGB", (40_000, 3)), 32, max_pixels=4_000_000).shape == (3, 32, 32)
+
+
+def test_faults_under_preemption_and_chunked_prefill(model_path, test_images, monkeypatch):
+    """Three faulty requests among twelve, a cache small enough to preempt and prefill chunked in 64-token pieces."""
+    monkeypatch.setenv(fault_injection.ENV_VAR, "1")
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    good = [(i // 3, f"r{i}", QUESTIONS[i % 6], [test_images[i % 4]] if i % 2 else [], params) for i in range(12)]
+    bad = [(i, f"bad{i}", f"{QUESTIONS[i]} {fault_injection.FAULT_MARKER}", [], params) for i in (0, 2, 3)]
+    clean = run_all(make_engine(model_path, kv_cache_memory_bytes=40 * 8192), good)
+    engine = make_engine(model_path, kv_cache_memory_bytes=40 * 8192)
+    mixed = run_all(engine, sorted(good + bad, key=lambda a: a[0]))
+    assert {rid: mixed.pop(rid)[2] for rid in ("bad0", "bad2", "bad3")} == dict.fromkeys(("bad0", "bad2", "bad3"),
+                                                                                          "error")
+    assert mixed == clean
+    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_suspects == 0
+    assert engine.block_manager.num_used_blocks == 0
