@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bunny_backend.config import EngineConfig
+from bunny_backend.engine import fault_injection
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
 from grpc_helpers import error_kind, inputs_of, joined, send_raw
@@ -39,28 +40,49 @@ def one_by_one(model_path, requests) -> list[list[int]]:
     return [ids[str(i)] for i in range(len(requests))]
 
 
-def test_kv_exhaustion_32_long_requests_all_complete_and_the_33rd_is_told_busy(tight_server, tiny_checkpoint):
+def in_flight(server) -> float:
+    return server.metric("bunny_num_requests_running") + server.metric("bunny_num_requests_waiting")
+
+
+def test_kv_exhaustion_32_long_requests_all_complete(tight_server, tiny_checkpoint):
     assert tight_server.metric("bunny_kv_blocks_total") == 48
     requests = [(f"{TEXTS[i % len(TEXTS)]} ({i})", 100 + i) for i in range(32)]
     preempted_before = tight_server.metric("bunny_preemptions_total")
     with ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(send_raw, tight_server.url, inputs_of(text, stream=True, max_tokens=n, ignore_eos=True))
-                   for text, n in requests]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (tight_server.metric("bunny_num_requests_running")
-                                               + tight_server.metric("bunny_num_requests_waiting")) < 32:
-            time.sleep(0.02)
-        busy = send_raw(tight_server.url, inputs_of("One more?", max_tokens=4))
-        results = [f.result() for f in futures]
-    assert error_kind(busy[1]) == "busy" and "max_queued_requests" in str(busy[1]), busy
+        results = list(pool.map(lambda r: send_raw(tight_server.url, inputs_of(r[0], stream=True, max_tokens=r[1],
+                                                                                ignore_eos=True)), requests))
     assert [error for _, error in results] == [None] * 32
     got = [joined(responses)[1] for responses, _ in results]
     assert got == one_by_one(tiny_checkpoint, requests)
     preemptions = tight_server.metric("bunny_preemptions_total") - preempted_before
     idle = wait_until_idle(tight_server)
     record("KV exhaustion", requests=32, kv_blocks=48, completed=sum(r[-1]["reason"] == "length" for r, _ in results),
-           preemptions=int(preemptions), busy_refusals=1, after=idle)
+           preemptions=int(preemptions), after=idle)
     assert preemptions > 0 and not any(idle.values())
+
+
+def test_beyond_the_queue_limit_the_next_request_is_told_busy(tight_server):
+    """A slow request (test hook: every step it is in takes 0.1 s longer) keeps 32 requests in flight."""
+    hold = dict(stream=True, max_tokens=150, ignore_eos=True)
+    with ThreadPoolExecutor(32) as pool:
+        slow = pool.submit(send_raw, tight_server.url, inputs_of("Hold on " + fault_injection.SLOW_MARKER, **hold),
+                           cancel_after_s=10)
+        deadline = time.monotonic() + 30
+        while in_flight(tight_server) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        others = [pool.submit(send_raw, tight_server.url, inputs_of(f"Question {i}", **hold), cancel_after_s=10)
+                  for i in range(31)]
+        while in_flight(tight_server) < 32 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        busy = send_raw(tight_server.url, inputs_of("One more?", max_tokens=4))
+        refused_in = time.monotonic() - t0
+        results = [f.result() for f in [slow, *others]]
+    assert error_kind(busy[1]) == "busy" and "max_queued_requests" in str(busy[1]), busy
+    assert all(error == "cancelled by the test" for _, error in results)   # none had finished: all were held
+    idle = wait_until_idle(tight_server)
+    record("queue limit", in_flight=32, refused_with="server busy", refused_in_s=round(refused_in, 3), after=idle)
+    assert not any(idle.values())
 
 
 @pytest.mark.parametrize("kw, needle", [

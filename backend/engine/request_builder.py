@@ -62,7 +62,8 @@ class RequestBuilder:
         if problem:
             raise BadRequestError(problem)
         seq = Sequence(request_id, token_ids, params, spans, arrival_time=time.perf_counter())
-        seq.inject_fault = self.faults and fault_injection.wants_fault(text)
+        if self.faults:
+            fault_injection.flag(seq, text)
         return seq
 
     def _check_raw(self, text, images, params: SamplingParams) -> None:

@@ -65,7 +65,7 @@ class Sequence:
         # its recompute prefill and one decode step; quarantined counts how often that happened.
         self.suspect = False
         self.num_quarantines = 0
-        self.inject_fault = False         # test-only, see engine/fault_injection.py
+        self.inject_fault = self.inject_slow = False   # test-only, see engine/fault_injection.py
 
         # The effective seed is kept so a runner can seed a generator on its own device.
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
