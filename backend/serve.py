@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,8 +87,15 @@ def write_repository(src: Path, dst: Path, params: dict[str, str]) -> dict[str, 
     return merged
 
 
-def model_ready(http_url: str) -> bool:
-    return serve_watchdog.model_status(http_url, MODEL_NAME) == 200
+def model_ready(ports: triton_env.Ports) -> bool:
+    """The model takes requests and the metrics endpoint (Triton starts it last) accepts connections."""
+    if serve_watchdog.model_status(ports.http_url, MODEL_NAME) != 200:
+        return False
+    try:
+        socket.create_connection((ports.probe_host, ports.metrics), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _die_with_parent() -> None:
@@ -181,7 +189,7 @@ def serve(args: argparse.Namespace) -> int:
 
         deadline, timed_out, ready = time.monotonic() + args.ready_timeout, False, False
         while proc.poll() is None and not stopping.is_set():
-            if model_ready(ports.http_url):
+            if model_ready(ports):
                 print("READY", flush=True)
                 ready = True
                 break

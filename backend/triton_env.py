@@ -28,11 +28,15 @@ class Ports:
     address: str = "127.0.0.1"   # what every endpoint binds
 
     @property
-    def http_url(self) -> str:
-        """Where this machine reaches the HTTP endpoint (a wildcard address is reached on loopback)."""
+    def probe_host(self) -> str:
+        """Where this machine reaches the endpoints (a wildcard address is reached on loopback)."""
         host = "127.0.0.1" if self.address in ("0.0.0.0", "", "localhost") else self.address
-        host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-        return f"http://{host}:{self.http}"
+        return "::1" if host == "::" else host
+
+    @property
+    def http_url(self) -> str:
+        host = self.probe_host
+        return f"http://[{host}]:{self.http}" if ":" in host else f"http://{host}:{self.http}"
 
 
 def pytriton_dir() -> Path:
