@@ -2,8 +2,8 @@
 
 The copy (a temporary folder) carries config.pbtxt with the engine parameters overridden by the command line
 (--model-path, --device, --dtype, --param KEY=VALUE); the tracked config.pbtxt is never edited. Every endpoint
-binds 127.0.0.1 unless --address says otherwise. `READY` is printed on its own line on stdout once the model takes requests; the server's log
-goes to stderr. SIGTERM/SIGINT stop the server cleanly. Exit status: 0 after a clean stop, 2 for bad
+binds 127.0.0.1 unless --address says otherwise. `READY` is printed on its own line on stdout once the model
+takes requests; the server's log goes to stderr. SIGTERM/SIGINT stop the server cleanly. Exit status: 0 after a clean stop, 2 for bad
 arguments, 1 when the model fails to load (its error lines are repeated at the end) or when its Python stub
 process dies while serving (serve_watchdog.py: the model is unloaded and tritonserver stopped). A stop that
 outlives --exit-timeout by STOP_KILL_GRACE_S (a client holding a stream open keeps Triton 2.51's gRPC server
@@ -206,7 +206,8 @@ def serve(args: argparse.Namespace) -> int:
             print(f"bunny-serve: tritonserver stopped (status {rc}) after its Python stub died", file=sys.stderr)
             return 1
         if stopping.is_set() and not timed_out:
-            if rc not in (0, -signal.SIGTERM) and any("Exit timeout expired" in l for l in tail) or rc == -signal.SIGKILL:
+            exit_timed_out = rc not in (0, -signal.SIGTERM) and any("Exit timeout expired" in l for l in tail)
+            if exit_timed_out or rc == -signal.SIGKILL:   # SIGKILL: wait_or_kill's, or a second signal
                 # Triton 2.51 can keep a model referenced after a client cancels a gRPC stream whose request
                 # had already finished; the unload then waits for the exit timeout. The server did stop.
                 print(f"bunny-serve: the model did not unload within {args.exit_timeout}s; tritonserver was "

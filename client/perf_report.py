@@ -40,6 +40,22 @@ def write_json(rows: list[BatchStats], path: Path, meta: dict) -> None:
     path.write_text(json.dumps({"meta": meta, "results": [r.as_dict() for r in rows]}, indent=1) + "\n")
 
 
+def _panel(ax, x, title: str, left: list[tuple], left_label: str, right: tuple, right_label: str) -> None:
+    """One subplot: series on the left axis, one series on a twin right axis. A series is (ys, style, label)."""
+    for ys, style, label in left:
+        ax.plot(x, ys, style, label=label)
+    ax.set_xlabel("batch size (concurrent requests)")
+    ax.set_ylabel(left_label)
+    twin = ax.twinx()
+    ys, style, label, color = right
+    twin.plot(x, ys, style, color=color, label=label)
+    twin.set_ylabel(right_label)
+    ax.set_title(title)
+    ax.legend(handles=ax.get_lines() + twin.get_lines(), loc="upper left")
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+
+
 def plot_png(rows: list[BatchStats], path: Path, title: str = "bunny on Triton") -> None:
     import matplotlib
 
@@ -48,26 +64,12 @@ def plot_png(rows: list[BatchStats], path: Path, title: str = "bunny on Triton")
 
     x = [r.batch_size for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.plot(x, [r.output_tokens_per_s for r in rows], "o-", label="output tokens/s")
-    ax1.set_xlabel("batch size (concurrent requests)")
-    ax1.set_ylabel("output tokens/s")
-    ax1r = ax1.twinx()
-    ax1r.plot(x, [r.requests_per_s for r in rows], "s--", color="tab:orange", label="requests/s")
-    ax1r.set_ylabel("requests/s")
-    ax1.set_title("throughput")
-    ax1.legend(handles=ax1.get_lines() + ax1r.get_lines(), loc="upper left")
-    ax2.plot(x, [r.ttft_mean_ms for r in rows], "o-", label="TTFT mean")
-    ax2.plot(x, [r.ttft_p90_ms for r in rows], "^:", label="TTFT p90")
-    ax2.set_xlabel("batch size (concurrent requests)")
-    ax2.set_ylabel("first-token latency (ms)")
-    ax2r = ax2.twinx()
-    ax2r.plot(x, [r.itl_mean_ms for r in rows], "s--", color="tab:red", label="inter-token latency")
-    ax2r.set_ylabel("inter-token latency (ms)")
-    ax2.set_title("latency")
-    ax2.legend(handles=ax2.get_lines() + ax2r.get_lines(), loc="upper left")
-    for ax in (ax1, ax2):
-        ax.set_xticks(x)
-        ax.grid(alpha=0.3)
+    _panel(ax1, x, "throughput", [([r.output_tokens_per_s for r in rows], "o-", "output tokens/s")],
+           "output tokens/s", ([r.requests_per_s for r in rows], "s--", "requests/s", "tab:orange"), "requests/s")
+    _panel(ax2, x, "latency", [([r.ttft_mean_ms for r in rows], "o-", "TTFT mean"),
+                               ([r.ttft_p90_ms for r in rows], "^:", "TTFT p90")],
+           "first-token latency (ms)", ([r.itl_mean_ms for r in rows], "s--", "inter-token latency", "tab:red"),
+           "inter-token latency (ms)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

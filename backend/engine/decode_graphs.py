@@ -74,7 +74,6 @@ class DecodeGraphs:
         self.slots = torch.full((max_batch,), self.scratch_slot, dtype=torch.int64, device=device)
         self.lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.tables = torch.full((max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device)
-        self.device = device
         self.graphs: dict[int, Captured] = {}
         self._capture_all(capture)
 

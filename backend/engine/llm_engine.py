@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from bunny_backend.config import EngineConfig
+from bunny_backend.engine import fault_injection
 from bunny_backend.engine.block_manager import BlockManager
 from bunny_backend.engine.decode_graphs import GraphCapture
 from bunny_backend.engine.device import resolve_device, resolve_dtype
 from bunny_backend.engine.kv_cache import num_kv_blocks
 from bunny_backend.engine.model_runner import ModelRunner
-from bunny_backend.engine import fault_injection
 from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput, ServerBusyError
 from bunny_backend.engine.request_builder import RequestBuilder
 from bunny_backend.engine.sampling_params import SamplingParams

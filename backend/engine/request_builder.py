@@ -27,7 +27,6 @@ class RequestBuilder:
         self.num_image_tokens = num_image_tokens
         # 0 or beyond the context: the scheduler's check_fits names the context length instead
         self.max_prompt_tokens = config.max_prompt_tokens if 0 < config.max_prompt_tokens < max_model_len else 0
-        self.max_output_tokens = config.max_output_tokens
         self.check_fits = check_fits
         self.faults = fault_injection.enabled()
 
@@ -81,6 +80,6 @@ class RequestBuilder:
             if len(data) > cfg.max_image_bytes:
                 raise BadRequestError(f"image: {len(data)} bytes, more than the {cfg.max_image_bytes} allowed "
                                       "(max_image_bytes)")
-        if self.max_output_tokens and params.max_tokens > self.max_output_tokens:
-            raise BadRequestError(f"max_tokens is {params.max_tokens}, more than the {self.max_output_tokens} "
+        if cfg.max_output_tokens and params.max_tokens > cfg.max_output_tokens:
+            raise BadRequestError(f"max_tokens is {params.max_tokens}, more than the {cfg.max_output_tokens} "
                                   "allowed (max_output_tokens)")

@@ -161,14 +161,18 @@ class EmulatedTorchNpu(types.ModuleType):
             out[rows] = self._attend(query[rows], key[rows], value[rows], scale_value, 0).to(out.dtype)
             start += n
 
-    def _npu_flash_attention_qlens(self, query, key_cache, value_cache, block_table, mask, seq_len, context_lens,
-                                   num_kv_heads, num_heads, scale_value, out):
-        op = "_npu_flash_attention_qlens"
+    def _paged_common(self, op, query, key_cache, value_cache, out, num_heads, num_kv_heads) -> None:
+        """The checks every op that reads the paged caches makes first."""
         self.calls[op] += 1
         self._dtypes(op, query, key_cache, value_cache, out)
         self._heads(op, query, num_heads, num_kv_heads)
         for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
             self._cache(op, name, cache, num_kv_heads, query.shape[2])
+
+    def _npu_flash_attention_qlens(self, query, key_cache, value_cache, block_table, mask, seq_len, context_lens,
+                                   num_kv_heads, num_heads, scale_value, out):
+        op = "_npu_flash_attention_qlens"
+        self._paged_common(op, query, key_cache, value_cache, out, num_heads, num_kv_heads)
         self._host_lens(op, "seq_len", seq_len)
         self._host_lens(op, "context_lens", context_lens, seq_len.numel())
         _require(int(seq_len.sum()) == query.shape[0], op,
@@ -187,11 +191,7 @@ class EmulatedTorchNpu(types.ModuleType):
     def _npu_paged_attention(self, query, key_cache, value_cache, num_kv_heads, num_heads, scale_value,
                              block_table, context_lens, out):
         op = "_npu_paged_attention"
-        self.calls[op] += 1
-        self._dtypes(op, query, key_cache, value_cache, out)
-        self._heads(op, query, num_heads, num_kv_heads)
-        for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-            self._cache(op, name, cache, num_kv_heads, query.shape[2])
+        self._paged_common(op, query, key_cache, value_cache, out, num_heads, num_kv_heads)
         self._host_lens(op, "context_lens", context_lens, query.shape[0])
         self._block_table(op, block_table, query.shape[0], key_cache, context_lens, query.device)
         self._out(op, out, query)
