@@ -39,3 +39,31 @@ def test_a_stop_that_outlives_its_deadline_is_killed():
     t0 = time.monotonic()
     assert serve.wait_or_kill(proc, [time.monotonic() + 1.0]) == -signal.SIGKILL
     assert time.monotonic() - t0 < 10
+
+
+def test_ready_waits_for_the_metrics_endpoint_too():
+    """Triton opens its metrics port last: READY must not be printed before it accepts connections."""
+    import http.server
+    import socket
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    http_server = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    metrics = socket.socket()
+    metrics.bind(("127.0.0.1", 0))
+    try:
+        ports = triton_env.Ports(http=http_server.server_address[1], metrics=metrics.getsockname()[1])
+        assert not serve.model_ready(ports)   # bound but not listening yet: refused
+        metrics.listen()
+        assert serve.model_ready(ports)
+    finally:
+        http_server.shutdown()
+        metrics.close()
