@@ -34,11 +34,16 @@ while True:
 
 
 def test_a_request_that_breaks_the_step_fails_alone(bunny_server):
-    witnesses = [inputs_of(TEXTS[i], stream=i % 2 == 0, max_tokens=150, ignore_eos=True) for i in range(4)]
+    # 150 tokens of the tiny model take ~0.1 s, so one witness is slowed (test hook: 0.1 s per step it is in,
+    # 2 s in all): the witnesses are still decoding when the faulty request joins their batch.
+    witnesses = [inputs_of(TEXTS[i], stream=i % 2 == 0, max_tokens=150, ignore_eos=True) for i in range(3)]
+    witnesses.append(inputs_of(TEXTS[3] + " " + fault_injection.SLOW_MARKER, max_tokens=20, ignore_eos=True))
     with ThreadPoolExecutor(5) as pool:
         calm = [joined(r[0]) for r in pool.map(lambda x: send_raw(bunny_server.url, x), witnesses)]
         futures = [pool.submit(send_raw, bunny_server.url, x) for x in witnesses]
-        time.sleep(0.05)   # the witnesses are decoding when the faulty request joins their batch
+        deadline = time.monotonic() + 30
+        while bunny_server.metric("bunny_num_requests_running") < len(witnesses) and time.monotonic() < deadline:
+            time.sleep(0.01)
         bad_responses, bad_error = send_raw(bunny_server.url, inputs_of(
             "Hello " + fault_injection.FAULT_MARKER, stream=True, max_tokens=40, ignore_eos=True))
         stormy = [f.result() for f in futures]

@@ -62,7 +62,10 @@ def test_kv_exhaustion_32_long_requests_all_complete(tight_server, tiny_checkpoi
 
 
 def test_beyond_the_queue_limit_the_next_request_is_told_busy(tight_server):
-    """A slow request (test hook: every step it is in takes 0.1 s longer) keeps 32 requests in flight."""
+    """32 slow requests (test hook: every step with one of them takes 0.1 s longer) stay in flight.
+
+    All of them are slow, not just one: with 48 KV blocks, preemption can take any request out of the batch,
+    and the batch must not then run fast enough for the others to finish before the test cancels them."""
     hold = dict(stream=True, max_tokens=150, ignore_eos=True)
     with ThreadPoolExecutor(32) as pool:
         slow = pool.submit(send_raw, tight_server.url, inputs_of("Hold on " + fault_injection.SLOW_MARKER, **hold),
@@ -70,8 +73,8 @@ def test_beyond_the_queue_limit_the_next_request_is_told_busy(tight_server):
         deadline = time.monotonic() + 30
         while in_flight(tight_server) < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        others = [pool.submit(send_raw, tight_server.url, inputs_of(f"Question {i}", **hold), cancel_after_s=10)
-                  for i in range(31)]
+        others = [pool.submit(send_raw, tight_server.url, inputs_of(f"Question {i} " + fault_injection.SLOW_MARKER,
+                                                                     **hold), cancel_after_s=10) for i in range(31)]
         while in_flight(tight_server) < 32 and time.monotonic() < deadline:
             time.sleep(0.02)
         t0 = time.monotonic()
