@@ -41,7 +41,8 @@ def ready_status(http_port: int) -> int | str:
 def test_proc_helpers_tell_live_children_from_zombies():
     child = subprocess.Popen(["sleep", "60"])
     try:
-        assert serve_watchdog.child_pids(os.getpid(), "sleep") == {child.pid}
+        # Popen can return before the kernel has set the new command line (exec releases the parent early)
+        wait_for(lambda: serve_watchdog.child_pids(os.getpid(), "sleep") == {child.pid}, 10, "the child not found")
         assert not serve_watchdog.is_dead(child.pid, os.getpid())
         assert serve_watchdog.is_dead(child.pid, os.getpid() + 1)   # someone else's child: a reused pid
         os.kill(child.pid, signal.SIGKILL)
