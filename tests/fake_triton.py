@@ -40,12 +40,18 @@ class InferenceResponse:
 
 
 class Sender:
-    """Records (response, flags); `cancelled` is what is_cancelled() answers."""
+    """Records (response, flags); `cancelled` is what is_cancelled() answers.
+
+    Triton frees a sender's response factory with its final response, and is_cancelled() on it then crashes
+    tritonserver: here such a call is counted in `asked_after_final`. `ask_delay_s` makes is_cancelled() slow,
+    as its round trip to the server process can be."""
 
     def __init__(self):
         self.responses: list[tuple[InferenceResponse | None, int]] = []
         self.cancelled = False
         self.done = threading.Event()
+        self.asked_after_final = 0
+        self.ask_delay_s = 0.0
 
     def send(self, response=None, flags=0):
         assert not self.done.is_set(), "response sent after the final one"
@@ -54,6 +60,9 @@ class Sender:
             self.done.set()
 
     def is_cancelled(self):
+        if self.done.is_set():
+            self.asked_after_final += 1
+        time.sleep(self.ask_delay_s)
         return self.cancelled
 
     def wait(self, timeout=10.0):
@@ -136,10 +145,12 @@ class FakeEngine:
         self.wake = threading.Condition(self.lock)
         self.fail_next_step = False
         self.step_delay = 0.001
+        self.refuse_delay = 0.0   # how long add_request takes to refuse a "bad" request
         self.st = EngineStats(kv_blocks_total=64)
 
     def add_request(self, request_id, text, images=(), params=None, apply_chat_template=True):
         if text == "bad":
+            time.sleep(self.refuse_delay)
             raise BadRequestError("the prompt is longer than the context")
         if text == "busy":
             raise ServerBusyError("server busy: 9 requests in flight")

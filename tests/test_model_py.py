@@ -129,6 +129,21 @@ def test_cancelled_request_is_aborted_and_still_gets_a_final(model):
     assert outputs(other.sender.wait().finals[0])["finish_reason"] == [b"length"]
 
 
+def test_no_sender_is_asked_about_cancellation_after_its_final(model, monkeypatch):
+    """execute() refuses a request it had registered while the engine thread asks the senders in flight."""
+    monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_POLL_S", 0.0)
+    model.engine.refuse_delay = 0.002
+    slow = Request(text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
+    slow.sender.ask_delay_s = 0.005   # the refused one is asked after it, once its final is out
+    assert model.execute([slow]) is None
+    refused = [run(model, text_input=text("bad")) for _ in range(40)]
+    for req in refused:
+        assert len(req.sender.wait().finals) == 1
+    slow.sender.cancelled = True
+    slow.sender.wait()
+    assert [r.sender.asked_after_final for r in refused] == [0] * len(refused)
+
+
 def test_engine_exception_fails_in_flight_requests_and_keeps_serving(model):
     model.engine.step_delay = 0.01
     a = run(model, text_input=text("a"), max_tokens=np.array([100000], np.int32))

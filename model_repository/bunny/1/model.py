@@ -24,7 +24,7 @@ from bunny_backend.triton_io import INPUT_NAMES, InvalidInput, parse_request, re
 from bunny_backend.triton_metrics import BunnyMetrics
 
 IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, cancellations, gauges)
-CANCEL_POLL_S = 0.02     # how often the senders are asked whether their client cancelled
+CANCEL_POLL_S = 0.02    # how often the senders are asked whether their client cancelled
 STATS_PERIOD_S = 0.1     # how often gauges and counters are published
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -142,12 +142,17 @@ class TritonPythonModel:
             return
         self._next_cancel_poll = now + CANCEL_POLL_S
         with self._lock:
-            live = [(rid, f) for rid, f in self._inflight.items() if not f.cancelled]
-        for rid, f in live:
-            try:
-                cancelled = f.sender.is_cancelled()
-            except Exception:
-                cancelled = False
+            live = [rid for rid, f in self._inflight.items() if not f.cancelled]
+        for rid in live:
+            # Under the lock and only while in flight: Triton frees a sender's response factory once its final
+            # response is sent (execute() may reject a request in the meantime), and asking a freed one whether
+            # it was cancelled crashes tritonserver (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled).
+            with self._lock:
+                f = self._inflight.get(rid)
+                try:
+                    cancelled = f is not None and f.sender.is_cancelled()
+                except Exception:
+                    cancelled = False
             if cancelled:
                 f.cancelled = True
                 self.engine.abort(rid)
