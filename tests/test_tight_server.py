@@ -68,19 +68,15 @@ def test_beyond_the_queue_limit_the_next_request_is_told_busy(tight_server):
     and the batch must not then run fast enough for the others to finish before the test cancels them."""
     hold = dict(stream=True, max_tokens=150, ignore_eos=True)
     with ThreadPoolExecutor(32) as pool:
-        slow = pool.submit(send_raw, tight_server.url, inputs_of("Hold on " + fault_injection.SLOW_MARKER, **hold),
-                           cancel_after_s=10)
+        held = [pool.submit(send_raw, tight_server.url, inputs_of(f"Question {i} " + fault_injection.SLOW_MARKER,
+                                                                   **hold), cancel_after_s=10) for i in range(32)]
         deadline = time.monotonic() + 30
-        while in_flight(tight_server) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        others = [pool.submit(send_raw, tight_server.url, inputs_of(f"Question {i} " + fault_injection.SLOW_MARKER,
-                                                                     **hold), cancel_after_s=10) for i in range(31)]
         while in_flight(tight_server) < 32 and time.monotonic() < deadline:
             time.sleep(0.02)
         t0 = time.monotonic()
         busy = send_raw(tight_server.url, inputs_of("One more?", max_tokens=4))
         refused_in = time.monotonic() - t0
-        results = [f.result() for f in [slow, *others]]
+        results = [f.result() for f in held]
     assert error_kind(busy[1]) == "busy" and "max_queued_requests" in str(busy[1]), busy
     assert all(error == "cancelled by the test" for _, error in results)   # none had finished: all were held
     idle = wait_until_idle(tight_server)

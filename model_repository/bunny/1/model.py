@@ -24,7 +24,7 @@ from bunny_backend.triton_io import INPUT_NAMES, InvalidInput, parse_request, re
 from bunny_backend.triton_metrics import BunnyMetrics
 
 IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, cancellations, gauges)
-CANCEL_POLL_S = 0.02    # how often the senders are asked whether their client cancelled
+CANCEL_POLL_S = 0.02     # how often the senders are asked whether their client cancelled
 STATS_PERIOD_S = 0.1     # how often gauges and counters are published
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
