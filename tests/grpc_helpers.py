@@ -8,6 +8,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
+TEXTS = ["Describe the image.", "What is a rabbit?", "请描述这张图片。", "Tell me a story about the sea.",
+         "图中有什么？", "How many cats are there?", "What colour is the sky?", "Write a poem."]
 SCALAR_DTYPES = {"max_tokens": np.int32, "temperature": np.float32, "top_p": np.float32, "top_k": np.int32,
                  "repetition_penalty": np.float32, "seed": np.uint64, "ignore_eos": np.bool_,
                  "apply_chat_template": np.bool_}

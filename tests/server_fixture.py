@@ -8,18 +8,32 @@ import os
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bunny_backend import serve_watchdog
 from bunny_backend.engine import fault_injection
 from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command
 
 # Small KV cache and batch limits shared by the server and the in-process engine the tests compare with.
 SERVER_PARAMS = {"kv_cache_memory_bytes": str(8 << 20), "max_num_seqs": "16", "num_threads": "2"}
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
+IDLE_GAUGES = ("bunny_kv_blocks_used", "bunny_num_requests_running", "bunny_num_requests_waiting")
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
+    """predicate()'s first truthy value; the test fails with `what` if none comes within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    pytest.fail(f"{what} within {timeout_s:.0f}s")
 
 
 @dataclass
@@ -51,23 +65,24 @@ class BunnyServer:
         want = [f'{k}="{v}"' for k, v in labels.items()]
         return sum(v for (n, lab), v in self.metrics().items() if n == name and all(w in lab for w in want))
 
+    def wait_until_idle(self, timeout_s: float = 30.0) -> dict[str, float]:
+        """The KV and queue gauges once all are 0, or as they stand after timeout_s (the caller asserts)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            values = {n: self.metric(n) for n in IDLE_GAUGES}
+            if not any(values.values()) or time.monotonic() > deadline:
+                return values
+            time.sleep(0.1)
+
     def stub_pid(self) -> int:
         """The pid of the model's python stub (tritonserver's child, itself bunny-serve's child)."""
-        for triton in _children(self.proc.pid):
-            for pid in _children(triton):
-                if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return pid
+        for triton in serve_watchdog.child_pids(self.proc.pid, "tritonserver"):
+            for pid in serve_watchdog.child_pids(triton, serve_watchdog.STUB_NAME):
+                return pid
         raise RuntimeError("no triton_python_backend_stub process found")
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def rss_bytes(pid: int) -> int:

@@ -6,12 +6,12 @@ behaviour: streaming, errors as one line, coco resume/failures, perf files, the 
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 from fake_triton_server import FakeServer
 from PIL import Image
 
+from bunny_backend.serve_launch import free_ports
 from bunny_client.chat import chat
 from bunny_client.cli import main
 from bunny_client.grpc_requests import BunnyClientError
@@ -36,12 +36,6 @@ def images(tmp_path_factory):
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_chat_stream_and_whole(fake):
     streamed = chat(fake.url, "what is it", synthetic_image(), stream=True, max_tokens=4)
     whole = chat(fake.url, "what is it", synthetic_image(), stream=False, max_tokens=4)
@@ -58,7 +52,7 @@ def test_chat_cli_prints_answer_and_speed(fake, images, capsys):
 
 
 def test_chat_against_stopped_server_is_one_line(capsys):
-    rc = main(["chat", "--url", f"127.0.0.1:{_free_port()}", "hello"])
+    rc = main(["chat", "--url", f"127.0.0.1:{free_ports(1)[0]}", "hello"])
     out, err = capsys.readouterr()
     assert rc != 0 and out == ""
     assert len(err.strip().splitlines()) == 1 and "cannot reach" in err and "Traceback" not in err
@@ -99,7 +93,7 @@ def test_coco_resume_and_failures(fake, images, tmp_path, capsys):
 
 
 def test_coco_server_down_is_one_line(images, tmp_path, capsys):
-    rc = main(["coco", "--url", f"127.0.0.1:{_free_port()}", "--images", str(images), "--out", str(tmp_path / "o.json")])
+    rc = main(["coco", "--url", f"127.0.0.1:{free_ports(1)[0]}", "--images", str(images), "--out", str(tmp_path / "o.json")])
     assert rc == 1 and "cannot reach" in capsys.readouterr().err
 
 

@@ -6,7 +6,7 @@ import torch
 from bunny_backend.engine.decode_graphs import EagerCapture, graph_sizes
 from bunny_backend.engine.model_runner import ModelRunner
 from bunny_backend.engine.sampling_params import SamplingParams
-from test_engine import make_engine, run_all, twelve_requests
+from engine_helpers import make_engine, run_all, twelve_requests
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Engine level: a request that breaks the forward fails alone; limits refuse what is too big or too much."""
-import io
 
 import pytest
 from PIL import Image
@@ -8,7 +7,8 @@ from bunny_backend.engine import fault_injection
 from bunny_backend.engine.outputs import BadRequestError, ServerBusyError
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io.image import preprocess_image, shrink_for_square
-from test_engine import QUESTIONS, make_engine, run_all
+from image_bytes import encode, png_header_only
+from engine_helpers import QUESTIONS, make_engine, run_all
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
@@ -60,27 +60,10 @@ def test_the_marker_does_nothing_without_the_environment_switch(model_path):
     assert res["x"][2] == "length"
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (the pixel data is never reached)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    import zlib
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    return bytes(data)
-
-
-def encode(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("kw, text, images, params, needle", [
     (dict(max_image_bytes=1000), "hi", ["big"], GREEDY, "max_image_bytes"),
-    (dict(max_image_pixels=10_000), "hi", [png_header(200, 200)], GREEDY, "megapixels"),
-    (dict(), "hi", [png_header(100_000, 100_000)], GREEDY, "megapixels"),
+    (dict(max_image_pixels=10_000), "hi", [png_header_only(200, 200)], GREEDY, "megapixels"),
+    (dict(), "hi", [png_header_only(100_000, 100_000)], GREEDY, "megapixels"),
     (dict(max_text_bytes=100), "x" * 101, [], GREEDY, "max_text_bytes"),
     (dict(max_prompt_tokens=20), "word " * 50, [], GREEDY, "max_prompt_tokens"),
     (dict(max_output_tokens=8), "hi", [], GREEDY, "max_output_tokens"),

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bunny_backend.engine import fault_injection
-from grpc_helpers import error_kind, inputs_of, joined, send_raw
+from grpc_helpers import TEXTS, error_kind, inputs_of, joined, send_raw
 from reliability_report import record
-from test_soak import TEXTS, wait_until_idle
+from server_fixture import wait_for
 
 pytestmark = pytest.mark.server
 
@@ -41,16 +41,15 @@ def test_a_request_that_breaks_the_step_fails_alone(bunny_server):
     with ThreadPoolExecutor(5) as pool:
         calm = [joined(r[0]) for r in pool.map(lambda x: send_raw(bunny_server.url, x), witnesses)]
         futures = [pool.submit(send_raw, bunny_server.url, x) for x in witnesses]
-        deadline = time.monotonic() + 30
-        while bunny_server.metric("bunny_num_requests_running") < len(witnesses) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: bunny_server.metric("bunny_num_requests_running") >= len(witnesses), 30,
+                 "the witnesses not running", poll_s=0.01)
         bad_responses, bad_error = send_raw(bunny_server.url, inputs_of(
             "Hello " + fault_injection.FAULT_MARKER, stream=True, max_tokens=40, ignore_eos=True))
         stormy = [f.result() for f in futures]
     assert error_kind(bad_error) == "engine_error" and "InjectedFault" in str(bad_error)
     assert len(joined(bad_responses)[1]) <= fault_injection.FAULT_AFTER_TOKENS   # the tokens before the fault
     assert all(e is None for _, e in stormy) and [joined(r) for r, _ in stormy] == calm
-    assert not any(wait_until_idle(bunny_server).values())
+    assert not any(bunny_server.wait_until_idle().values())
     failed_batches = re.findall(r"step of (\d+) sequence\(s\) failed", bunny_server.log_text())
     record("injected engine fault", failed_steps=failed_batches, witnesses_unchanged=len(stormy))
     assert failed_batches and int(failed_batches[0]) > 1, "the fault should have hit a batch, not a lone request"
@@ -69,12 +68,10 @@ def test_a_client_killed_mid_stream_frees_its_sequence(bunny_server):
         client.send_signal(signal.SIGKILL)
         client.wait()
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 30:
-        if bunny_server.metric("bunny_requests_total", finish_reason="cancelled") == before + 1:
-            break
-        time.sleep(0.1)
+    wait_for(lambda: bunny_server.metric("bunny_requests_total", finish_reason="cancelled") == before + 1, 30,
+             "the killed client's request not cancelled")
     freed_after = time.monotonic() - t0
-    idle = wait_until_idle(bunny_server)
+    idle = bunny_server.wait_until_idle()
     record("client killed mid-stream", freed_after_s=round(freed_after, 2), after=idle)
     assert bunny_server.metric("bunny_requests_total", finish_reason="cancelled") == before + 1
     assert not any(idle.values())

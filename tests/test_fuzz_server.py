@@ -3,7 +3,6 @@ problem, within a bounded wait, and the server keeps answering."""
 from __future__ import annotations
 
 import collections
-import io
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image
 
 from grpc_helpers import error_kind, inputs_of, send_raw
 from reliability_report import record
-from test_engine_faults import png_header
+from image_bytes import encode, png_header_only
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -22,12 +21,10 @@ WAIT_S = 60   # per request: longer means the server hangs
 
 
 def encoded(size, fmt="PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (30, 60, 90)).save(buf, fmt)
-    return buf.getvalue()
+    return encode(Image.new("RGB", size, (30, 60, 90)), fmt)
 
 
-CRAFTED_IMAGES = [png_header(0, 5), png_header(100_000, 100_000), png_header(1, 64_000_000), encoded((1, 20_000)),
+CRAFTED_IMAGES = [png_header_only(0, 5), png_header_only(100_000, 100_000), png_header_only(1, 64_000_000), encoded((1, 20_000)),
                   encoded((20_000, 1)), encoded((1, 1)), encoded((64, 48), "GIF"), encoded((31, 17), "BMP"),
                   encoded((40, 40), "JPEG")[:200], b"\x00", b"", b"GIF89a" + bytes(20)]
 

@@ -126,7 +126,7 @@ def test_engine_bf16_greedy_matches_cpu_fp32(checkpoint_factory, test_images):
     from bunny_backend.config import EngineConfig
     from bunny_backend.engine.llm_engine import LLMEngine
     from bunny_backend.engine.sampling_params import SamplingParams
-    from test_engine import QUESTIONS, run_all
+    from engine_helpers import QUESTIONS, run_all
 
     path = str(checkpoint_factory(seed=5, num_kv_heads=2))
     params = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -147,7 +147,7 @@ def test_engine_bf16_greedy_matches_cpu_fp32(checkpoint_factory, test_images):
 def test_cuda_graph_decode_gives_the_eager_tokens(checkpoint_factory, test_images):
     from bunny_backend.config import EngineConfig
     from bunny_backend.engine.llm_engine import LLMEngine
-    from test_engine import run_all, twelve_requests
+    from engine_helpers import run_all, twelve_requests
 
     path = str(checkpoint_factory(seed=5, num_kv_heads=2))
     reqs = twelve_requests(test_images)

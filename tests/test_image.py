@@ -1,8 +1,5 @@
 """Image decoding and Bunny's preprocessing (pad to square, bicubic, normalise)."""
-import io
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -10,22 +7,9 @@ import torch
 from PIL import Image
 
 from bunny_backend.io.image import ImageError, decode_image, expand_to_square, load_images, preprocess_image
+from image_bytes import encode, png_header_only
 
 GREY = (127 / 255 - 0.5) / 0.5
-
-
-def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims a size but carries no pixels: cheap stand-in for a decompression bomb."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_exif_orientation_is_applied():

@@ -12,6 +12,7 @@ import pytest
 
 import fake_triton
 from fake_triton import FINAL, FakeEngine, MetricFamily, Request
+from server_fixture import wait_for
 
 MODEL_PY = Path(__file__).resolve().parent.parent / "model_repository" / "bunny" / "1" / "model.py"
 
@@ -172,10 +173,9 @@ def test_finalize_gives_every_request_in_flight_its_final(model):
 def test_metrics_move(model):
     run(model, text_input=text("a b c"), max_tokens=np.array([5], np.int32)).sender.wait()
     run(model, text_input=text("")).sender.wait()
-    deadline = time.time() + 5
     fams = MetricFamily.families
-    while time.time() < deadline and fams["bunny_requests_total"].metrics[3].value < 1:
-        time.sleep(0.02)
+    error = next(m for m in fams["bunny_requests_total"].metrics if m.labels["finish_reason"] == "error")
+    wait_for(lambda: error.value >= 1, 5, "the refused request not counted", poll_s=0.02)
     by_reason = {m.labels["finish_reason"]: m.value for m in fams["bunny_requests_total"].metrics}
     assert by_reason == {"stop": 0, "length": 1, "cancelled": 0, "error": 1}
     assert fams["bunny_generation_tokens_total"].metrics[0].value == 5

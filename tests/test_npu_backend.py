@@ -16,7 +16,7 @@ from bunny_backend.ops.attention_torch import TorchAttentionBackend
 from bunny_backend.ops.npu_emulator import NpuOpContractError, install_emulator
 from bunny_backend.tools import check_npu_ops
 from bunny_backend.tools.check_npu_ops import make_case, run_case
-from test_engine import QUESTIONS, run_all, twelve_requests
+from engine_helpers import QUESTIONS, run_all, twelve_requests
 
 
 @pytest.fixture

@@ -17,20 +17,10 @@ import pytest
 from bunny_backend import serve_watchdog
 from grpc_helpers import inputs_of, send
 from reliability_report import record
-from server_fixture import start_server, stop_process
+from server_fixture import start_server, stop_process, wait_for
 
 pytestmark = pytest.mark.server
 BOUND_S = 30.0   # from the kill to not-ready, to bunny-serve's exit and to the client's error
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"{what} within {timeout_s:.0f}s")
 
 
 def ready_status(http_port: int) -> int | str:

@@ -11,12 +11,10 @@ import pytest
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
-from grpc_helpers import inputs_of, joined, send   # noqa: F401 - other test modules import them from here
-from server_fixture import SERVER_PARAMS, free_ports, stop_process
+from grpc_helpers import TEXTS, inputs_of, joined, send
+from server_fixture import SERVER_PARAMS, free_ports, stop_process, wait_for
 
 pytestmark = pytest.mark.server
-TEXTS = ["Describe the image.", "What is a rabbit?", "请描述这张图片。", "Tell me a story about the sea.",
-         "图中有什么？", "How many cats are there?", "What colour is the sky?", "Write a poem."]
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +113,8 @@ def test_cancelled_stream_frees_its_blocks_and_others_finish(bunny_server):
         assert err == "cancelled by the test" and len(responses) == 3
         o_responses, o_err = other.result()
     assert o_err is None and o_responses[-1]["completion"] == 100
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if (bunny_server.metric("bunny_requests_total", finish_reason="cancelled") == before + 1
-                and bunny_server.metric("bunny_kv_blocks_used") == 0):
-            break
-        time.sleep(0.1)
+    wait_for(lambda: bunny_server.metric("bunny_requests_total", finish_reason="cancelled") == before + 1
+             and bunny_server.metric("bunny_kv_blocks_used") == 0, 20, "the cancellation not counted and freed")
     assert bunny_server.metric("bunny_requests_total", finish_reason="cancelled") == before + 1
     assert bunny_server.metric("bunny_kv_blocks_used") == 0
     assert bunny_server.metric("bunny_num_requests_running") == 0
@@ -135,9 +129,8 @@ def test_metrics_counters_move(bunny_server):
     responses, err = send(bunny_server.url, inputs_of(TEXTS[6], max_tokens=10, ignore_eos=True))
     assert err is None
     assert send(bunny_server.url, inputs_of("hi", top_k=-1))[1] is not None
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and bunny_server.metric("bunny_requests_total", finish_reason="error") == errors_before:
-        time.sleep(0.1)
+    wait_for(lambda: bunny_server.metric("bunny_requests_total", finish_reason="error") > errors_before, 10,
+             "the refused request not counted")
     after = {n: bunny_server.metric(n) for n in names}
     assert after["bunny_generation_tokens_total"] - before["bunny_generation_tokens_total"] == 10
     assert after["bunny_prompt_tokens_total"] - before["bunny_prompt_tokens_total"] == responses[0]["prompt"]

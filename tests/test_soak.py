@@ -12,13 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from grpc_helpers import error_kind, inputs_of, joined, send_raw
+from grpc_helpers import TEXTS, error_kind, inputs_of, joined, send_raw
 from reliability_report import record
 from server_fixture import rss_bytes
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-TEXTS = ["Describe the image.", "What is a rabbit?", "请描述这张图片。", "Tell me a story about the sea.",
-         "图中有什么？", "Write a poem."]
 BAD = [dict(top_p=0.0), dict(max_tokens=0), dict(temperature=-1.0)]   # each answered with INVALID_ARG
 
 
@@ -42,16 +40,6 @@ def run_one(url, spec, images):
     responses, error = send_raw(url, inputs_of(images=[images[image]] if image is not None else [], **spec),
                                 timeout=120)   # queue.Empty (a hang) fails the test
     return responses, error, time.monotonic() - t0
-
-
-def wait_until_idle(server, timeout_s=30.0) -> dict[str, float]:
-    names = ("bunny_kv_blocks_used", "bunny_num_requests_running", "bunny_num_requests_waiting")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        values = {n: server.metric(n) for n in names}
-        if not any(values.values()) or time.monotonic() > deadline:
-            return values
-        time.sleep(0.1)
 
 
 def assert_prefix_consistent(outputs: dict) -> int:
@@ -87,7 +75,7 @@ def test_soak_200_mixed_requests_from_16_clients(bunny_server, test_images):
                 outputs[key].append(ids)
             rss.append(rss_bytes(stub))
     groups = assert_prefix_consistent(outputs)
-    idle = wait_until_idle(bunny_server)
+    idle = bunny_server.wait_until_idle()
     growth = (rss[1] - rss[0]) / 2**20
     record("soak", requests=len(specs), clients=16, by_outcome=dict(kinds), prefix_groups_checked=groups,
            wall_s=round(time.monotonic() - t0, 1), slowest_request_s=round(slowest, 1),
@@ -111,7 +99,7 @@ def test_cancellation_storm_leaves_the_others_untouched(bunny_server):
     assert all(error is None for _, error in stormy)
     assert [joined(r) for r, _ in stormy] == calm
     by_test = sum(error == "cancelled by the test" for _, error in storm_results)
-    idle = wait_until_idle(bunny_server)
+    idle = bunny_server.wait_until_idle()
     cancelled = bunny_server.metric("bunny_requests_total", finish_reason="cancelled") - cancelled_before
     record("cancellation storm", streams=len(storm), cancelled_by_client=by_test, cancelled_on_server=int(cancelled),
            witnesses_unchanged=len(stormy), after=idle)

@@ -10,10 +10,9 @@ from bunny_backend.config import EngineConfig
 from bunny_backend.engine import fault_injection
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
-from grpc_helpers import error_kind, inputs_of, joined, send_raw
+from grpc_helpers import TEXTS, error_kind, inputs_of, joined, send_raw
 from reliability_report import record
-from server_fixture import start_server, stop_process
-from test_soak import TEXTS, wait_until_idle
+from server_fixture import start_server, stop_process, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 BLOCK_BYTES = 2 * 2 * 2 * 16 * 16 * 4   # K and V, 2 layers, 2 KV heads, head_dim 16, 16 tokens, fp32
@@ -55,7 +54,7 @@ def test_kv_exhaustion_32_long_requests_all_complete(tight_server, tiny_checkpoi
     got = [joined(responses)[1] for responses, _ in results]
     assert got == one_by_one(tiny_checkpoint, requests)
     preemptions = tight_server.metric("bunny_preemptions_total") - preempted_before
-    idle = wait_until_idle(tight_server)
+    idle = tight_server.wait_until_idle()
     record("KV exhaustion", requests=32, kv_blocks=48, completed=sum(r[-1]["reason"] == "length" for r, _ in results),
            preemptions=int(preemptions), after=idle)
     assert preemptions > 0 and not any(idle.values())
@@ -70,16 +69,14 @@ def test_beyond_the_queue_limit_the_next_request_is_told_busy(tight_server):
     with ThreadPoolExecutor(32) as pool:
         held = [pool.submit(send_raw, tight_server.url, inputs_of(f"Question {i} " + fault_injection.SLOW_MARKER,
                                                                    **hold), cancel_after_s=10) for i in range(32)]
-        deadline = time.monotonic() + 30
-        while in_flight(tight_server) < 32 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: in_flight(tight_server) >= 32, 30, "32 requests not in flight", poll_s=0.02)
         t0 = time.monotonic()
         busy = send_raw(tight_server.url, inputs_of("One more?", max_tokens=4))
         refused_in = time.monotonic() - t0
         results = [f.result() for f in held]
     assert error_kind(busy[1]) == "busy" and "max_queued_requests" in str(busy[1]), busy
     assert all(error == "cancelled by the test" for _, error in results)   # none had finished: all were held
-    idle = wait_until_idle(tight_server)
+    idle = tight_server.wait_until_idle()
     record("queue limit", in_flight=32, refused_with="server busy", refused_in_s=round(refused_in, 3), after=idle)
     assert not any(idle.values())
 
