@@ -57,9 +57,9 @@ class BunnyMetrics:
         for dt in out.inter_token_latencies_s:
             self.itl.observe(dt)
 
-    def on_finished(self, finish_reason: str) -> None:
+    def on_finished(self, finish_reason: str, count: int = 1) -> None:
         metric = self.requests.get(finish_reason) or self.requests["error"]
-        metric.increment(1)
+        metric.increment(count)
 
     def on_stats(self, stats: EngineStats) -> None:
         for attr, metric in self.counters.items():

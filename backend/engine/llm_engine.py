@@ -65,7 +65,7 @@ class LLMEngine:
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
                                       self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests
-        self._faults = fault_injection.enabled()
+        self._faults = self.builder.faults   # the test-only hook, read once from the environment
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
         self._aborts: list[str] = []

@@ -116,15 +116,19 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
-            self.block_manager.allocate(seq)
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._admit(seq)
             n = min(seq.num_tokens - seq.num_cached_tokens, budget)
             out.seqs.append(seq)
             out.num_new_tokens.append(n)
             budget -= n
         return out
+
+    def _admit(self, seq: Sequence) -> None:
+        """From waiting to running, with blocks for its prompt (the caller checked can_allocate)."""
+        self.block_manager.allocate(seq)
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _schedule_decode(self) -> SchedulerOutput:
         out = SchedulerOutput(is_prefill=False)
@@ -154,10 +158,7 @@ class Scheduler:
                 self._preempt(self.running.pop())
             if not self.block_manager.can_allocate(seq):
                 return SchedulerOutput()   # not reached: check_fits admitted it against the empty cache
-            self.block_manager.allocate(seq)
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._admit(seq)
         if not seq.is_prefill_done:
             n = min(seq.num_tokens - seq.num_cached_tokens, self.max_num_batched_tokens)
             return SchedulerOutput([seq], True, [n])

@@ -22,7 +22,8 @@ from collections import Counter
 
 import torch
 
-COMPRESSED_MASK_SIZE = 128
+from bunny_backend.ops.attention_npu import COMPRESSED_MASK_SIZE
+from bunny_backend.ops.attention_torch import gather_blocks
 
 
 class NpuOpContractError(ValueError):
@@ -117,11 +118,6 @@ class EmulatedTorchNpu(types.ModuleType):
         scores = scores.masked_fill(torch.arange(k.shape[0], device=q.device).unsqueeze(0) > q_pos, float("-inf"))
         return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
-    @staticmethod
-    def _gather(cache, table_row, length):
-        bs = cache.shape[1]
-        return cache[table_row[:-(-length // bs)].long()].flatten(0, 1)[:length]
-
     # ---- ops (names and argument order as in op-plugin's TORCH_LIBRARY defs) -------------------------------
     def _npu_reshape_and_cache(self, key, value, key_cache, value_cache, slot_indices):
         op = "_npu_reshape_and_cache"
@@ -183,8 +179,8 @@ class EmulatedTorchNpu(types.ModuleType):
         self._out(op, out, query)
         start = 0
         for i, (n, total) in enumerate(zip(seq_len.tolist(), context_lens.tolist())):
-            k = self._gather(key_cache, block_table[i], total)
-            v = self._gather(value_cache, block_table[i], total)
+            k = gather_blocks(key_cache, block_table[i], total)
+            v = gather_blocks(value_cache, block_table[i], total)
             out[start:start + n] = self._attend(query[start:start + n], k, v, scale_value, total - n).to(out.dtype)
             start += n
 
@@ -196,8 +192,8 @@ class EmulatedTorchNpu(types.ModuleType):
         self._block_table(op, block_table, query.shape[0], key_cache, context_lens, query.device)
         self._out(op, out, query)
         for i, total in enumerate(context_lens.tolist()):
-            k = self._gather(key_cache, block_table[i], total)
-            v = self._gather(value_cache, block_table[i], total)
+            k = gather_blocks(key_cache, block_table[i], total)
+            v = gather_blocks(value_cache, block_table[i], total)
             out[i] = self._attend(query[i:i + 1], k, v, scale_value, total - 1)[0].to(out.dtype)
 
 

@@ -208,8 +208,8 @@ class TritonPythonModel:
         try:
             with self._lock:
                 rejected, self._rejected = self._rejected, 0
-            for _ in range(rejected):
-                self.metrics.on_finished("error")
+            if rejected:
+                self.metrics.on_finished("error", rejected)
             self.metrics.on_stats(self.engine.stats())
         except Exception:
             self.log.log_warn(f"bunny: publishing metrics failed: {traceback.format_exc()}")
