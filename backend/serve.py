@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bunny_backend import serve_watchdog, triton_env
 from bunny_backend.config import EngineConfig
+from bunny_backend.serve_launch import die_with_parent
 
 MODEL_NAME = "bunny"
 STOP_KILL_GRACE_S = 10.0
@@ -98,15 +99,6 @@ def model_ready(ports: triton_env.Ports) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: tritonserver gets SIGTERM if bunny-serve dies without cleaning up."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def _pump(stream, tail: collections.deque) -> None:
     """Forward the server's log to stderr, remembering its last lines."""
     for line in stream:
@@ -169,7 +161,7 @@ def serve(args: argparse.Namespace) -> int:
                                         models=(MODEL_NAME,), extra_args=tuple(args.server_arg))
         proc = subprocess.Popen(cmd, env=triton_env.server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", bufsize=1, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         tail: collections.deque = collections.deque(maxlen=400)
         pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
         pump.start()

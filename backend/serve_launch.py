@@ -1,6 +1,8 @@
 """Start `bunny-serve` as a child process and wait for its READY line (used by run_demo, the tests, the bench)."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,27 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def die_with_parent() -> None:
+    """A Popen preexec_fn: the child gets SIGTERM if its parent dies without stopping it (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    """SIGTERM, then SIGKILL to its process group (it was started with start_new_session) after timeout_s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
 
 
 def serve_command(model_path: str | Path, ports: list[int], params: dict[str, str] | None = None,

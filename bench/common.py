@@ -95,17 +95,6 @@ def children_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def attention_backend() -> str:
-    """'auto' where the device's own attention backend exists, else the portable 'torch' one (the CUDA backend
-    may not be written yet; the engine's 'auto' would fail to import it)."""
-    import importlib.util
-
-    import torch
-    if torch.cuda.is_available() and importlib.util.find_spec("bunny_backend.ops.attention_cuda") is None:
-        return "torch"
-    return "auto"
-
-
 def machine_info() -> dict:
     import torch
     info = {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "platform": platform.platform(),

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from bench.common import RequestTiming, Workload, attention_backend, emit, peak_rss_bytes, summarize
+from bench.common import RequestTiming, Workload, emit, peak_rss_bytes, summarize
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
@@ -48,8 +48,7 @@ class KVWatch:
 def make_engine(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str) -> LLMEngine:
     cfg = EngineConfig(model_path=model_path, dtype=dtype, max_num_seqs=max(16, max(work.batch_sizes)),
                        kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=work.prefix_caching,
-                       num_threads=work.threads, attention_backend=attention_backend(),
-                       cuda_graphs=work.cuda_graphs)
+                       num_threads=work.threads, cuda_graphs=work.cuda_graphs)
     return LLMEngine(cfg)
 
 

@@ -7,6 +7,7 @@ each one's own and none competes with another for the cores. Results: bench/resu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -90,7 +91,7 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log) -> dict:
     path = str(ensure_checkpoint(spec, log=log))
     work = Workload(batch_sizes=args.batch_sizes, max_tokens=args.max_tokens, rounds=args.rounds,
                     prefix_caching=args.prefix_caching, threads=args.threads, cuda_graphs=args.cuda_graphs)
-    hf_work = Workload(**{**json.loads(work.to_json()), "batch_sizes": args.hf_batch_sizes})
+    hf_work = dataclasses.replace(work, batch_sizes=args.hf_batch_sizes)
     kv = str(kv_cache_bytes(spec, work))
     model = {"name": spec.name, "spec": describe(spec), "checkpoint": path, "workload": work.describe(),
              "hf_batch_sizes": args.hf_batch_sizes, "systems": {}, "wall_s": {}}

@@ -8,29 +8,20 @@ Run as a worker: `python -m bench.triton_bench MODEL_PATH WORKLOAD_JSON KV_BYTES
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
 
-from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command
-from bench.common import Workload, attention_backend, emit, tree_peak_rss_bytes
+from bunny_backend.serve_launch import LaunchError, die_with_parent, free_ports, launch, serve_command, stop_process
+from bench.common import Workload, emit, tree_peak_rss_bytes
 from bunny_client.grpc_requests import BunnyStream, RequestOptions
 from bunny_client.perf import benchmark as perf_benchmark
 from bunny_client.perf import run_round
 
 _GAUGE = re.compile(r"^(bunny_kv_blocks_(?:used|total))\{[^}]*\}\s+(\S+)$", re.M)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: bunny-serve gets SIGTERM if this worker dies without stopping it."""
-    import ctypes
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
 
 class Server:
@@ -39,7 +30,7 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-triton-", suffix=".log", delete=False)
         cmd = serve_command(model_path, [self.grpc, self.http, self.metrics_port], params, ["--dtype", dtype])
         try:
-            self.proc = launch(cmd, self.log, timeout_s, start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = launch(cmd, self.log, timeout_s, start_new_session=True, preexec_fn=die_with_parent)
         except LaunchError as e:
             raise RuntimeError(f"bunny-serve did not become ready ({e}); log {self.log.name}:\n{self.tail()}") from None
 
@@ -56,14 +47,7 @@ class Server:
             return {m.group(1): float(m.group(2)) for m in _GAUGE.finditer(r.read().decode())}
 
     def stop(self, timeout_s: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout_s)
 
 
 class GaugePoller(threading.Thread):
@@ -94,7 +78,7 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
     params = {"kv_cache_memory_bytes": str(kv_cache_bytes), "max_num_seqs": str(max(16, max(work.batch_sizes))),
               "enable_prefix_caching": str(work.prefix_caching).lower(), "num_threads": str(work.threads),
               "cuda_graphs": str(work.cuda_graphs).lower(),
-              "attention_backend": attention_backend()}
+              "attention_backend": "auto"}
     t_start = time.perf_counter()
     server = Server(model_path, params, dtype)
     startup_s = time.perf_counter() - t_start

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 
 from bunny_backend import serve_watchdog
 from bunny_backend.engine import fault_injection
-from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command
+from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command, stop_process
 
 # Small KV cache and batch limits shared by the server and the in-process engine the tests compare with.
 SERVER_PARAMS = {"kv_cache_memory_bytes": str(8 << 20), "max_num_seqs": "16", "num_threads": "2"}
@@ -104,17 +103,6 @@ def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PA
     except LaunchError as e:
         pytest.fail(f"bunny-serve did not become ready ({e}):\n{log.read_text(errors='replace')[-4000:]}")
     return BunnyServer(proc, grpc, http, metrics, Path(model_path), log)
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
 
 
 @pytest.fixture(scope="session")
