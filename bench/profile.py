@@ -96,15 +96,17 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--trace", help="folder for chrome traces (one per batch size)")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode with CUDA graphs (on CUDA)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = SPECS[args.model]
     sizes = parse_batch_sizes(args.batch_sizes)
-    work = Workload(batch_sizes=sizes, max_tokens=args.steps + 16)
+    work = Workload(batch_sizes=sizes, max_tokens=args.steps + 16, cuda_graphs=args.cuda_graphs)
     engine = make_engine(str(ensure_checkpoint(spec)), work, kv_cache_bytes(spec, work), spec.dtype)
     instrument(engine)
-    print(f"{spec.name} model, {engine.device}, {engine.dtype}, {torch.get_num_threads()} threads")
+    print(f"{spec.name} model, {engine.device}, {engine.dtype}, {torch.get_num_threads()} threads, "
+          f"decode graphs {'on' if engine.runner.graphs is not None else 'off'}")
     for n in sizes:
         profile_batch(engine, work, n, args.steps, args.rows, args.trace)
 

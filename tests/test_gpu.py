@@ -73,15 +73,6 @@ def test_unsupported_shapes_and_dtypes_fall_back():
         assert "powers of two" in tpd.unsupported_reason(q[..., :24], cache[..., :24])
 
 
-def test_cuda_backend_on_cpu_float32_is_the_portable_one():
-    """Its fallbacks (float32: no flash-attn, no Triton) give the portable results, prefix and decode included."""
-    case = make_case(8, 2, 32, 16, [0, 21], [5, 40], seed=3)
-    got = run_case(get_backend("cuda"), case, torch.float32, "cpu")
-    want = run_case(TorchAttentionBackend(), case, torch.float32, "cpu")
-    for part in got:
-        torch.testing.assert_close(got[part], want[part], msg=part)
-
-
 @needs_triton
 def test_kernel_in_triton_interpreter():
     code = ("import torch; from test_gpu import decode_inputs, portable_decode; "
@@ -120,41 +111,101 @@ def test_cuda_backend_matches_portable_bf16(prefix):
         torch.testing.assert_close(got[part], want[part], atol=2e-2, rtol=2e-2, msg=part)
 
 
+# bf16 against fp32 (and a graph against eager kernels) cannot be compared token for token over long greedy runs:
+# random-weight models have near-ties that rounding flips, and one flip changes everything after it. So these
+# tests compare logits position by position on the same inputs (teacher forcing): a relative error, and the share
+# of positions whose top-1 token agrees. The figures are printed (pytest -s) for the GPU session's notes.
+BF16_REL_ERR = 3e-2       # ||logits - ref|| / ||ref||; bf16 weights and activations land around 1e-2
+TOP1_AGREEMENT = 0.9      # share of positions where the bf16 argmax is the fp32 argmax
+
+
+def _load(path, device, dtype):
+    from bunny_backend.model.loader import load_model
+    return load_model(str(path), dtype, torch.device(device))
+
+
+def _agreement(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    got, want = got.float().cpu(), want.float().cpu()
+    rel = float((got - want).norm() / want.norm())
+    top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    return rel, top1
+
+
 @pytest.mark.gpu
 @needs_cuda
-def test_engine_bf16_greedy_matches_cpu_fp32(checkpoint_factory, test_images):
-    from bunny_backend.config import EngineConfig
-    from bunny_backend.engine.llm_engine import LLMEngine
-    from bunny_backend.engine.sampling_params import SamplingParams
-    from engine_helpers import QUESTIONS, run_all
+def test_bf16_cuda_logits_track_cpu_fp32(checkpoint_factory, test_images):
+    """Teacher-forced: the fp32 CPU model's greedy continuations, scored at every position by both models."""
+    from bunny_backend.io.tokenizer import load_tokenizer
+    from engine_helpers import QUESTIONS
+    from model_helpers import dense_greedy, dense_logits, pixels_of, prompt_ids
 
-    path = str(checkpoint_factory(seed=5, num_kv_heads=2))
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
-    reqs = [(i // 2, f"r{i}", QUESTIONS[i], [test_images[i % 4]] if i % 2 else [], params) for i in range(6)]
-    results = {}
-    for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
-        engine = LLMEngine(EngineConfig(model_path=path, device=device, dtype=dtype, kv_cache_memory_bytes=8 << 20,
-                                        max_num_batched_tokens=64))
-        results[device] = run_all(engine, reqs)
-    assert engine.runner.backend.name == "cuda"
-    for rid in results["cpu"]:
-        assert results["cuda"][rid][0] == results["cpu"][rid][0], rid
+    path = checkpoint_factory(seed=5, num_kv_heads=2)
+    ref, gpu = _load(path, "cpu", torch.float32), _load(path, "cuda", torch.bfloat16)
+    tok = load_tokenizer(str(path))
+    got, want = [], []
+    for i, question in enumerate(QUESTIONS[:4]):
+        image = test_images[i] if i % 2 else None
+        ids = prompt_ids(tok, question, image is not None)
+        pixels = pixels_of(image, ref.config.vision.image_size)
+        full = ids + dense_greedy(ref, ids, pixels, 24)
+        want.append(dense_logits(ref, full, pixels))
+        with torch.device("cuda"):
+            got.append(dense_logits(gpu, torch.tensor(full).tolist(), None if pixels is None else pixels.cuda()))
+    rel, top1 = _agreement(torch.cat(got), torch.cat(want))
+    print(f"\nbf16 cuda vs fp32 cpu, teacher-forced over {sum(len(w) for w in want)} positions: "
+          f"rel err {rel:.2e}, top-1 agreement {top1:.3f}")
+    assert rel < BF16_REL_ERR and top1 >= TOP1_AGREEMENT
+
+
+def _capture_logits(runner):
+    """Make runner record the logits it samples from; returns the list they go to."""
+    seen = []
+    sample = runner._sample
+
+    def recording(logits, seqs, want):
+        seen.append(logits.float().cpu())
+        return sample(logits, seqs, want)
+
+    runner._sample = recording
+    return seen
 
 
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
-def test_cuda_graph_decode_gives_the_eager_tokens(checkpoint_factory, test_images):
+def test_cuda_graph_decode_matches_eager_decode(checkpoint_factory, test_images):
+    """Every decode step of a mixed batch (text and image requests, staggered, batch sizes that pad) runs twice on
+    the same inputs, replayed from a graph and eagerly; the logits agree to bf16 rounding. Then the whole run
+    finishes through the graphs."""
     from bunny_backend.config import EngineConfig
     from bunny_backend.engine.llm_engine import LLMEngine
     from engine_helpers import run_all, twelve_requests
 
     path = str(checkpoint_factory(seed=5, num_kv_heads=2))
-    reqs = twelve_requests(test_images)
-    results = {}
-    for graphs in (False, True):
-        engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", cuda_graphs=graphs,
-                                        kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=64))
-        assert (engine.runner.graphs is not None) == graphs
-        results[graphs] = run_all(engine, reqs)
-    assert results[True] == results[False]
+    engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", cuda_graphs=True,
+                                    kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=64))
+    runner = engine.runner
+    assert runner.graphs is not None and runner.backend.name == "cuda"
+    seen = _capture_logits(runner)
+    graphs, run = runner.graphs, runner.run
+    pairs, batch_sizes = [], set()
+
+    def twice(seqs, is_prefill, num_new):
+        if is_prefill:
+            return run(seqs, is_prefill, num_new)
+        runner.graphs = None
+        run(seqs, is_prefill, num_new)          # eager: writes this step's K/V, which the replay rewrites
+        runner.graphs = graphs
+        tokens = run(seqs, is_prefill, num_new)
+        pairs.append((seen[-1], seen[-2]))
+        batch_sizes.add(len(seqs))
+        return tokens
+
+    runner.run = twice
+    results = run_all(engine, twelve_requests(test_images))
+    rel, top1 = _agreement(torch.cat([g for g, _ in pairs]), torch.cat([e for _, e in pairs]))
+    print(f"\ncuda graphs vs eager over {len(pairs)} decode steps (batch sizes {sorted(batch_sizes)}): "
+          f"rel err {rel:.2e}, top-1 agreement {top1:.3f}")
+    assert len(batch_sizes) > 3 and rel < BF16_REL_ERR and top1 >= TOP1_AGREEMENT
+    for i, (ids, _, reason) in enumerate(results.values()):
+        assert reason in ("stop", "length") and ids, i
