@@ -23,8 +23,9 @@ class EngineConfig:
     num_threads: int = 0            # CPU intra-op threads; 0: all cores
     attention_backend: str = "auto"  # auto: the device's own (npu, cuda) or the portable torch one
     seed: int = 0                   # engine-level default for requests without a seed
-    # Decode steps as CUDA graphs (device cuda, Triton paged-decode kernel). Off until verified on hardware.
-    cuda_graphs: bool = False
+    # Decode steps as CUDA graphs where they can run (device cuda with the Triton paged-decode kernel); ignored
+    # elsewhere. Verified on an H200: same logits as eager decoding, about 5x its speed (bench/NOTES.md).
+    cuda_graphs: bool = True
     # Limits on what one request may ask for (a request beyond them gets an error naming the limit).
     max_image_bytes: int = 20 << 20        # encoded size of one image
     max_image_pixels: int = 64_000_000     # width x height, checked from the header before decoding

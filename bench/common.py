@@ -29,7 +29,7 @@ class Workload:
     prompt: str = DEFAULT_PROMPT
     prefix_caching: bool = False      # off: every request pays its own prefill, as transformers' generate does
     threads: int = 0                  # torch intra-op threads; 0: all cores
-    cuda_graphs: bool = False         # EngineConfig.cuda_graphs (used on CUDA only)
+    cuda_graphs: bool = True          # EngineConfig.cuda_graphs (used on CUDA only)
     image: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:

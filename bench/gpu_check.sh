@@ -20,9 +20,11 @@ if ! "$PY" -c "import bunny_backend" 2>/dev/null; then
   ln -sfn "$ROOT/backend" /tmp/bunny-path/bunny_backend
   ln -sfn "$ROOT/client" /tmp/bunny-path/bunny_client
   export PYTHONPATH="/tmp/bunny-path:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  # Triton's python stub does not take PYTHONPATH from the server's environment: a .pth in site-packages does it.
+  echo /tmp/bunny-path >"$("$PY" -c 'import site; print(site.getsitepackages()[0])')/bunny-checkout.pth" || true
 fi
 if [ -f .gpu/pt.zip ]; then
-  mkdir -p /tmp/site && (cd /tmp/site && unzip -qo "$ROOT/.gpu/pt.zip")
+  "$PY" -m zipfile -e "$ROOT/.gpu/pt.zip" /tmp/site
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
   ver="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
   dest=build/triton/backends/python
@@ -47,13 +49,12 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT/NAME.log, say
   "$PY" -c 'import flash_attn; print("flash_attn", flash_attn.__version__)' 2>/dev/null || echo "flash_attn: not installed"
 } 2>&1
 
-TAIL=12 step gpu-tests "${GPU_TESTS_S:-150}" "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py
-# Separate runs so that one system hanging past its limit costs only its own figures.
-step bench-graphs "${BENCH_S:-240}" "$PY" -m bench.run --model 2b --skip-triton --cuda-graphs \
-  --hf-batch-sizes "${HF_SIZES:-1,2,4,6,8,10}" --out "$OUT/2b-graphs.json"
-step bench-eager "${EAGER_S:-100}" "$PY" -m bench.run --model 2b --skip-triton --skip-hf --out "$OUT/2b-eager.json"
-step bench-triton "${TRITON_S:-150}" "$PY" -m bench.run --model 2b --skip-engine --skip-hf --cuda-graphs \
-  --out "$OUT/2b-triton.json"
-TAIL=40 step profile "${PROFILE_S:-60}" "$PY" -m bench.profile --model 2b --batch-sizes 1,10 --steps 24 --rows 16 \
-  --cuda-graphs
+[ -n "${SKIP_TESTS:-}" ] || TAIL=12 step gpu-tests "${GPU_TESTS_S:-150}" "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py
+# Separate runs so that one system hanging past its limit costs only its own figures. CUDA graphs are the default.
+[ -n "${SKIP_HF:-}" ] || step bench-hf "${BENCH_S:-240}" "$PY" -m bench.run --model 2b --skip-triton \
+  --hf-batch-sizes "${HF_SIZES:-1,2,4,6,8,10}" --out "$OUT/2b-hf.json"
+[ -n "${SKIP_EAGER:-}" ] || step bench-eager "${EAGER_S:-100}" "$PY" -m bench.run --model 2b --skip-triton --skip-hf \
+  --no-cuda-graphs --out "$OUT/2b-eager.json"
+step bench-triton "${TRITON_S:-200}" "$PY" -m bench.run --model 2b --skip-hf --out "$OUT/2b-triton.json"
+TAIL=40 step profile "${PROFILE_S:-60}" "$PY" -m bench.profile --model 2b --batch-sizes 1,10 --steps 24 --rows 16
 rm -f "$OUT"/*.png   # the results JSONs carry the figures; at most 8 files come back

@@ -96,7 +96,8 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--trace", help="folder for chrome traces (one per batch size)")
-    p.add_argument("--cuda-graphs", action="store_true", help="decode with CUDA graphs (on CUDA)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="decode eagerly on CUDA (graphs are the default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--prefix-caching", action="store_true",
                    help="keep the engine's prefix cache on (off by default: identical requests would skip prefill)")
-    p.add_argument("--cuda-graphs", action="store_true", help="decode with CUDA graphs (engine and triton, on CUDA)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="decode eagerly on CUDA (engine and triton; graphs are the default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per system (default: all cores)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<machine>-<date>.json)")
     args = p.parse_args(argv)

@@ -46,6 +46,7 @@ def test_launch_config_pads_the_query_group_and_takes_strides():
     assert cfg.grid == (3, 2) and cfg.queries_per_kv == 7 and cfg.group == 16
     assert cfg.q_strides == (14 * 64, 64) and cfg.cache_strides == (16 * 2 * 64, 2 * 64, 64)
     assert cfg.table_stride == inp["block_tables"].shape[1]
+    assert cfg.blocks_per_tile == tpd.TILE_TOKENS // 16   # several blocks per loop iteration
     assert tpd.launch_config(**decode_inputs(64, 2, 64, 16, [3], torch.float16, "cpu")).group == 32
 
 
@@ -77,8 +78,9 @@ def test_unsupported_shapes_and_dtypes_fall_back():
 def test_kernel_in_triton_interpreter():
     code = ("import torch; from test_gpu import decode_inputs, portable_decode; "
             "from bunny_backend.ops import triton_paged_decode as tpd\n"
-            "for h, kv, d, bs in [(4, 4, 32, 16), (14, 2, 64, 32), (7, 1, 16, 16)]:\n"
-            "    inp = decode_inputs(h, kv, d, bs, [1, bs, bs + 3, 5 * bs - 1], torch.float16, 'cpu', seed=h)\n"
+            "for h, kv, d, bs in [(4, 4, 32, 16), (14, 2, 64, 32), (7, 1, 16, 16), (8, 2, 32, 128)]:\n"
+            "    lens = [1, bs, bs + 3, 5 * bs - 1, tpd.TILE_TOKENS, tpd.TILE_TOKENS + 1, 3 * tpd.TILE_TOKENS + 7]\n"
+            "    inp = decode_inputs(h, kv, d, bs, lens, torch.float16, 'cpu', seed=h)\n"
             "    out = tpd.paged_decode(**inp, scale=d ** -0.5)\n"
             "    torch.testing.assert_close(out.float(), portable_decode(inp, d ** -0.5), atol=2e-3, rtol=2e-3)\n")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -76,11 +76,10 @@ class LLMEngine:
 
     def _graph_capture(self, backend_name: str):
         """torch.cuda graph capture when asked for and the decode attention can be captured, else None."""
-        if not self.config.cuda_graphs:
+        if not self.config.cuda_graphs or self.device.type != "cuda":
             return None
         text = self.model.config.text
-        reason = ("the device is not cuda" if self.device.type != "cuda" else
-                  f"attention backend {backend_name}" if backend_name != "cuda" else
+        reason = (f"attention backend {backend_name}" if backend_name != "cuda" else
                   triton_paged_decode.unsupported_for(self.dtype, text.head_dim, self.block_size))
         if reason:
             log.warning("bunny: cuda_graphs is on but decode runs eagerly: %s", reason)
