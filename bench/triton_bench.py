@@ -90,7 +90,14 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
         with BunnyStream(server.url) as conn:
             for _ in range(work.warmup):
                 run_round([conn], dataclasses.replace(opts, max_tokens=8))
-            ttfts = sorted(run_round([conn], one)[1][0].ttft for _ in range(3))
+            ttfts = []
+            for _ in range(3):
+                _, timings, errors = run_round([conn], one)
+                if errors:
+                    raise RuntimeError(f"a request failed: {errors[0]}; server log {server.log.name}:\n"
+                                       f"{server.tail()}")
+                ttfts.append(timings[0].ttft)
+            ttfts.sort()
         poller.start()
         rows = perf_benchmark(server.url, opts, work.batch_sizes, rounds=work.rounds, warmup=0,
                               log=lambda m: log(f"triton  {m}"))
