@@ -25,7 +25,7 @@ if ! "$PY" -c "import bunny_backend" 2>/dev/null; then
 fi
 if [ -f .gpu/pt.zip ]; then
   "$PY" -m zipfile -e "$ROOT/.gpu/pt.zip" /tmp/site
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
   ver="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
   dest=build/triton/backends/python
   mkdir -p "$dest"

@@ -189,3 +189,12 @@ def test_model_path_is_required(monkeypatch):
     config = {"model_transaction_policy": {"decoupled": True}, "parameters": {"model_path": {"string_value": ""}}}
     with pytest.raises(ValueError, match="model_path is empty"):
         mod.TritonPythonModel().initialize({"model_config": json.dumps(config)})
+
+
+def test_numpy_2_is_refused_at_load_with_a_reason(monkeypatch):
+    """Triton 2.51's stub garbles BYTES inputs under numpy 2: refuse to load rather than die on the first request."""
+    mod = load_model_py(monkeypatch)
+    monkeypatch.setattr(np, "__version__", "2.5.2")
+    config = {"model_transaction_policy": {"decoupled": True}, "parameters": {"model_path": {"string_value": "/x"}}}
+    with pytest.raises(RuntimeError, match=r"numpy 2\.5\.2.*numpy < 2"):
+        mod.TritonPythonModel().initialize({"model_config": json.dumps(config)})

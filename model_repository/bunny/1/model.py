@@ -43,8 +43,18 @@ def _error(message: str, code_name: str = "INTERNAL"):
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
+def _check_numpy() -> None:
+    """Triton 2.51's python stub hands BYTES tensors to Python through numpy 1's C ABI; under numpy 2 it garbles
+    them and the stub dies on the first request (seen on a GPU machine whose Python had numpy 2.5)."""
+    import numpy
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise RuntimeError(f"the server's Python has numpy {numpy.__version__}; Triton 2.51's python backend needs "
+                           "numpy < 2 to read BYTES inputs (this project pins numpy 1.26.4)")
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        _check_numpy()
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("the bunny model must be decoupled (model_transaction_policy { decoupled: true })")
