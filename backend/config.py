@@ -29,7 +29,8 @@ class EngineConfig:
     # Limits on what one request may ask for (a request beyond them gets an error naming the limit).
     max_image_bytes: int = 20 << 20        # encoded size of one image
     max_image_pixels: int = 64_000_000     # width x height, checked from the header before decoding
-    max_text_bytes: int = 1 << 20          # text_input in UTF-8, checked before tokenizing
+    max_text_bytes: int = 1 << 20          # text_input (or all messages) in UTF-8, checked before tokenizing
+    max_images_per_request: int = 1        # Bunny-v1.0 was trained with one image per conversation
     max_prompt_tokens: int = 0             # image features counted; 0: the context length
     max_output_tokens: int = 0             # the largest max_tokens accepted; 0: the context length
     max_queued_requests: int = 256         # requests waiting beyond max_num_seqs; then "server busy"
@@ -50,7 +51,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.kv_cache_memory_bytes < 0:
             raise ValueError("kv_cache_memory_bytes must be >= 0")
-        for name in ("max_image_bytes", "max_image_pixels", "max_text_bytes"):
+        for name in ("max_image_bytes", "max_image_pixels", "max_text_bytes", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_output_tokens", "max_queued_requests"):

@@ -1,18 +1,21 @@
 """Triton tensors <-> engine types for the model `bunny` (CONTRACT.md section 3). Pure functions over numpy.
 
 `parse_request(inputs)` turns the request's input arrays (name -> array, absent optional inputs left out or
-None) into a `ParsedRequest`, or raises `InvalidInput` whose message names the input and the problem.
+None) into a `ParsedRequest`, or raises `InvalidInput` whose message names the input and the problem. Limits
+that depend on the engine's config (image count, sizes, prompt length) are the engine's to check.
 `response_arrays(...)` builds the output arrays of one response.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 
-from bunny_backend.engine.request_builder import MAX_IMAGES
+from bunny_backend.engine.request_builder import Prompt
 from bunny_backend.engine.sampling_params import SamplingParams
+from bunny_backend.io.conversation import ConversationError, parse_messages
 
 
 class InvalidInput(ValueError):
@@ -21,7 +24,7 @@ class InvalidInput(ValueError):
 
 @dataclass(slots=True)
 class ParsedRequest:
-    text: str
+    prompt: Prompt              # text_input's string, or messages' conversation
     images: list[bytes] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
@@ -40,7 +43,7 @@ _SCALARS = {
     "stream": ("b", "BOOL"),
     "apply_chat_template": ("b", "BOOL"),
 }
-INPUT_NAMES = ("text_input", "image", "stop", *_SCALARS)
+INPUT_NAMES = ("text_input", "messages", "image", "stop", *_SCALARS)
 
 
 def _scalar(name: str, array: np.ndarray):
@@ -75,6 +78,33 @@ def _utf8(name: str, data: bytes) -> str:
         raise InvalidInput(f"{name} is not valid UTF-8 (byte {e.start})") from None
 
 
+def _one_string(name: str, array: np.ndarray) -> str:
+    values = _byte_strings(name, array)
+    if len(values) != 1:
+        raise InvalidInput(f"{name} must hold exactly one string (dims [1]), got {len(values)}")
+    return _utf8(name, values[0])
+
+
+def _prompt(arrays: Mapping[str, np.ndarray]) -> Prompt:
+    """text_input's text or messages' conversation: exactly one of the two."""
+    if "text_input" in arrays and "messages" in arrays:
+        raise InvalidInput("give either text_input or messages, not both")
+    if "messages" in arrays:
+        raw = _one_string("messages", arrays["messages"])
+        try:
+            return parse_messages(json.loads(raw))
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"messages is not valid JSON: {e}") from None
+        except ConversationError as e:
+            raise InvalidInput(f"messages: {e}") from None
+    if "text_input" not in arrays:
+        raise InvalidInput("text_input is missing (or give messages)")
+    text = _one_string("text_input", arrays["text_input"])
+    if not text.strip():
+        raise InvalidInput("text_input is empty")
+    return text
+
+
 def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ParsedRequest:
     """Validate and convert one request's inputs; raises InvalidInput naming the problem."""
     unknown = sorted(k for k, v in inputs.items() if v is not None and k not in INPUT_NAMES)
@@ -82,18 +112,8 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ParsedRequest:
         raise InvalidInput(f"unknown input(s) {unknown}; this model takes {list(INPUT_NAMES)}")
     arrays = {k: np.asarray(v) for k, v in inputs.items() if v is not None}
 
-    if "text_input" not in arrays:
-        raise InvalidInput("text_input is missing")
-    texts = _byte_strings("text_input", arrays["text_input"])
-    if len(texts) != 1:
-        raise InvalidInput(f"text_input must hold exactly one string (dims [1]), got {len(texts)}")
-    text = _utf8("text_input", texts[0])
-    if not text.strip():
-        raise InvalidInput("text_input is empty")
-
+    prompt = _prompt(arrays)
     images = _byte_strings("image", arrays["image"]) if "image" in arrays else []
-    if len(images) > MAX_IMAGES:
-        raise InvalidInput(f"{len(images)} images given; this model takes at most {MAX_IMAGES}")
     for i, data in enumerate(images):
         if not data:
             raise InvalidInput(f"image {i} is empty")
@@ -121,7 +141,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ParsedRequest:
         )
     except ValueError as e:
         raise InvalidInput(str(e)) from None
-    return ParsedRequest(text=text, images=images, params=params,
+    return ParsedRequest(prompt=prompt, images=images, params=params,
                          stream=bool(values.get("stream", False)),
                          apply_chat_template=bool(values.get("apply_chat_template", True)))
 

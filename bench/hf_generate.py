@@ -47,7 +47,7 @@ class HFBaseline:
         """Left-padded inputs_embeds [N, L, hidden] and attention_mask [N, L]."""
         rows = []
         for text, image in zip(prompts, images):
-            ids = tokenize_prompt(self.tok, build_prompt(text, has_image=True), num_images=1)
+            ids = tokenize_prompt(self.tok, build_prompt(text, 1), num_images=1)
             pixels = preprocess_image(decode_image(image), self.ref.image_size).unsqueeze(0)
             rows.append(self.ref.embed(ids, pixels)[0])
         width = max(r.shape[0] for r in rows)

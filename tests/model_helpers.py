@@ -8,7 +8,7 @@ from bunny_backend.model.bunny import IMAGE_PAD_ID
 
 
 def prompt_ids(tokenizer, text, has_image):
-    return tokenize_prompt(tokenizer, build_prompt(text, has_image=has_image))
+    return tokenize_prompt(tokenizer, build_prompt(text, int(has_image)))
 
 
 def pixels_of(image_bytes, image_size):

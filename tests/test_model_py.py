@@ -80,7 +80,7 @@ def test_stream_gets_one_response_per_delta_and_the_last_is_final(model):
     ({}, "text_input is missing"),
     ({"text_input": text("")}, "text_input is empty"),
     ({"text_input": text("hi"), "max_tokens": np.array([0], np.int32)}, "max_tokens"),
-    ({"text_input": text("hi"), "image": np.array([b"a", b"b"], dtype=object)}, "at most 1"),
+    ({"text_input": text("hi"), "messages": text('[{"role": "user", "content": "hi"}]')}, "not both"),
     ({"text_input": text("bad")}, "longer than the context"),       # refused by the engine
 ])
 def test_bad_request_gets_one_final_error_and_others_are_unaffected(model, inputs, needle):

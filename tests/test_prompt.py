@@ -42,7 +42,7 @@ def test_image_placeholder_position(tok):
 
 @pytest.mark.parametrize("prompt, n", [("<image> one", 0), ("no tag", 1), ("<image><image>", 1)])
 def test_tag_count_mismatch(tok, prompt, n):
-    with pytest.raises(ValueError, match="tag"):
+    with pytest.raises(ValueError, match="placeholder"):
         tokenize_prompt(tok, prompt, num_images=n)
 
 

@@ -13,10 +13,18 @@ def b(*items) -> np.ndarray:
 
 def test_defaults_follow_the_contract():
     r = parse_request({"text_input": b("hello"), "image": None})
-    assert r.text == "hello" and r.images == [] and r.stream is False and r.apply_chat_template is True
+    assert r.prompt == "hello" and r.images == [] and r.stream is False and r.apply_chat_template is True
     p = r.params
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.seed, p.stop, p.ignore_eos) == \
         (256, 0.0, 1.0, 0, 1.0, None, [], False)
+
+
+def test_messages_become_a_conversation():
+    from bunny_backend.io.conversation import Message
+    r = parse_request({"messages": b('[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},'
+                                     ' {"role": "assistant", "content": "hello"}, {"role": "user", "content": "再见"}]')})
+    assert r.prompt == [Message("system", "Be brief."), Message("user", "hi"), Message("assistant", "hello"),
+                        Message("user", "再见")]
 
 
 def test_every_input_is_read():
@@ -27,7 +35,7 @@ def test_every_input_is_read():
         "seed": np.array([2**64 - 1], np.uint64), "stop": b("\n", "END"), "ignore_eos": np.array([True]),
         "stream": np.array([True]), "apply_chat_template": np.array([False]),
     })
-    assert r.text == "描述这张图" and r.images == [b"\x89PNG..."] and r.stream and not r.apply_chat_template
+    assert r.prompt == "描述这张图" and r.images == [b"\x89PNG..."] and r.stream and not r.apply_chat_template
     p = r.params
     assert p.max_tokens == 7 and p.temperature == pytest.approx(0.5) and p.top_p == pytest.approx(0.9)
     assert p.top_k == 40 and p.repetition_penalty == pytest.approx(1.1) and p.seed == 2**64 - 1
@@ -41,7 +49,19 @@ def test_every_input_is_read():
     ({"text_input": b("a", "b")}, "exactly one string"),
     ({"text_input": b(b"\xff\xfe")}, "not valid UTF-8"),
     ({"text_input": np.array([1], np.int32)}, "text_input must be BYTES"),
-    ({"text_input": b("hi"), "image": b(b"1", b"2")}, "2 images given; this model takes at most 1"),
+    ({"text_input": b("hi"), "messages": b('[{"role": "user", "content": "hi"}]')}, "either text_input or messages"),
+    ({"messages": b("[{")}, "messages is not valid JSON"),
+    ({"messages": b("[]")}, "messages must be a non-empty JSON list"),
+    ({"messages": b('[{"role": "user", "content": 3}]')}, "message 0 (user): content must be a string"),
+    ({"messages": b('[{"role": "user", "content": "a", "name": "x"}]')}, "unknown field(s) ['name']"),
+    ({"messages": b('[{"role": "tool", "content": "a"}]')}, "roles are system, user and assistant"),
+    ({"messages": b('[{"role": "assistant", "content": "a"}]')}, "message 0 is the assistant's where the user's"),
+    ({"messages": b('[{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]')},
+     "only the first message may be one"),
+    ({"messages": b('[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]')},
+     "the last message must be the user's"),
+    ({"messages": b('[{"role": "system", "content": "s"}]')}, "no user message"),
+    ({"messages": b('[{"role": "user", "content": " "}]')}, "message 0 (user) is empty"),
     ({"text_input": b("hi"), "image": b(b"")}, "image 0 is empty"),
     ({"text_input": b("hi"), "max_tokens": np.array([0], np.int32)}, "max_tokens must be >= 1"),
     ({"text_input": b("hi"), "max_tokens": np.array([1.5], np.float32)}, "max_tokens must be INT32"),

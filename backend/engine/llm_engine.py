@@ -17,7 +17,7 @@ from bunny_backend.engine.device import resolve_device, resolve_dtype
 from bunny_backend.engine.kv_cache import num_kv_blocks
 from bunny_backend.engine.model_runner import ModelRunner
 from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput, ServerBusyError
-from bunny_backend.engine.request_builder import RequestBuilder
+from bunny_backend.engine.request_builder import Prompt, RequestBuilder
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.scheduler import Scheduler, SchedulerOutput
 from bunny_backend.engine.sequence import Sequence
@@ -87,11 +87,12 @@ class LLMEngine:
         return GraphCapture()
 
     # ---- submission (any thread) ---------------------------------------------------------------------------
-    def add_request(self, request_id: str | None, text: str, images: list[bytes] = (), params: SamplingParams | None = None,
-                    apply_chat_template: bool = True) -> str:
+    def add_request(self, request_id: str | None, prompt: Prompt, images: list[bytes] = (),
+                    params: SamplingParams | None = None, apply_chat_template: bool = True) -> str:
+        """prompt: the user's text (the whole prompt when apply_chat_template is false) or a list of Messages."""
         request_id = request_id or f"req-{next(self._ids)}"
         self._check_not_busy()   # before decoding images: an overloaded server should refuse cheaply
-        seq = self.builder.build(request_id, text, list(images), params or SamplingParams(), apply_chat_template)
+        seq = self.builder.build(request_id, prompt, list(images), params or SamplingParams(), apply_chat_template)
         req = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.params.stop))
         with self._lock:
             if request_id in self._requests:

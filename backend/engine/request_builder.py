@@ -1,5 +1,6 @@
-"""A request's raw inputs (text, encoded images, sampling parameters) -> a validated `Sequence`, or a
-BadRequestError that names the problem: the configured limits, unreadable images, prompts that can never fit."""
+"""A request's raw inputs (a text or a conversation, encoded images, sampling parameters) -> a validated `Sequence`,
+or a BadRequestError that names the problem: the configured limits, unreadable images, image placeholders that do
+not match the images, prompts that can never fit."""
 from __future__ import annotations
 
 import hashlib
@@ -10,11 +11,12 @@ from bunny_backend.engine import fault_injection
 from bunny_backend.engine.outputs import BadRequestError
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.sequence import ImageSpan, Sequence
+from bunny_backend.io.conversation import Message, build_prompt
 from bunny_backend.io.image import ImageError, decode_image, preprocess_image
-from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, tokenize_prompt
 from bunny_backend.model.bunny import IMAGE_PAD_ID
 
-MAX_IMAGES = 1   # Bunny-v1.0 takes at most one image per request
+Prompt = str | list[Message]   # one user message (the whole prompt without the template), or a conversation
 
 
 class RequestBuilder:
@@ -30,14 +32,14 @@ class RequestBuilder:
         self.check_fits = check_fits
         self.faults = fault_injection.enabled()
 
-    def build(self, request_id: str, text: str, images: list[bytes], params: SamplingParams,
+    def build(self, request_id: str, prompt: Prompt, images: list[bytes], params: SamplingParams,
               apply_chat_template: bool) -> Sequence:
-        self._check_raw(text, images, params)
+        self._check_raw(prompt, images, params)
         try:
+            text = build_prompt(prompt, len(images), apply_chat_template)
+            ids = tokenize_prompt(self.tokenizer, text, num_images=len(images))
             pixels = [preprocess_image(decode_image(data, self.config.max_image_pixels), self.image_size,
                                        self.config.max_image_pixels) for data in images]
-            prompt = build_prompt(text, has_image=bool(images), apply_chat_template=apply_chat_template)
-            ids = tokenize_prompt(self.tokenizer, prompt)
         except ImageError as e:
             raise BadRequestError(f"image: {e}") from None
         except ValueError as e:
@@ -65,17 +67,23 @@ class RequestBuilder:
             fault_injection.flag(seq, text)
         return seq
 
-    def _check_raw(self, text, images, params: SamplingParams) -> None:
+    def _check_raw(self, prompt: Prompt, images, params: SamplingParams) -> None:
         """The cheap checks, before any decoding or tokenizing."""
         cfg = self.config
-        if not isinstance(text, str) or not text.strip():
-            raise BadRequestError("text_input is empty")
-        size = len(text.encode("utf-8", "surrogatepass"))
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise BadRequestError("text_input is empty")
+            what, texts = "text_input is", [prompt]
+        else:
+            if not prompt:
+                raise BadRequestError("messages is empty")
+            what, texts = "the messages are", [m.content for m in prompt]
+        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
         if size > cfg.max_text_bytes:
-            raise BadRequestError(f"text_input is {size} bytes, more than the {cfg.max_text_bytes} allowed "
-                                  "(max_text_bytes)")
-        if len(images) > MAX_IMAGES:
-            raise BadRequestError(f"{len(images)} images given; this model takes at most {MAX_IMAGES}")
+            raise BadRequestError(f"{what} {size} bytes, more than the {cfg.max_text_bytes} allowed (max_text_bytes)")
+        if len(images) > cfg.max_images_per_request:
+            raise BadRequestError(f"{len(images)} images given; this model takes at most "
+                                  f"{cfg.max_images_per_request} (max_images_per_request)")
         for data in images:
             if len(data) > cfg.max_image_bytes:
                 raise BadRequestError(f"image: {len(data)} bytes, more than the {cfg.max_image_bytes} allowed "

@@ -101,7 +101,7 @@ class TritonPythonModel:
         with self._lock:
             self._inflight[request_id] = _InFlight(sender, parsed.stream)
         try:
-            self.engine.add_request(request_id, parsed.text, parsed.images, parsed.params, parsed.apply_chat_template)
+            self.engine.add_request(request_id, parsed.prompt, parsed.images, parsed.params, parsed.apply_chat_template)
         except Exception as e:
             with self._lock:
                 self._inflight.pop(request_id, None)
