@@ -1,4 +1,5 @@
-"""`bunny-client chat`: one request, the answer on stdout, token counts and speed on stderr."""
+"""`bunny-client chat`: one request (or, with --interactive, a conversation), the answer on stdout, token counts
+and speed on stderr."""
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,12 @@ def run_request(stream: BunnyStream, opts: RequestOptions, on_text: Callable[[st
     )
 
 
-def chat(url: str, text: str, image_bytes: bytes | None = None, stream: bool = False,
+def chat(url: str, text: str, images: bytes | list[bytes] | None = None, stream: bool = False,
          on_text: Callable[[str], None] | None = None, **sampling) -> ChatResult:
-    """One chat turn against the server at `url`; `sampling` takes RequestOptions fields (max_tokens, ...)."""
-    opts = RequestOptions(text=text, images=[image_bytes] if image_bytes else [], stream=stream, **sampling)
+    """One chat turn against the server at `url` with an image file's bytes or a list of them; `sampling` takes
+    RequestOptions fields (max_tokens, ...)."""
+    images = [images] if isinstance(images, bytes) else list(images or [])
+    opts = RequestOptions(text=text, images=images, stream=stream, **sampling)
     with BunnyStream(url) as conn:
         return run_request(conn, opts, on_text)
 
@@ -80,23 +83,37 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("chat", help="send one message (and an image) and print the answer")
+    p = sub.add_parser("chat", help="send one message (and images) and print the answer; or hold a conversation")
     p.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address (default %(default)s)")
-    p.add_argument("--image", type=Path, help="an image file (JPEG, PNG, WebP, BMP)")
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="an image file (JPEG, PNG, WebP, BMP); repeatable, up to the server's max_images_per_request")
+    p.add_argument("--interactive", action="store_true",
+                   help="a conversation: read messages from stdin, one a line (/reset starts over, /quit ends)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--no-chat-template", action="store_true", help="send TEXT as the whole prompt")
     add_sampling_args(p)
-    p.add_argument("text", metavar="TEXT")
+    p.add_argument("text", metavar="TEXT", nargs="?", help="the message (with --interactive: the first one)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        image = args.image.read_bytes() if args.image else None
-    except OSError as err:
-        print(f"bunny-client: cannot read image {args.image}: {err.strerror}", file=sys.stderr)
-        return 2
+    images = []
+    for path in args.image:
+        try:
+            images.append(path.read_bytes())
+        except OSError as err:
+            print(f"bunny-client: cannot read image {path}: {err.strerror}", file=sys.stderr)
+            return 2
     sampling = sampling_from_args(args)
+    if args.interactive:
+        if args.no_chat_template:
+            print("bunny-client: --interactive needs the chat template", file=sys.stderr)
+            return 2
+        from .interactive import converse
+        return converse(args.url, images, args.stream, sampling, first=args.text)
+    if not args.text:
+        print("bunny-client: chat needs TEXT (or --interactive)", file=sys.stderr)
+        return 2
     if args.no_chat_template:
         sampling["apply_chat_template"] = False
 
@@ -105,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        result = chat(args.url, args.text, image, stream=args.stream,
+        result = chat(args.url, args.text, images, stream=args.stream,
                       on_text=echo if args.stream else None, **sampling)
     except BunnyClientError as err:
         if args.stream:
@@ -113,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"bunny-client: {err}", file=sys.stderr)
         return 1
     print("" if args.stream else result.text)
+    print_stats(result)
+    return 0
+
+
+def print_stats(result: ChatResult) -> None:
     print(f"[prompt {result.prompt_tokens} tokens, completion {result.completion_tokens} tokens, "
           f"finish {result.finish_reason or '?'}, first token {result.ttft_s * 1000:.0f} ms, "
           f"{result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
-    return 0

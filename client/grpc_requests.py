@@ -8,6 +8,7 @@ Every failure, server down or a Triton error in a response, surfaces as `BunnyCl
 from __future__ import annotations
 
 import itertools
+import json
 import queue
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ class BunnyClientError(RuntimeError):
 
 @dataclass(slots=True)
 class RequestOptions:
-    """One request's inputs; None leaves the server's default (CONTRACT.md section 3)."""
+    """One request's inputs; None leaves the server's default (CONTRACT.md section 3). `messages` (a list of
+    {"role", "content"}) replaces `text` with a whole conversation."""
 
-    text: str
+    text: str = ""
     images: list[bytes] = field(default_factory=list)
     max_tokens: int | None = None
     temperature: float | None = None
@@ -42,6 +44,7 @@ class RequestOptions:
     ignore_eos: bool | None = None
     stream: bool = False
     apply_chat_template: bool | None = None
+    messages: list[dict] | None = None
 
 
 # name, Triton datatype, numpy dtype of the optional scalar inputs
@@ -67,7 +70,11 @@ def _tensor(name: str, datatype: str, array: np.ndarray, batched: bool) -> grpcc
 
 def build_inputs(opts: RequestOptions, batched: bool = False) -> list[grpcclient.InferInput]:
     """The InferInput tensors for one request; optional inputs are sent only when set."""
-    inputs = [_tensor("text_input", "BYTES", np.array([opts.text.encode()], dtype=object), batched)]
+    if opts.messages is not None:
+        prompt = ("messages", json.dumps(opts.messages, ensure_ascii=False))
+    else:
+        prompt = ("text_input", opts.text)
+    inputs = [_tensor(prompt[0], "BYTES", np.array([prompt[1].encode()], dtype=object), batched)]
     if opts.images:
         inputs.append(_tensor("image", "BYTES", np.array(list(opts.images), dtype=object), batched))
     for name, datatype, dtype in _SCALARS:

@@ -26,6 +26,15 @@ def test_build_inputs_sends_only_what_is_set():
     assert (t["stream"].datatype(), t["stream"].shape()) == ("BOOL", [1])
 
 
+def test_build_inputs_sends_a_conversation_as_messages():
+    conversation = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"},
+                    {"role": "user", "content": "and?"}]
+    t = _tensors(RequestOptions(messages=conversation, images=[b"a", b"b"]))
+    assert set(t) == {"messages", "image", "stream"} and t["messages"].shape() == [1]
+    assert json.loads(deserialize_bytes_tensor(t["messages"]._get_content())[0]) == conversation
+    assert t["image"].shape() == [2]
+
+
 def test_build_inputs_types_shapes_and_values():
     opts = RequestOptions(text="describe", images=[b"\x89PNG\x00a", b"jpg"], max_tokens=7, temperature=0.5, top_p=0.9,
                           top_k=3, repetition_penalty=1.1, seed=2**63 + 5, stop=["</s>", "\n\n"], ignore_eos=True,
