@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int,
+                   help="also serve the OpenAI-compatible API (/v1/chat/completions) on this port (default: off)")
     p.add_argument("--address", default="127.0.0.1",
                    help="address every endpoint binds (default 127.0.0.1; 0.0.0.0 exposes the server)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -148,6 +150,26 @@ def wait_or_kill(proc: subprocess.Popen, stop_deadline: list[float]) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Triton, and the OpenAI front beside it when --openai-port is given (bound first, stopped last)."""
+    front = None
+    if args.openai_port is not None:
+        from bunny_backend.server.openai.runner import OpenAIFront
+        host = triton_env.Ports(address=args.address).probe_host
+        grpc_url = f"[{host}]:{args.grpc_port}" if ":" in host else f"{host}:{args.grpc_port}"
+        try:
+            front = OpenAIFront(args.address, args.openai_port, grpc_url, MODEL_NAME)
+        except OSError as e:
+            print(f"bunny-serve: cannot serve the OpenAI API on {args.address}:{args.openai_port}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
+    try:
+        return serve_triton(args)
+    finally:
+        if front is not None:
+            front.stop()
+
+
+def serve_triton(args: argparse.Namespace) -> int:
     ports = triton_env.Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port,
                              address=args.address)
     with tempfile.TemporaryDirectory(prefix="bunny-repo-") as tmp:

@@ -43,6 +43,11 @@ class BunnyServer:
     metrics_port: int
     model_path: Path
     log: Path
+    openai_port: int | None = None
+
+    @property
+    def openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.openai_port}/v1"
 
     @property
     def url(self) -> str:
@@ -92,17 +97,19 @@ def rss_bytes(pid: int) -> int:
 
 
 def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PARAMS,
-                 timeout_s: float = 120.0) -> BunnyServer:
-    """bunny-serve on free ports; the test-only fault hook is switched on (engine/fault_injection.py)."""
-    grpc, http, metrics = free_ports(3)
-    cmd = serve_command(model_path, [grpc, http, metrics], params, extra_args=["--device", "cpu"])
+                 timeout_s: float = 120.0, openai: bool = False) -> BunnyServer:
+    """bunny-serve on free ports (and the OpenAI API with `openai`); the test-only fault hook is switched on
+    (engine/fault_injection.py)."""
+    grpc, http, metrics, openai_port = free_ports(4)
+    extra = ["--device", "cpu"] + (["--openai-port", str(openai_port)] if openai else [])
+    cmd = serve_command(model_path, [grpc, http, metrics], params, extra_args=extra)
     log_file = open(log, "w")
     env = {**os.environ, fault_injection.ENV_VAR: "1"}
     try:
         proc = launch(cmd, log_file, timeout_s, start_new_session=True, env=env)
     except LaunchError as e:
         pytest.fail(f"bunny-serve did not become ready ({e}):\n{log.read_text(errors='replace')[-4000:]}")
-    return BunnyServer(proc, grpc, http, metrics, Path(model_path), log)
+    return BunnyServer(proc, grpc, http, metrics, Path(model_path), log, openai_port if openai else None)
 
 
 @pytest.fixture(scope="session")

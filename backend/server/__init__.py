@@ -1,0 +1,1 @@
+"""bunny-serve: launching and watching tritonserver, and the OpenAI-compatible front (openai/)."""

@@ -1,0 +1,123 @@
+"""Async gRPC streaming to the Triton model (tritonclient.grpc.aio): one bi-directional stream per request.
+
+The stream of a request that finished is left to end by itself (the server closes it after the final response):
+cancelling it then would make Triton 2.51 keep the model referenced. A request abandoned before its final
+response (the HTTP client went away) is cancelled, which Triton passes on to the model: its KV blocks are freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from .errors import OpenAIError, from_triton
+
+STREAM_END_TIMEOUT_S = 10.0   # how long the server may take to close a stream after its final response
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class Response:
+    """One response of the model: new text and ids (the delta when streaming), counts, final flags the last."""
+    text: str
+    ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    final: bool
+
+
+class TritonClient:
+    """Create it inside the event loop that will use it (grpc.aio channels belong to their loop)."""
+
+    def __init__(self, url: str, model: str):
+        self.url, self.model = url, model
+        self._client = grpcaio.InferenceServerClient(url)
+
+    async def ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return await self._client.is_model_ready(self.model, client_timeout=timeout_s)
+        except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def generate(self, inputs: dict[str, np.ndarray], request_id: str = "") -> AsyncIterator[Response]:
+        """The model's responses to one request, the final one last; raises OpenAIError for an error response or
+        a broken connection."""
+        tensors = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        request = {"model_name": self.model, "inputs": tensors, "request_id": request_id or f"openai-{next(_ids)}",
+                   "parameters": {"triton_enable_empty_final_response": True}}
+
+        async def one_request():
+            yield request
+
+        call = self._client.stream_infer(one_request())
+        finished = False
+        try:
+            async for result, error in call:
+                if error is not None:
+                    finished = True
+                    raise from_triton(error.message())
+                response = _parse(result)
+                if response.final:
+                    finished = True
+                    await _wait_for_end(call)
+                yield response
+                if response.final:
+                    return
+            if not finished:
+                raise OpenAIError(503, "the Triton server closed the stream before the final response")
+        except grpc.RpcError as e:
+            finished = True   # the call is over either way
+            status = 503 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) else 500
+            raise OpenAIError(status, f"Triton at {self.url}: {e.code().name}: {e.details()}") from None
+        finally:
+            if not finished:
+                call.cancel()
+
+
+async def _wait_for_end(call) -> None:
+    """Let the server close a finished request's stream (cancelling it instead would keep the model referenced)."""
+    async def drain():
+        async for _ in call:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), STREAM_END_TIMEOUT_S)
+    except (asyncio.TimeoutError, grpc.RpcError):
+        pass
+
+
+def _first(result, name):
+    array = result.as_numpy(name)
+    return None if array is None or array.size == 0 else array.reshape(-1)[0]
+
+
+def _parse(result) -> Response:
+    params = result.get_response().parameters
+    final = "triton_final_response" in params and params["triton_final_response"].bool_param
+    text = _first(result, "text_output")
+    ids = result.as_numpy("output_ids")
+    reason = _first(result, "finish_reason")
+    prompt, completion = _first(result, "prompt_tokens"), _first(result, "completion_tokens")
+    return Response(
+        text=text.decode("utf-8", "replace") if isinstance(text, bytes) else (text or ""),
+        ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
+        finish_reason=reason.decode() if isinstance(reason, bytes) else (reason or ""),
+        prompt_tokens=0 if prompt is None else int(prompt),
+        completion_tokens=0 if completion is None else int(completion),
+        final=bool(final),
+    )

@@ -1,0 +1,136 @@
+"""The OpenAI front without a model: request translation, error mapping, and the app in-process against a Triton
+address where nothing listens (503s) — no tritonserver needed."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from bunny_backend.server.openai import translate
+from bunny_backend.server.openai.errors import OpenAIError, from_triton
+from bunny_backend.server.openai.runner import OpenAIFront
+from bunny_backend.serve_launch import free_ports
+
+PNG = b"\x89PNG\r\n\x1a\nfake"
+PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": "bunny", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+def test_parts_become_placeholders_where_they_stand():
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG_URL}},
+                                             {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                {"role": "user", "content": [{"type": "text", "text": "And"},
+                                             {"type": "image_url", "image_url": {"url": PNG_URL, "detail": "low"}},
+                                             {"type": "text", "text": "this?"}]}]
+    req = translate.prepare(json.dumps({"model": "bunny", "messages": messages, "max_completion_tokens": 5,
+                                        "stop": "END", "seed": 3, "stream": True,
+                                        "stream_options": {"include_usage": True}}).encode(), "bunny")
+    assert json.loads(req.inputs["messages"][0]) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And\n<image>\nthis?"}]
+    assert req.inputs["image"].tolist() == [PNG, PNG]
+    assert req.inputs["max_tokens"].dtype == np.int32 and req.inputs["max_tokens"].tolist() == [5]
+    assert req.inputs["seed"].dtype == np.uint64 and req.inputs["stop"].tolist() == [b"END"]
+    assert req.stream and req.include_usage and not req.return_token_ids
+    assert "temperature" not in req.inputs   # the model's default (greedy) applies
+
+
+@pytest.mark.parametrize("fields, needle", [
+    (dict(max_tokens=3, max_completion_tokens=4), "max_tokens and max_completion_tokens disagree"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}]),
+     "must be a data URL"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                   "image_url": {"url": "data:text/plain;base64,aGk="}}]}]),
+     "of type image/"),
+    (dict(messages=[{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": PNG_URL}}]},
+                    {"role": "user", "content": "hi"}]), "images are accepted in user messages only"),
+    (dict(messages=[{"role": "user", "content": None}]), "has no content"),
+    (dict(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]), "['tool_calls']"),
+    (dict(messages=[]), "messages must not be empty"),
+    (dict(top_logprobs=2), "unsupported field(s) ['top_logprobs']"),
+    (dict(presence_penalty=0.5), "unsupported field(s) ['presence_penalty']"),
+])
+def test_translation_refuses_what_it_cannot_honour(fields, needle):
+    with pytest.raises(OpenAIError) as err:
+        translate.prepare(body(**fields), "bunny")
+    assert err.value.status == 400 and needle in err.value.message
+
+
+@pytest.mark.parametrize("message, status", [
+    ("server busy: 272 requests in flight, the limit is 272", 503),
+    ("Stub process 'bunny_0_0' is not healthy.", 503),
+    ("internal error: KeyError: 'x'", 500),
+    ("engine error: RuntimeError: boom", 500),
+    ("image: the data is not a readable image", 400),
+    ("max_tokens must be >= 1, got 0", 400),
+])
+def test_triton_errors_map_to_http_statuses(message, status):
+    error = from_triton(message)
+    assert error.status == status and error.body()["error"]["message"] == message
+
+
+@pytest.fixture
+def front_without_triton():
+    port, dead = free_ports(2)
+    front = OpenAIFront("127.0.0.1", port, f"127.0.0.1:{dead}", "bunny")
+    yield f"http://127.0.0.1:{port}"
+    front.stop()
+
+
+def request(url, data: bytes | None = None, timeout=30) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        except urllib.error.URLError:   # the front's thread may still be starting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_without_triton_health_and_chat_answer_503(front_without_triton):
+    status, reply = request(front_without_triton + "/health")
+    assert status == 503 and "not ready" in reply["error"]["message"]
+    for stream in (False, True):
+        status, reply = request(front_without_triton + "/v1/chat/completions", body(stream=stream))
+        assert status == 503 and reply["error"]["type"] == "service_unavailable", reply
+    status, reply = request(front_without_triton + "/v1/nothing")
+    assert status == 404 and "error" in reply
+
+
+def test_image_work_stays_off_the_event_loop(front_without_triton, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    real = translate.decode_data_url
+
+    def held_decode(url, where):   # a huge image's base64, held until the test has had its answer
+        entered.set()
+        release.wait(30)
+        return real(url, where)
+
+    monkeypatch.setattr(translate, "decode_data_url", held_decode)
+    data = json.dumps({"model": "bunny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": PNG_URL}}]}]}).encode()
+    slow = threading.Thread(target=request, args=(front_without_triton + "/v1/chat/completions", data))
+    slow.start()
+    try:
+        assert entered.wait(10)
+        status, reply = request(front_without_triton + "/v1/models", timeout=5)   # a blocked loop times out
+        assert status == 200 and reply["data"][0]["id"] == "bunny"
+    finally:
+        release.set()
+        slow.join()
