@@ -86,7 +86,7 @@ case "$cmd" in
     exec "$PY" -m bunny_backend.tools.run_demo --model-path "${BUNNY_MODEL_PATH:-$DEMO_MODEL}" "$@" ;;
   serve)
     setup
-    exec "$VENV/bin/bunny-serve" --model-path "${BUNNY_MODEL_PATH:-$DEMO_MODEL}" "$@" ;;
+    exec "$VENV/bin/bunny-serve" --model-path "${BUNNY_MODEL_PATH:-$DEMO_MODEL}" --openai-port 9000 "$@" ;;
   bench)
     setup
     exec "$PY" -m bench.run "$@" ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -134,3 +135,12 @@ def test_image_work_stays_off_the_event_loop(front_without_triton, monkeypatch):
     finally:
         release.set()
         slow.join()
+
+
+def test_bunny_serve_refuses_a_taken_openai_port_before_starting_triton(tiny_checkpoint, capsys):
+    from bunny_backend import serve
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rc = serve.main(["--model-path", str(tiny_checkpoint), "--openai-port", str(taken.getsockname()[1])])
+    assert rc == 2 and "cannot serve the OpenAI API on 127.0.0.1:" in capsys.readouterr().err
