@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP front (CONTRACT.md section 5): FastAPI over Triton's gRPC; the model runs only in Triton."""
+"""The OpenAI-compatible HTTP front (CONTRACT.md section 5): FastAPI over Triton's gRPC; the model runs in Triton."""

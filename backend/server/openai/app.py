@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -41,10 +40,6 @@ def create_app(triton_url: str, model_name: str) -> FastAPI:
     @app.exception_handler(OpenAIError)
     async def openai_error(_request, e: OpenAIError):
         return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request, e: RequestValidationError):
-        return JSONResponse(OpenAIError(400, f"invalid request: {e.errors()}").body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, e: HTTPException):

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .errors import OpenAIError
-from .triton_client import Response
+from .triton_client import TritonResponse
 
 DONE = "data: [DONE]\n\n"
 
@@ -20,7 +20,7 @@ class Completion:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def finish_reason(response: Response) -> str:
+def finish_reason(response: TritonResponse) -> str:
     """`stop` or `length`; a request the server cancelled (it is shutting down) is an error."""
     if response.finish_reason in ("stop", "length"):
         return response.finish_reason
@@ -28,12 +28,12 @@ def finish_reason(response: Response) -> str:
                       "server may be shutting down")
 
 
-def usage(response: Response) -> dict:
+def usage(response: TritonResponse) -> dict:
     return {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens,
             "total_tokens": response.prompt_tokens + response.completion_tokens}
 
 
-def completion(c: Completion, final: Response, text: str, ids: list[int] | None) -> dict:
+def completion(c: Completion, final: TritonResponse, text: str, ids: list[int] | None) -> dict:
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
               "finish_reason": finish_reason(final)}
     if ids is not None:
@@ -54,7 +54,7 @@ def chunk(c: Completion, delta: dict, reason: str | None = None, ids: list[int] 
     return event(body)
 
 
-def usage_chunk(c: Completion, final: Response) -> str:
+def usage_chunk(c: Completion, final: TritonResponse) -> str:
     return event({"id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
                   "choices": [], "usage": usage(final)})
 

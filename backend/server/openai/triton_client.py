@@ -24,7 +24,7 @@ _ids = itertools.count(1)
 
 
 @dataclass(slots=True)
-class Response:
+class TritonResponse:
     """One response of the model: new text and ids (the delta when streaming), counts, final flags the last."""
     text: str
     ids: list[int]
@@ -50,7 +50,7 @@ class TritonClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def generate(self, inputs: dict[str, np.ndarray], request_id: str = "") -> AsyncIterator[Response]:
+    async def generate(self, inputs: dict[str, np.ndarray], request_id: str = "") -> AsyncIterator[TritonResponse]:
         """The model's responses to one request, the final one last; raises OpenAIError for an error response or
         a broken connection."""
         tensors = []
@@ -106,14 +106,14 @@ def _first(result, name):
     return None if array is None or array.size == 0 else array.reshape(-1)[0]
 
 
-def _parse(result) -> Response:
+def _parse(result) -> TritonResponse:
     params = result.get_response().parameters
     final = "triton_final_response" in params and params["triton_final_response"].bool_param
     text = _first(result, "text_output")
     ids = result.as_numpy("output_ids")
     reason = _first(result, "finish_reason")
     prompt, completion = _first(result, "prompt_tokens"), _first(result, "completion_tokens")
-    return Response(
+    return TritonResponse(
         text=text.decode("utf-8", "replace") if isinstance(text, bytes) else (text or ""),
         ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
         finish_reason=reason.decode() if isinstance(reason, bytes) else (reason or ""),
