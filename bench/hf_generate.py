@@ -17,7 +17,7 @@ from bench.common import RequestTiming, Workload, emit, peak_rss_bytes, summariz
 from bunny_backend.io.image import decode_image, preprocess_image
 from bunny_backend.io.prompt import build_prompt, tokenize_prompt
 from bunny_backend.io.tokenizer import load_tokenizer
-from bunny_backend.reference import ReferenceBunny
+from bunny_backend.tools.reference import ReferenceBunny
 
 
 class StepClock:

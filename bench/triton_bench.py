@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 
-from bunny_backend.serve_launch import LaunchError, die_with_parent, free_ports, launch, serve_command, stop_process
+from bunny_backend.server.launch import LaunchError, die_with_parent, free_ports, launch, serve_command, stop_process
 from bench.common import Workload, emit, tree_peak_rss_bytes
 from bunny_client.grpc_requests import BunnyStream, RequestOptions
 from bunny_client.perf import benchmark as perf_benchmark

@@ -1,6 +1,6 @@
 """`bunny-client reference`: the seed's GPU side (`run_coco_gpu.py`) without the server.
 
-Captions the same folder with `bunny_backend.reference.ReferenceBunny` (plain PyTorch, greedy), same prompt,
+Captions the same folder with `bunny_backend.tools.reference.ReferenceBunny` (plain PyTorch, greedy), same prompt,
 same JSON form as `coco`, so `clip-score` can compare the two files and tests can compare them word for word.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def caption_folder_reference(model_path: str | Path, images_dir: str | Path, out
                              progress: bool = True) -> tuple[int, int]:
     """Caption the images with the reference model; returns (captioned, failed)."""
     from bunny_backend.io.tokenizer import load_tokenizer
-    from bunny_backend.reference import ReferenceBunny
+    from bunny_backend.tools.reference import ReferenceBunny
 
     images = list_images(images_dir)
     done = load_captions(out) if resume else {}

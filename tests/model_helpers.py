@@ -1,10 +1,10 @@
 """Shared helpers for model-level tests: run our model without a KV cache, expand image placeholders."""
 import torch
 
-from bunny_backend.engine.context import dense_prefill_context, reset_context, set_context
 from bunny_backend.io.image import decode_image, preprocess_image
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
 from bunny_backend.model.bunny import IMAGE_PAD_ID
+from bunny_backend.utils.context import dense_prefill_context, reset_context, set_context
 
 
 def prompt_ids(tokenizer, text, has_image):

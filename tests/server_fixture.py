@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bunny_backend import serve_watchdog
 from bunny_backend.engine import fault_injection
-from bunny_backend.serve_launch import LaunchError, free_ports, launch, serve_command, stop_process
+from bunny_backend.server import watchdog
+from bunny_backend.server.launch import LaunchError, free_ports, launch, serve_command, stop_process
 
 # Small KV cache and batch limits shared by the server and the in-process engine the tests compare with.
 SERVER_PARAMS = {"kv_cache_memory_bytes": str(8 << 20), "max_num_seqs": "16", "num_threads": "2"}
@@ -80,8 +80,8 @@ class BunnyServer:
 
     def stub_pid(self) -> int:
         """The pid of the model's python stub (tritonserver's child, itself bunny-serve's child)."""
-        for triton in serve_watchdog.child_pids(self.proc.pid, "tritonserver"):
-            for pid in serve_watchdog.child_pids(triton, serve_watchdog.STUB_NAME):
+        for triton in watchdog.child_pids(self.proc.pid, "tritonserver"):
+            for pid in watchdog.child_pids(triton, watchdog.STUB_NAME):
                 return pid
         raise RuntimeError("no triton_python_backend_stub process found")
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from bunny_backend.engine.context import ForwardContext
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
+from bunny_backend.utils.context import ForwardContext
 
 
 def dense_attention(q, k, v, num_prefix):

@@ -11,7 +11,7 @@ import pytest
 from fake_triton_server import FakeServer
 from PIL import Image
 
-from bunny_backend.serve_launch import free_ports
+from bunny_backend.server.launch import free_ports
 from bunny_client.chat import chat
 from bunny_client.cli import main
 from bunny_client.grpc_requests import BunnyClientError

@@ -10,7 +10,7 @@ from bunny_backend.io.conversation import ConversationError, Message, build_prom
 from bunny_backend.io.image import load_images
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, tokenize_prompt
 from bunny_backend.io.tokenizer import load_tokenizer
-from bunny_backend.reference import ReferenceBunny
+from bunny_backend.tools.reference import ReferenceBunny
 from engine_helpers import make_engine
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -5,7 +5,7 @@ import torch
 from bunny_backend.engine.outputs import BadRequestError
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io.tokenizer import load_tokenizer
-from bunny_backend.reference import ReferenceBunny
+from bunny_backend.tools.reference import ReferenceBunny
 from engine_helpers import QUESTIONS, make_engine, run_all, twelve_requests
 from model_helpers import pixels_of, prompt_ids
 

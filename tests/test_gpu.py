@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from bunny_backend.engine.context import ForwardContext
 from bunny_backend.ops import triton_paged_decode as tpd
 from bunny_backend.ops.attention import get_backend
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
 from bunny_backend.tools.check_npu_ops import make_case, run_case
+from bunny_backend.utils.context import ForwardContext
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_triton = pytest.mark.skipif(tpd.triton is None, reason="triton is not installed")

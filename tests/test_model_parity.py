@@ -4,7 +4,7 @@ import torch
 
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.model.loader import CheckpointError, load_model
-from bunny_backend.reference import ReferenceBunny
+from bunny_backend.tools.reference import ReferenceBunny
 from model_helpers import dense_greedy, dense_logits, pixels_of, prompt_ids
 
 CONFIGS = {

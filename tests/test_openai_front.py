@@ -13,10 +13,10 @@ import urllib.request
 import numpy as np
 import pytest
 
+from bunny_backend.server.launch import free_ports
 from bunny_backend.server.openai import translate
 from bunny_backend.server.openai.errors import OpenAIError, from_triton
 from bunny_backend.server.openai.runner import OpenAIFront
-from bunny_backend.serve_launch import free_ports
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -138,9 +138,9 @@ def test_image_work_stays_off_the_event_loop(front_without_triton, monkeypatch):
 
 
 def test_bunny_serve_refuses_a_taken_openai_port_before_starting_triton(tiny_checkpoint, capsys):
-    from bunny_backend import serve
+    from bunny_backend.server import cli
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        rc = serve.main(["--model-path", str(tiny_checkpoint), "--openai-port", str(taken.getsockname()[1])])
+        rc = cli.main(["--model-path", str(tiny_checkpoint), "--openai-port", str(taken.getsockname()[1])])
     assert rc == 2 and "cannot serve the OpenAI API on 127.0.0.1:" in capsys.readouterr().err

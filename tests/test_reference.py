@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from bunny_backend.io.image import load_images
 from bunny_backend.io.prompt import build_prompt, tokenize_prompt
 from bunny_backend.io.tokenizer import eos_token_id, load_tokenizer
-from bunny_backend.reference import ReferenceBunny
+from bunny_backend.tools.reference import ReferenceBunny
 
 
 @pytest.fixture(scope="module")

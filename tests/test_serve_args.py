@@ -6,13 +6,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from bunny_backend import serve, triton_env
+from bunny_backend.server import cli, tritonserver
 
 
 def command(*argv) -> list[str]:
-    args = serve.parse_args(["--model-path", "/m", *argv])
-    ports = triton_env.Ports(args.grpc_port, args.http_port, args.metrics_port, args.address)
-    return triton_env.server_command(Path("/repo"), ports, extra_args=tuple(args.server_arg))
+    args = cli.parse_args(["--model-path", "/m", *argv])
+    ports = tritonserver.Ports(args.grpc_port, args.http_port, args.metrics_port, args.address)
+    return tritonserver.server_command(Path("/repo"), ports, extra_args=tuple(args.server_arg))
 
 
 def test_every_endpoint_binds_loopback_by_default():
@@ -28,16 +28,16 @@ def test_address_and_server_args_are_passed_on():
 
 
 def test_probes_reach_a_wildcard_address_on_loopback():
-    assert triton_env.Ports(http=9).http_url == "http://127.0.0.1:9"
-    assert triton_env.Ports(http=9, address="0.0.0.0").http_url == "http://127.0.0.1:9"
-    assert triton_env.Ports(http=9, address="10.1.2.3").http_url == "http://10.1.2.3:9"
-    assert triton_env.Ports(http=9, address="::").http_url == "http://[::1]:9"
+    assert tritonserver.Ports(http=9).http_url == "http://127.0.0.1:9"
+    assert tritonserver.Ports(http=9, address="0.0.0.0").http_url == "http://127.0.0.1:9"
+    assert tritonserver.Ports(http=9, address="10.1.2.3").http_url == "http://10.1.2.3:9"
+    assert tritonserver.Ports(http=9, address="::").http_url == "http://[::1]:9"
 
 
 def test_a_stop_that_outlives_its_deadline_is_killed():
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     t0 = time.monotonic()
-    assert serve.wait_or_kill(proc, [time.monotonic() + 1.0]) == -signal.SIGKILL
+    assert cli.wait_or_kill(proc, [time.monotonic() + 1.0]) == -signal.SIGKILL
     assert time.monotonic() - t0 < 10
 
 
@@ -60,10 +60,10 @@ def test_ready_waits_for_the_metrics_endpoint_too():
     metrics = socket.socket()
     metrics.bind(("127.0.0.1", 0))
     try:
-        ports = triton_env.Ports(http=http_server.server_address[1], metrics=metrics.getsockname()[1])
-        assert not serve.model_ready(ports)   # bound but not listening yet: refused
+        ports = tritonserver.Ports(http=http_server.server_address[1], metrics=metrics.getsockname()[1])
+        assert not cli.model_ready(ports)   # bound but not listening yet: refused
         metrics.listen()
-        assert serve.model_ready(ports)
+        assert cli.model_ready(ports)
     finally:
         http_server.shutdown()
         metrics.close()

@@ -1,4 +1,4 @@
-"""bunny-serve's stub watchdog (backend/serve_watchdog.py) against the real tritonserver (marker `server`).
+"""bunny-serve's stub watchdog (backend/server/watchdog.py) against the real tritonserver (marker `server`).
 
 Killing the model's Python stub must not leave a server that reports READY while it hangs every stream: the model
 is unloaded, tritonserver stopped (killed after a short grace), the in-flight stream ends with an error and
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bunny_backend import serve_watchdog
+from bunny_backend.server import watchdog
 from grpc_helpers import inputs_of, send
 from reliability_report import record
 from server_fixture import start_server, stop_process, wait_for
@@ -24,7 +24,7 @@ BOUND_S = 30.0   # from the kill to not-ready, to bunny-serve's exit and to the 
 
 
 def ready_status(http_port: int) -> int | str:
-    status = serve_watchdog.model_status(f"http://127.0.0.1:{http_port}", "bunny")
+    status = watchdog.model_status(f"http://127.0.0.1:{http_port}", "bunny")
     return "refused" if status is None else status
 
 
@@ -32,24 +32,24 @@ def test_proc_helpers_tell_live_children_from_zombies():
     child = subprocess.Popen(["sleep", "60"])
     try:
         # Popen can return before the kernel has set the new command line (exec releases the parent early)
-        wait_for(lambda: serve_watchdog.child_pids(os.getpid(), "sleep") == {child.pid}, 10, "the child not found")
-        assert not serve_watchdog.is_dead(child.pid, os.getpid())
-        assert serve_watchdog.is_dead(child.pid, os.getpid() + 1)   # someone else's child: a reused pid
+        wait_for(lambda: watchdog.child_pids(os.getpid(), "sleep") == {child.pid}, 10, "the child not found")
+        assert not watchdog.is_dead(child.pid, os.getpid())
+        assert watchdog.is_dead(child.pid, os.getpid() + 1)   # someone else's child: a reused pid
         os.kill(child.pid, signal.SIGKILL)
-        wait_for(lambda: serve_watchdog.is_dead(child.pid, os.getpid()), 10, "the killed child did not show as dead")
-        assert child.pid not in serve_watchdog.child_pids(os.getpid(), "sleep")   # a zombie, not yet reaped
+        wait_for(lambda: watchdog.is_dead(child.pid, os.getpid()), 10, "the killed child did not show as dead")
+        assert child.pid not in watchdog.child_pids(os.getpid(), "sleep")   # a zombie, not yet reaped
     finally:
         child.kill()
         child.wait()
-    assert serve_watchdog.is_dead(child.pid, os.getpid())   # reaped: gone
+    assert watchdog.is_dead(child.pid, os.getpid())   # reaped: gone
 
 
 def test_a_dead_stub_unloads_the_model_and_stops_the_server(tiny_checkpoint, tmp_path):
     server = start_server(tiny_checkpoint, tmp_path / "server.log")
     try:
-        (tritonserver,) = wait_for(lambda: serve_watchdog.child_pids(server.proc.pid, "tritonserver"), 10,
+        (tritonserver,) = wait_for(lambda: watchdog.child_pids(server.proc.pid, "tritonserver"), 10,
                                    "no tritonserver under bunny-serve")
-        stubs = wait_for(lambda: serve_watchdog.child_pids(tritonserver, serve_watchdog.STUB_NAME), 10,
+        stubs = wait_for(lambda: watchdog.child_pids(tritonserver, watchdog.STUB_NAME), 10,
                          "no Python stub under tritonserver")
         with ThreadPoolExecutor(1) as pool:
             def timed_send():

@@ -42,7 +42,7 @@ def test_greedy_chat_with_image_matches_the_engine(bunny_server, engine, test_im
     assert r["completion"] == len(want_ids) and r["prompt"] > 16   # image features counted
     # and the transformers-composed reference (issue "Bunny in PyTorch") gives the same ids
     from bunny_backend.io.tokenizer import load_tokenizer
-    from bunny_backend.reference import ReferenceBunny
+    from bunny_backend.tools.reference import ReferenceBunny
     from model_helpers import pixels_of, prompt_ids
     ref, tok = ReferenceBunny.from_pretrained(bunny_server.model_path), load_tokenizer(bunny_server.model_path)
     pixels = pixels_of(test_images[0], ref.image_size)
@@ -143,7 +143,7 @@ def test_metrics_counters_move(bunny_server):
 
 def test_bunny_serve_refuses_a_missing_model_path():
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "bunny_backend.serve", "--model-path", "/nonexistent"],
+    r = subprocess.run([sys.executable, "-m", "bunny_backend.server.cli", "--model-path", "/nonexistent"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "/nonexistent" in r.stderr and "does not exist" in r.stderr
     assert time.monotonic() - t0 < 60
@@ -154,8 +154,9 @@ def test_bunny_serve_exits_with_the_load_error(tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text("{}")
     ports = [str(p) for p in free_ports(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "bunny_backend.serve", "--model-path", str(broken), "--device", "cpu",
-                             "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2]],
+    proc = subprocess.Popen([sys.executable, "-m", "bunny_backend.server.cli", "--model-path", str(broken),
+                             "--device", "cpu", "--grpc-port", ports[0], "--http-port", ports[1],
+                             "--metrics-port", ports[2]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=90)

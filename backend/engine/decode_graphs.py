@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from bunny_backend.engine.context import ForwardContext, reset_context, set_context
+from bunny_backend.utils.context import ForwardContext, reset_context, set_context
 
 log = logging.getLogger("bunny.engine")
 DEFAULT_SIZES = (1, 2, 4, 8, *range(16, 513, 16))

@@ -5,11 +5,11 @@ import logging
 
 import torch
 
-from bunny_backend.engine.context import ForwardContext, reset_context, set_context
 from bunny_backend.engine.decode_graphs import DecodeGraphs
 from bunny_backend.engine.sequence import Sequence
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler
+from bunny_backend.utils.context import ForwardContext, reset_context, set_context
 
 
 log = logging.getLogger("bunny.engine")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bunny_backend.engine.context import get_context
+from bunny_backend.utils.context import get_context
 
 
 class RMSNorm(nn.Module):

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from bunny_backend.engine.context import ForwardContext
+from bunny_backend.utils.context import ForwardContext
 
 
 class AttentionBackend(Protocol):

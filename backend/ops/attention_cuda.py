@@ -14,9 +14,9 @@ import logging
 
 import torch
 
-from bunny_backend.engine.context import ForwardContext
 from bunny_backend.ops import triton_paged_decode
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
+from bunny_backend.utils.context import ForwardContext
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bunny_backend.engine.context import ForwardContext
+from bunny_backend.utils.context import ForwardContext
 
 COMPRESSED_MASK_SIZE = 128   # _npu_flash_attention_qlens takes a fixed 128x128 causal tile (MASK_TYPE_NORM_COMPRESS)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bunny_backend.engine.context import ForwardContext
+from bunny_backend.utils.context import ForwardContext
 
 
 def _sdpa(q, k, v, scale, mask=None, causal=False):

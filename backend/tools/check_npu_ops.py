@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bunny_backend.engine.context import ForwardContext
+from bunny_backend.utils.context import ForwardContext
 
 # (atol, rtol) per element, for unit-variance random inputs
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (2e-2, 2e-2)}

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from bunny_backend.serve_launch import free_ports, launch, serve_command
-from bunny_backend.triton_env import ROOT
+from bunny_backend.server.launch import free_ports, launch, serve_command
+from bunny_backend.server.tritonserver import ROOT
 
 DEFAULT_PROMPT = "Describe this image in detail."
 

@@ -1,6 +1,6 @@
 """Triton python-backend adapter for Bunny (decoupled; CONTRACT.md section 3). No model logic here.
 
-`execute` validates each request (bunny_backend.triton_io) and hands it to the engine, returning at once.
+`execute` validates each request (bunny_backend.stub.request_io) and hands it to the engine, returning at once.
 One engine thread loops `step()` and answers through each request's response sender: one response per new
 piece of text when streaming, else one response with everything. Every request ends with exactly one response
 flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL: on success, on a bad request, on cancellation, on an engine
@@ -20,8 +20,8 @@ import triton_python_backend_utils as pb_utils
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.outputs import BadRequestError, RequestOutput, ServerBusyError
-from bunny_backend.triton_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
-from bunny_backend.triton_metrics import BunnyMetrics
+from bunny_backend.stub.metrics import BunnyMetrics
+from bunny_backend.stub.request_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
 
 IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, cancellations, gauges)
 CANCEL_POLL_S = 0.02     # how often the senders are asked whether their client cancelled

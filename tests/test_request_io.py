@@ -1,10 +1,10 @@
-"""bunny_backend.triton_io: request tensors -> ParsedRequest, with a readable message for every bad input."""
+"""bunny_backend.stub.request_io: request tensors -> ParsedRequest, with a readable message for every bad input."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bunny_backend.triton_io import InvalidInput, parse_request, response_arrays
+from bunny_backend.stub.request_io import InvalidInput, parse_request, response_arrays
 
 
 def b(*items) -> np.ndarray:

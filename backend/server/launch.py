@@ -50,7 +50,7 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
 def serve_command(model_path: str | Path, ports: list[int], params: dict[str, str] | None = None,
                   extra_args: list[str] = ()) -> list[str]:
     grpc, http, metrics = ports
-    cmd = [sys.executable, "-m", "bunny_backend.serve", "--model-path", str(model_path),
+    cmd = [sys.executable, "-m", "bunny_backend.server.cli", "--model-path", str(model_path),
            "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics), *extra_args]
     for key, value in (params or {}).items():
         cmd += ["--param", f"{key}={value}"]

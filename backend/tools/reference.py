@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io.image import load_images
-from .io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
-from .io.tokenizer import eos_token_id
+from bunny_backend.io.image import load_images
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
+from bunny_backend.io.tokenizer import eos_token_id
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."

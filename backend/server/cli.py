@@ -5,7 +5,7 @@ The copy (a temporary folder) carries config.pbtxt with the engine parameters ov
 binds 127.0.0.1 unless --address says otherwise. `READY` is printed on its own line on stdout once the model
 takes requests; the server's log goes to stderr. SIGTERM/SIGINT stop the server cleanly. Exit status: 0 after a clean stop, 2 for bad
 arguments, 1 when the model fails to load (its error lines are repeated at the end) or when its Python stub
-process dies while serving (serve_watchdog.py: the model is unloaded and tritonserver stopped). A stop that
+process dies while serving (server/watchdog.py: the model is unloaded and tritonserver stopped). A stop that
 outlives --exit-timeout by STOP_KILL_GRACE_S (a client holding a stream open keeps Triton 2.51's gRPC server
 from shutting down) ends with SIGKILL.
 """
@@ -25,9 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-from bunny_backend import serve_watchdog, triton_env
 from bunny_backend.config import EngineConfig
-from bunny_backend.serve_launch import die_with_parent
+from bunny_backend.server import tritonserver, watchdog
+from bunny_backend.server.launch import die_with_parent
 
 MODEL_NAME = "bunny"
 STOP_KILL_GRACE_S = 10.0
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="address every endpoint binds (default 127.0.0.1; 0.0.0.0 exposes the server)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="pass ARG to tritonserver (repeatable), e.g. --server-arg=--grpc-use-ssl=true")
-    p.add_argument("--repository", type=Path, default=triton_env.MODEL_REPOSITORY,
+    p.add_argument("--repository", type=Path, default=tritonserver.MODEL_REPOSITORY,
                    help="model repository to copy (default: the checkout's model_repository/)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override an engine parameter of config.pbtxt (repeatable), e.g. max_num_seqs=8")
@@ -90,9 +90,9 @@ def write_repository(src: Path, dst: Path, params: dict[str, str]) -> dict[str, 
     return merged
 
 
-def model_ready(ports: triton_env.Ports) -> bool:
+def model_ready(ports: tritonserver.Ports) -> bool:
     """The model takes requests and the metrics endpoint (Triton starts it last) accepts connections."""
-    if serve_watchdog.model_status(ports.http_url, MODEL_NAME) != 200:
+    if watchdog.model_status(ports.http_url, MODEL_NAME) != 200:
         return False
     try:
         socket.create_connection((ports.probe_host, ports.metrics), timeout=2).close()
@@ -122,14 +122,14 @@ def error_lines(tail) -> list[str]:
 def watch_stubs(proc: subprocess.Popen, http_url: str, stopping: threading.Event) -> bool:
     """Until tritonserver exits or a clean stop begins, check its stub processes; True if one died (the server
     has then been stopped)."""
-    watchdog = serve_watchdog.StubWatchdog(proc.pid, http_url, MODEL_NAME)
+    stub_watch = watchdog.StubWatchdog(proc.pid, http_url, MODEL_NAME)
     while proc.poll() is None and not stopping.is_set():
-        pid = watchdog.dead_stub()
+        pid = stub_watch.dead_stub()
         # A clean stop unloads the model, so its stub exits too; a dead tritonserver orphans its stubs.
         if pid is not None and not stopping.is_set() and proc.poll() is None:
-            serve_watchdog.stop_after_stub_death(proc, pid, http_url, MODEL_NAME)
+            watchdog.stop_after_stub_death(proc, pid, http_url, MODEL_NAME)
             return True
-        time.sleep(serve_watchdog.POLL_S)
+        time.sleep(watchdog.POLL_S)
     return False
 
 
@@ -154,7 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     front = None
     if args.openai_port is not None:
         from bunny_backend.server.openai.runner import OpenAIFront
-        host = triton_env.Ports(address=args.address).probe_host
+        host = tritonserver.Ports(address=args.address).probe_host
         grpc_url = f"[{host}]:{args.grpc_port}" if ":" in host else f"{host}:{args.grpc_port}"
         try:
             front = OpenAIFront(args.address, args.openai_port, grpc_url, MODEL_NAME)
@@ -170,7 +170,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def serve_triton(args: argparse.Namespace) -> int:
-    ports = triton_env.Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port,
+    ports = tritonserver.Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port,
                              address=args.address)
     with tempfile.TemporaryDirectory(prefix="bunny-repo-") as tmp:
         repo = Path(tmp) / "model_repository"
@@ -179,9 +179,9 @@ def serve_triton(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:
             print(f"bunny-serve: {e}", file=sys.stderr)
             return 2
-        cmd = triton_env.server_command(repo, ports, log_verbose=args.log_verbose, exit_timeout_s=args.exit_timeout,
+        cmd = tritonserver.server_command(repo, ports, log_verbose=args.log_verbose, exit_timeout_s=args.exit_timeout,
                                         models=(MODEL_NAME,), extra_args=tuple(args.server_arg))
-        proc = subprocess.Popen(cmd, env=triton_env.server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=tritonserver.server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", bufsize=1, start_new_session=True,
                                 preexec_fn=die_with_parent)
         tail: collections.deque = collections.deque(maxlen=400)

@@ -14,10 +14,10 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent          # the checkout (backend/ is installed editable)
+ROOT = Path(__file__).resolve().parents[2]             # the checkout (backend/ is installed editable)
 MODEL_REPOSITORY = ROOT / "model_repository"
 BACKEND_DIR = ROOT / "build" / "triton" / "backends"
-SETUP_SCRIPT = Path(__file__).resolve().parent / "tools" / "setup_triton.sh"
+SETUP_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "setup_triton.sh"
 
 
 @dataclass(frozen=True, slots=True)
