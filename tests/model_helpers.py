@@ -3,8 +3,7 @@ import torch
 
 from bunny_backend.io.image import decode_image, preprocess_image
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
-from bunny_backend.model.bunny import IMAGE_PAD_ID
-from bunny_backend.utils.context import dense_prefill_context, reset_context, set_context
+from bunny_backend.utils.context import ForwardContext, reset_context, set_context
 
 
 def prompt_ids(tokenizer, text, has_image):
@@ -20,8 +19,15 @@ def pixels_of(image_bytes, image_size):
 def expand(ids, num_image_tokens):
     out = []
     for t in ids:
-        out += [IMAGE_PAD_ID] * num_image_tokens if t == IMAGE_TOKEN_INDEX else [t]
+        out += [IMAGE_TOKEN_INDEX] * num_image_tokens if t == IMAGE_TOKEN_INDEX else [t]
     return out
+
+
+def dense_prefill_context(length: int) -> ForwardContext:
+    """Context for a cache-less causal forward over one sequence."""
+    cu = torch.tensor([0, length], dtype=torch.int32)
+    return ForwardContext(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=length, seqlens_q=[length],
+                          seqlens_k=[length])
 
 
 @torch.inference_mode()
@@ -29,7 +35,7 @@ def dense_logits(model, ids, pixels):
     """Logits [L, V] of our model for unexpanded ids (with IMAGE_TOKEN_INDEX), no cache."""
     full = torch.tensor(expand(ids, model.num_image_tokens))
     image_embeds = model.encode_images(pixels)[0] if pixels is not None else None
-    set_context(dense_prefill_context([len(full)]))
+    set_context(dense_prefill_context(len(full)))
     try:
         hidden = model(model.embed_inputs(full, image_embeds), torch.arange(len(full)))
     finally:

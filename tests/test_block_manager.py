@@ -4,7 +4,8 @@ import pytest
 
 from bunny_backend.engine.block_manager import BlockManager
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.sequence import IMAGE_PAD_ID, ImageSpan, Sequence
+from bunny_backend.engine.sequence import ImageSpan, Sequence
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX
 
 BS = 4
 
@@ -74,7 +75,7 @@ def test_divergence_stops_the_chain():
 
 def test_no_hit_when_image_differs_at_same_positions():
     bm = BlockManager(num_blocks=16, block_size=BS)
-    tokens = [1, 2] + [IMAGE_PAD_ID] * 6 + [3, 4, 5]
+    tokens = [1, 2] + [IMAGE_TOKEN_INDEX] * 6 + [3, 4, 5]
     a = make_seq(tokens, [image(2, 6, b"cat")])
     bm.allocate(a)
     prefill(bm, a)
@@ -88,10 +89,10 @@ def test_no_hit_when_image_differs_at_same_positions():
 
 def test_no_hit_when_same_image_at_other_offset():
     bm = BlockManager(num_blocks=16, block_size=BS)
-    a = make_seq([IMAGE_PAD_ID] * 5 + [IMAGE_PAD_ID] * 3 + [1, 2], [image(0, 5, b"x"), image(5, 3, b"x")])
+    a = make_seq([IMAGE_TOKEN_INDEX] * 5 + [IMAGE_TOKEN_INDEX] * 3 + [1, 2], [image(0, 5, b"x"), image(5, 3, b"x")])
     bm.allocate(a)
     prefill(bm, a)
-    b = make_seq([IMAGE_PAD_ID] * 3 + [IMAGE_PAD_ID] * 5 + [1, 2], [image(0, 3, b"x"), image(3, 5, b"x")])
+    b = make_seq([IMAGE_TOKEN_INDEX] * 3 + [IMAGE_TOKEN_INDEX] * 5 + [1, 2], [image(0, 3, b"x"), image(3, 5, b"x")])
     bm.allocate(b)
     assert b.num_prefix_hit_tokens == 0
 

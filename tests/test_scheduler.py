@@ -4,7 +4,8 @@ from types import SimpleNamespace
 from bunny_backend.engine.block_manager import BlockManager
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.scheduler import Scheduler
-from bunny_backend.engine.sequence import IMAGE_PAD_ID, ImageSpan, Sequence, SequenceStatus
+from bunny_backend.engine.sequence import ImageSpan, Sequence, SequenceStatus
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX
 
 BS = 4
 
@@ -60,7 +61,7 @@ def test_respects_token_budget_and_chunks():
     # b keeps its blocks and continues before c is admitted; decode of a waits for the prefills.
     out = step(sched)
     assert out.is_prefill and out.seqs == [b, c] and out.num_new_tokens == [4, 3]
-    assert out.num_batched_tokens <= 12
+    assert sum(out.num_new_tokens) <= 12
     out = step(sched)
     assert not out.is_prefill and out.seqs == [a, b, c]
 
@@ -163,7 +164,7 @@ def test_check_fits():
 def test_prompt_ending_in_an_image_row_never_decodes_it():
     sched = make_sched(max_num_batched_tokens=5)
     img = ImageSpan(2, 4, hashlib.sha256(b"x").digest(), pixel_values=None)
-    seq = Sequence("img", [1, 2] + [IMAGE_PAD_ID] * 4, SamplingParams(), images=[img])
+    seq = Sequence("img", [1, 2] + [IMAGE_TOKEN_INDEX] * 4, SamplingParams(), images=[img])
     sched.add(seq)
     out = step(sched)
     assert out.num_new_tokens == [5] and seq.num_cached_tokens == seq.num_tokens - 1

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from bunny_backend.utils.context import ForwardContext, reset_context, set_context
+from bunny_backend.utils.context import ForwardContext, reset_context, set_context, token_slots
 
 log = logging.getLogger("bunny.engine")
 DEFAULT_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
@@ -67,7 +67,7 @@ class DecodeGraphs:
     def __init__(self, model, max_batch: int, max_blocks: int, scratch_block: int, block_size: int,
                  device: torch.device, capture: GraphCapture | EagerCapture):
         self.model, self.max_blocks, self.sizes = model, max_blocks, graph_sizes(max_batch)
-        self.scratch_slot = scratch_block * block_size
+        self.scratch_slot = token_slots([scratch_block], 0, 1, block_size)[0]
         self.scratch_block = scratch_block
         self.ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)

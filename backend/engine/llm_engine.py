@@ -12,8 +12,7 @@ import torch
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine import fault_injection
 from bunny_backend.engine.block_manager import BlockManager
-from bunny_backend.engine.decode_graphs import GraphCapture
-from bunny_backend.engine.device import resolve_device, resolve_dtype
+from bunny_backend.engine.device import DevicePlan
 from bunny_backend.engine.kv_cache import num_kv_blocks
 from bunny_backend.engine.model_runner import ModelRunner
 from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput, ServerBusyError
@@ -23,9 +22,7 @@ from bunny_backend.engine.scheduler import Scheduler, SchedulerOutput
 from bunny_backend.engine.sequence import Sequence
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
 from bunny_backend.io.tokenizer import load_tokenizer
-from bunny_backend.model.cpu_layout import use_cpu_linears
 from bunny_backend.model.loader import load_model
-from bunny_backend.ops import triton_paged_decode
 from bunny_backend.ops.attention import get_backend
 
 MAX_QUARANTINES = 3   # a sequence whose batches failed this often is failed itself
@@ -44,20 +41,17 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        plan = DevicePlan.resolve(config)
+        self.device, self.dtype, self.block_size = plan.device, plan.dtype, plan.block_size
         self.tokenizer = load_tokenizer(config.model_path)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.model = load_model(config.model_path, self.dtype, self.device)
-        if self.device.type == "cpu":
-            use_cpu_linears(self.model)
+        plan.prepare_model(self.model)
         text = self.model.config.text
-        self.block_size = config.block_size or (128 if self.device.type == "npu" else 16)
         self.max_model_len = config.max_model_len or text.max_position_embeddings
         num_blocks = num_kv_blocks(config, text, self.block_size, self.max_model_len, self.dtype, self.device)
-        backend_name = self.device.type if config.attention_backend == "auto" else config.attention_backend
-        self.runner = ModelRunner(self.model, get_backend(backend_name), num_blocks, self.block_size,
-                                  self.device, self.dtype, graph_capture=self._graph_capture(backend_name),
+        self.runner = ModelRunner(self.model, get_backend(plan.attention_backend), num_blocks, self.block_size,
+                                  self.device, self.dtype, graph_capture=plan.graph_capture(text.head_dim),
                                   max_graph_batch=config.max_num_seqs,
                                   max_blocks_per_seq=-(-self.max_model_len // self.block_size))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
@@ -65,7 +59,7 @@ class LLMEngine:
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
                                       self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests
-        self._faults = self.builder.faults   # the test-only hook, read once from the environment
+        self._fault_injector = fault_injection.from_environment()   # None unless a test switched it on
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
         self._aborts: list[str] = []
@@ -73,18 +67,6 @@ class LLMEngine:
         self._wakeup = threading.Condition(self._lock)
         self._stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = itertools.count()
-
-    def _graph_capture(self, backend_name: str):
-        """torch.cuda graph capture when asked for and the decode attention can be captured, else None."""
-        if not self.config.cuda_graphs or self.device.type != "cuda":
-            return None
-        text = self.model.config.text
-        reason = (f"attention backend {backend_name}" if backend_name != "cuda" else
-                  triton_paged_decode.unsupported_for(self.dtype, text.head_dim, self.block_size))
-        if reason:
-            log.warning("bunny: cuda_graphs is on but decode runs eagerly: %s", reason)
-            return None
-        return GraphCapture()
 
     # ---- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, images: list[bytes] = (),
@@ -94,6 +76,8 @@ class LLMEngine:
         self._check_not_busy()   # before decoding images: an overloaded server should refuse cheaply
         seq = self.builder.build(request_id, prompt, list(images), params or SamplingParams(), apply_chat_template)
         req = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.params.stop))
+        if self._fault_injector:
+            self._fault_injector.on_request(seq, prompt)
         with self._lock:
             if request_id in self._requests:
                 raise BadRequestError(f"request id {request_id!r} is already in flight")
@@ -141,8 +125,8 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         try:
-            if self._faults:
-                fault_injection.check(sched.seqs)
+            if self._fault_injector:
+                self._fault_injector.before_step(sched.seqs)
             sampled = self.runner.run(sched.seqs, sched.is_prefill, sched.num_new_tokens)
         except Exception as e:   # noqa: BLE001 - isolate the request that broke the step, keep serving
             return outputs + self._on_step_failure(sched, e)
@@ -180,7 +164,6 @@ class LLMEngine:
         self._stats.generation_tokens_total += 1
         out = RequestOutput(seq.request_id, prompt_tokens=seq.num_prompt_tokens)
         if first:
-            seq.first_token_time = now
             out.ttft_s = now - seq.arrival_time
         else:
             out.inter_token_latencies_s.append(now - seq.last_token_time)

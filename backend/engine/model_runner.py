@@ -9,7 +9,7 @@ from bunny_backend.engine.decode_graphs import DecodeGraphs
 from bunny_backend.engine.sequence import Sequence
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler
-from bunny_backend.utils.context import ForwardContext, reset_context, set_context
+from bunny_backend.utils.context import ForwardContext, reset_context, set_context, token_slots
 
 
 log = logging.getLogger("bunny.engine")
@@ -49,10 +49,6 @@ class ModelRunner:
         rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def _encode_missing_images(self, seqs: list[Sequence], chunks: list[tuple[int, int]]) -> None:
         """Run the vision tower once, batched, for every image this step touches that has no features yet."""
         todo = [img for seq, (start, end) in zip(seqs, chunks) for img in seq.images
@@ -80,15 +76,13 @@ class ModelRunner:
         for seq, (start, end) in zip(seqs, chunks):
             ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slots += self._slots(seq, start, end)
+            slots += token_slots(seq.block_table, start, end, self.block_size)
             rows += self._image_rows(seq, start, end)
             seqlens_q.append(end - start)
             seqlens_k.append(end)
             last_rows.append(len(ids) - 1 if end == seq.num_tokens else None)
         cu_q = torch.tensor([0] + seqlens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        cu_k = torch.tensor([0] + seqlens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        ctx = ForwardContext(is_prefill=True, cu_seqlens_q=cu_q.to(self.device), cu_seqlens_k=cu_k.to(self.device),
-                             max_seqlen_q=max(seqlens_q), max_seqlen_k=max(seqlens_k),
+        ctx = ForwardContext(is_prefill=True, cu_seqlens_q=cu_q.to(self.device), max_seqlen_q=max(seqlens_q),
                              slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
                              block_tables=self._block_tables(seqs), seqlens_q=seqlens_q, seqlens_k=seqlens_k)
         image_embeds = torch.cat(rows) if rows else None
@@ -97,8 +91,7 @@ class ModelRunner:
     def _decode_lists(self, seqs: list[Sequence]):
         ids = [s.last_token for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
-        slots = [s.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                 for s, p in zip(seqs, positions)]
+        slots = [token_slots(s.block_table, p, p + 1, self.block_size)[0] for s, p in zip(seqs, positions)]
         return ids, positions, slots, [s.num_tokens for s in seqs]
 
     def _prepare_decode(self, seqs: list[Sequence]):
@@ -106,7 +99,7 @@ class ModelRunner:
         ctx = ForwardContext(is_prefill=False,
                              slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
                              context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-                             block_tables=self._block_tables(seqs), max_seqlen_k=max(lens), seqlens_k=lens)
+                             block_tables=self._block_tables(seqs), seqlens_k=lens)
         return ids, positions, ctx
 
     # ---- step ----------------------------------------------------------------------------------------------

@@ -38,7 +38,3 @@ class EngineStats:
     generation_tokens_total: int = 0
     num_preemptions: int = 0
     requests_finished: dict = field(default_factory=dict)   # finish_reason -> count
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0

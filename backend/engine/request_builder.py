@@ -7,14 +7,12 @@ import hashlib
 import time
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine import fault_injection
 from bunny_backend.engine.outputs import BadRequestError
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.sequence import ImageSpan, Sequence
 from bunny_backend.io.conversation import Message, build_prompt
 from bunny_backend.io.image import ImageError, decode_image, preprocess_image
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, tokenize_prompt
-from bunny_backend.model.bunny import IMAGE_PAD_ID
 
 Prompt = str | list[Message]   # one user message (the whole prompt without the template), or a conversation
 
@@ -30,7 +28,6 @@ class RequestBuilder:
         # 0 or beyond the context: the scheduler's check_fits names the context length instead
         self.max_prompt_tokens = config.max_prompt_tokens if 0 < config.max_prompt_tokens < max_model_len else 0
         self.check_fits = check_fits
-        self.faults = fault_injection.enabled()
 
     def build(self, request_id: str, prompt: Prompt, images: list[bytes], params: SamplingParams,
               apply_chat_template: bool) -> Sequence:
@@ -51,7 +48,7 @@ class RequestBuilder:
                 data, px = next(image_iter)
                 spans.append(ImageSpan(offset=len(token_ids), length=self.num_image_tokens,
                                        content_hash=hashlib.sha256(data).digest(), pixel_values=px))
-                token_ids += [IMAGE_PAD_ID] * self.num_image_tokens
+                token_ids += [IMAGE_TOKEN_INDEX] * self.num_image_tokens
             else:
                 token_ids.append(tid)
         if not token_ids:
@@ -62,10 +59,7 @@ class RequestBuilder:
         problem = self.check_fits(len(token_ids), params.max_tokens)
         if problem:
             raise BadRequestError(problem)
-        seq = Sequence(request_id, token_ids, params, spans, arrival_time=time.perf_counter())
-        if self.faults:
-            fault_injection.flag(seq, text)
-        return seq
+        return Sequence(request_id, token_ids, params, spans, arrival_time=time.perf_counter())
 
     def _check_raw(self, prompt: Prompt, images, params: SamplingParams) -> None:
         """The cheap checks, before any decoding or tokenizing."""

@@ -42,10 +42,6 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.seqs
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
 
 class Scheduler:
     def __init__(self, config, block_manager: BlockManager, max_model_len: int):

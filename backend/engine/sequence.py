@@ -1,7 +1,7 @@
 """One request as the scheduler sees it: a growing list of token ids, its KV-cache blocks and its prefill progress.
 
 Images are expanded before scheduling: an image of T feature rows occupies T positions of `token_ids`, each
-IMAGE_PAD_ID, and an `ImageSpan` says where and what it is. Nothing here knows about paging beyond `block_table`.
+IMAGE_TOKEN_INDEX, and an `ImageSpan` says where and what it is. Nothing here knows about paging beyond `block_table`.
 
 Progress: the first `num_cached_tokens` tokens have their K/V in the cache. Each step computes
 token_ids[num_cached_tokens : num_cached_tokens + n] for the n the scheduler chose; when that reaches the end of
@@ -17,8 +17,7 @@ from enum import Enum, auto
 import torch
 
 from bunny_backend.engine.sampling_params import SamplingParams
-
-IMAGE_PAD_ID = -200
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX
 
 _seq_counter = itertools.count()
 
@@ -50,8 +49,8 @@ class Sequence:
         self.images = sorted(images, key=lambda im: im.offset)
         for im in self.images:
             span = self.token_ids[im.offset:im.offset + im.length]
-            if im.offset < 0 or im.length < 1 or len(span) != im.length or any(t != IMAGE_PAD_ID for t in span):
-                raise ValueError(f"image span at {im.offset} (+{im.length}) does not cover IMAGE_PAD_ID tokens")
+            if im.offset < 0 or im.length < 1 or len(span) != im.length or any(t != IMAGE_TOKEN_INDEX for t in span):
+                raise ValueError(f"image span at {im.offset} (+{im.length}) does not cover IMAGE_TOKEN_INDEX tokens")
         self.params = params
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -65,7 +64,6 @@ class Sequence:
         # its recompute prefill and one decode step; quarantined counts how often that happened.
         self.suspect = False
         self.num_quarantines = 0
-        self.inject_fault = self.inject_slow = False   # test-only, see engine/fault_injection.py
 
         # The effective seed is kept so a runner can seed a generator on its own device.
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -73,11 +71,7 @@ class Sequence:
 
         # Set by the engine (time.monotonic() or whatever clock it uses consistently).
         self.arrival_time = arrival_time
-        self.first_token_time: float | None = None
         self.last_token_time: float | None = None
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, request={self.request_id!r}, {self.status.name}, "
@@ -100,17 +94,13 @@ class Sequence:
         return self.token_ids[-1]
 
     @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
-
-    @property
     def is_prefill_done(self) -> bool:
         """True when the next step is a decode step: everything but the last token is cached.
 
         A last token that is an image row stays a (one-token) prefill, because decode embeds token ids only.
         That can happen only before the first sampled token.
         """
-        return self.num_cached_tokens == len(self.token_ids) - 1 and self.token_ids[-1] != IMAGE_PAD_ID
+        return self.num_cached_tokens == len(self.token_ids) - 1 and self.token_ids[-1] != IMAGE_TOKEN_INDEX
 
     def num_blocks(self, block_size: int) -> int:
         """Blocks needed to hold the K/V of every current token."""

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from .conversation import IMAGE_TOKEN, SYSTEM_PROMPT, build_prompt  # noqa: F401 - the template's home
 
-IMAGE_TOKEN_INDEX = -200   # LLaVA's placeholder id; never a real token
+# LLaVA's placeholder id, never a real token: one per `<image>` after tokenizing, and one per image feature row
+# once the engine expands it (the model puts the features at those rows).
+IMAGE_TOKEN_INDEX = -200
 
 
 def count_image_tags(prompt: str) -> int:
@@ -32,8 +34,3 @@ def tokenize_prompt(tokenizer, prompt: str, num_images: int | None = None) -> li
             ids.extend(tokenizer.encode(chunk, add_special_tokens=False))
     return ids
 
-
-def count_prompt_tokens(ids: list[int], tokens_per_image: int) -> int:
-    """Length of the prompt once each placeholder is replaced by the image's feature rows."""
-    images = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
-    return len(ids) + images * (tokens_per_image - 1)

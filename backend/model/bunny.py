@@ -1,18 +1,17 @@
 """Bunny = SigLIP tower + mlp2x_gelu projector + the unchanged Qwen2 decoder, driven by inputs_embeds.
 
 Image placeholders are expanded before scheduling: each image occupies `num_image_tokens` rows of the token ids,
-all equal to IMAGE_PAD_ID, and `embed_inputs` puts the image features there.
+all equal to IMAGE_TOKEN_INDEX, and `embed_inputs` puts the image features there.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX
 from bunny_backend.model.config import BunnyConfig
 from bunny_backend.model.qwen2 import Qwen2Model
 from bunny_backend.model.siglip import SiglipVisionTower
-
-IMAGE_PAD_ID = -200
 
 
 class VisionTowerWrapper(nn.Module):
@@ -56,8 +55,8 @@ class BunnyForCausalLM(nn.Module):
         return self.model.mm_projector(self.vision_features(pixel_values))
 
     def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [N, hidden] with the IMAGE_PAD_ID rows replaced, in order, by image_embeds [M, hidden]."""
-        is_image = input_ids == IMAGE_PAD_ID
+        """Token embeddings [N, hidden] with the IMAGE_TOKEN_INDEX rows replaced, in order, by image_embeds [M, hidden]."""
+        is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.model.embed_tokens(input_ids.masked_fill(is_image, 0))
         num_rows = 0 if image_embeds is None else image_embeds.shape[0]
         num_slots = int(is_image.sum())

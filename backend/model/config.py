@@ -56,7 +56,6 @@ class BunnyConfig:
     text: TextConfig
     vision: VisionConfig = field(default_factory=VisionConfig)
     mm_hidden_size: int = 1152
-    torch_dtype: str = "float32"
 
     @classmethod
     def from_dict(cls, raw: dict) -> "BunnyConfig":
@@ -66,8 +65,7 @@ class BunnyConfig:
         text = TextConfig(**{k: raw[k] for k in TextConfig.__dataclass_fields__ if k in raw})
         vision_raw = raw.get("vision_config") or {}
         vision = VisionConfig(**{k: vision_raw[k] for k in VisionConfig.__dataclass_fields__ if k in vision_raw})
-        return cls(text=text, vision=vision, mm_hidden_size=raw.get("mm_hidden_size", vision.hidden_size),
-                   torch_dtype=str(raw.get("torch_dtype", "float32")))
+        return cls(text=text, vision=vision, mm_hidden_size=raw.get("mm_hidden_size", vision.hidden_size))
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> "BunnyConfig":

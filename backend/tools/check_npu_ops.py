@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bunny_backend.utils.context import ForwardContext
+from bunny_backend.utils.context import ForwardContext, token_slots
 
 # (atol, rtol) per element, for unit-variance random inputs
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -43,8 +43,7 @@ class Case:
         return Case(**{**self.__dict__, **cast})
 
     def slots(self, seq: int, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, self.tables[seq]
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return token_slots(self.tables[seq], start, end, self.block_size)
 
 
 def make_case(heads, kv_heads, head_dim, block_size, prefix, new, seed=0) -> Case:
@@ -79,13 +78,13 @@ def run_case(backend, case: Case, dtype, device) -> dict[str, torch.Tensor]:
         backend.store_kv(c.k[pre_rows], c.v[pre_rows], k_cache, v_cache, slots([(0, p) for p in c.prefix]))
     totals = [p + n for p, n in zip(c.prefix, c.new)]
     ctx = ForwardContext(is_prefill=True, slot_mapping=slots(list(zip(c.prefix, totals))), block_tables=tables,
-                         seqlens_q=list(c.new), seqlens_k=totals, max_seqlen_q=max(c.new), max_seqlen_k=max(totals))
+                         seqlens_q=list(c.new), seqlens_k=totals, max_seqlen_q=max(c.new))
     k_new, v_new = c.k[new_rows], c.v[new_rows]
     backend.store_kv(k_new, v_new, k_cache, v_cache, ctx.slot_mapping)
     prefill = backend.prefill(c.q, k_new, v_new, k_cache, v_cache, ctx, c.head_dim ** -0.5)
     dctx = ForwardContext(is_prefill=False, slot_mapping=slots([(t, t + 1) for t in totals]), block_tables=tables,
                           context_lens=torch.tensor([t + 1 for t in totals], dtype=torch.int32, device=device),
-                          seqlens_k=[t + 1 for t in totals], max_seqlen_k=max(totals) + 1)
+                          seqlens_k=[t + 1 for t in totals])
     backend.store_kv(c.k[dec_rows], c.v[dec_rows], k_cache, v_cache, dctx.slot_mapping)
     decode = backend.decode(c.q_decode, k_cache, v_cache, dctx, c.head_dim ** -0.5)
     every = torch.tensor(sum((c.slots(i, 0, t + 1) for i, t in enumerate(totals)), []), device=device)
