@@ -22,7 +22,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int = 0            # CPU intra-op threads; 0: all cores
     attention_backend: str = "auto"  # auto: the device's own (npu, cuda) or the portable torch one
-    seed: int = 0                   # engine-level default for requests without a seed
+    seed: int = 0                   # seeds the draw of a seed for each request that has none
     # Decode steps as CUDA graphs where they can run (device cuda with the Triton paged-decode kernel); ignored
     # elsewhere. Verified on an H200: same logits as eager decoding, about 5x its speed (bench/NOTES.md).
     cuda_graphs: bool = True

@@ -99,6 +99,14 @@ def test_seeded_sampling_reproducible_alone_and_in_batch(model_path, test_images
     assert greedy["g"][0] == topk1["k"][0]
 
 
+def test_the_engine_seed_decides_unseeded_sampling(model_path):
+    params = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    reqs = [(0, f"u{i}", QUESTIONS[i], [], params) for i in range(3)]
+    first = run_all(make_engine(model_path, seed=7), reqs)
+    assert run_all(make_engine(model_path, seed=7), reqs) == first
+    assert run_all(make_engine(model_path, seed=8), reqs) != first
+
+
 def test_streamed_chinese_equals_whole_decode(model_path):
     # Random weights may emit byte sequences that are not UTF-8 at all, so U+FFFD can be in the whole decode
     # too; streaming must add none of its own (tests/test_detokenizer.py streams real Chinese text).

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class LLMEngine:
         self._wakeup = threading.Condition(self._lock)
         self._stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = itertools.count()
+        # Draws the seed of each accepted request that has none, in arrival order: the same engine seed and the
+        # same requests in the same order give the same outputs.
+        self._seeds = random.Random(config.seed)
 
     # ---- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, images: list[bytes] = (),
@@ -82,6 +86,8 @@ class LLMEngine:
             if request_id in self._requests:
                 raise BadRequestError(f"request id {request_id!r} is already in flight")
             self._check_not_busy()
+            if seq.seed is None:
+                seq.set_seed(self._seeds.getrandbits(63))
             self._requests[request_id] = req
             self._incoming.append(req)
             self._wakeup.notify_all()

@@ -10,7 +10,6 @@ token_ids, the last row's logits are sampled and the new token appended (its own
 from __future__ import annotations
 
 import itertools
-import random
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -65,9 +64,12 @@ class Sequence:
         self.suspect = False
         self.num_quarantines = 0
 
-        # The effective seed is kept so a runner can seed a generator on its own device.
-        self.seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        # Sampling randomness: the request's seed, or for a request without one the seed the engine draws for it
+        # (set_seed). The effective seed is kept so a runner can seed a generator on its own device.
+        self.seed: int | None = None
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.set_seed(params.seed)
 
         # Set by the engine (time.monotonic() or whatever clock it uses consistently).
         self.arrival_time = arrival_time
@@ -105,6 +107,10 @@ class Sequence:
     def num_blocks(self, block_size: int) -> int:
         """Blocks needed to hold the K/V of every current token."""
         return (len(self.token_ids) + block_size - 1) // block_size
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
