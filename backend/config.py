@@ -16,7 +16,7 @@ class EngineConfig:
     block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 4096
-    max_model_len: int = 0          # 0: the checkpoint's max_position_embeddings
+    max_model_len: int = 0          # 0: config.json's tokenizer_model_max_length, else max_position_embeddings
     kv_cache_memory_bytes: int = 0  # 0: use kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.5  # of the memory free after loading the weights
     enable_prefix_caching: bool = True

@@ -14,9 +14,8 @@ import time
 import torch
 
 from bench.common import RequestTiming, Workload, emit, peak_rss_bytes, summarize
-from bunny_backend.io.image import decode_image, preprocess_image
 from bunny_backend.io.prompt import build_prompt, tokenize_prompt
-from bunny_backend.io.tokenizer import load_tokenizer
+from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.tools.reference import ReferenceBunny
 
 
@@ -41,15 +40,14 @@ class HFBaseline:
         self.ref = ReferenceBunny.from_pretrained(model_path, dtype=dtype, device=device)
         self.ref.lm.set_attn_implementation("sdpa")
         self.tok = load_tokenizer(model_path)
-        self.eos = self.tok.eos_token_id
+        self.eos = list(eos_token_ids(model_path, self.tok))
 
     def embeds(self, prompts: list[str], images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded inputs_embeds [N, L, hidden] and attention_mask [N, L]."""
         rows = []
         for text, image in zip(prompts, images):
             ids = tokenize_prompt(self.tok, build_prompt(text, 1), num_images=1)
-            pixels = preprocess_image(decode_image(image), self.ref.image_size).unsqueeze(0)
-            rows.append(self.ref.embed(ids, pixels)[0])
+            rows.append(self.ref.embed(ids, self.ref.pixel_values([image]))[0])
         width = max(r.shape[0] for r in rows)
         hidden = rows[0].shape[1]
         emb = rows[0].new_zeros(len(rows), width, hidden)
@@ -66,7 +64,7 @@ class HFBaseline:
         t0 = time.perf_counter()
         emb, mask = self.embeds(prompts, images)
         out = self.ref.lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_tokens,
-                                   min_new_tokens=max_tokens, do_sample=False, pad_token_id=self.eos,
+                                   min_new_tokens=max_tokens, do_sample=False, pad_token_id=self.eos[0],
                                    eos_token_id=self.eos, streamer=clock, top_k=None, top_p=None, temperature=None)
         if out.device.type == "cuda":
             torch.cuda.synchronize()

@@ -43,12 +43,10 @@ def dense_logits(model, ids, pixels):
     return model.compute_logits(hidden)
 
 
-def dense_greedy(model, ids, pixels, max_new_tokens, eos_token_id=None):
+def dense_greedy(model, ids, pixels, max_new_tokens):
     ids, out = list(ids), []
     for _ in range(max_new_tokens):
         token = int(dense_logits(model, ids, pixels)[-1].argmax())
         out.append(token)
         ids.append(token)
-        if token == eos_token_id:
-            break
     return out

@@ -7,7 +7,6 @@ import pytest
 from bunny_backend.engine.outputs import BadRequestError
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io.conversation import ConversationError, Message, build_prompt
-from bunny_backend.io.image import load_images
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, tokenize_prompt
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.tools.reference import ReferenceBunny
@@ -125,8 +124,7 @@ def test_conversations_match_the_reference(engine, reference, test_images, case)
         prompt_turns[0] = "<image>\n" * n + prompt_turns[0]
     ids = bunny_tokens(tok, conv_bunny_prompt(prompt_turns))
     assert tokenize_prompt(tok, build_prompt(messages, n), num_images=n) == ids
-    pixels = load_images(images, ref.image_size) if images else None
-    expected = ref.generate_greedy(ids, pixels, max_new_tokens=12)
+    expected = ref.generate_greedy(ids, ref.pixel_values(images), max_new_tokens=12)
     assert engine_greedy(engine, messages, images) == expected
 
 

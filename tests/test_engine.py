@@ -1,13 +1,16 @@
 """Engine level: continuous batching over the paged cache gives the reference's greedy outputs."""
+import json
+import shutil
+
 import pytest
 import torch
 
 from bunny_backend.engine.outputs import BadRequestError
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.io.tokenizer import load_tokenizer
+from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.tools.reference import ReferenceBunny
 from engine_helpers import QUESTIONS, make_engine, run_all, twelve_requests
-from model_helpers import pixels_of, prompt_ids
+from model_helpers import prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +23,16 @@ def reference(model_path):
     return ReferenceBunny.from_pretrained(model_path), load_tokenizer(model_path)
 
 
-def reference_greedy(reference, text, image, max_tokens, image_size):
+def reference_greedy(reference, text, image, max_tokens):
     ref, tok = reference
     ids = prompt_ids(tok, text, image is not None)
-    return ref.generate_greedy(ids, pixels_of(image, image_size), max_new_tokens=max_tokens,
-                               eos_token_id=tok.eos_token_id)
+    return ref.generate_greedy(ids, ref.pixel_values([image] if image else []), max_new_tokens=max_tokens,
+                               eos_token_ids=eos_token_ids(ref.model_path, tok))
 
 
-def assert_matches_reference(results, reqs, reference, image_size):
+def assert_matches_reference(results, reqs, reference):
     for _, rid, text, images, params in reqs:
-        expected = reference_greedy(reference, text, images[0] if images else None, params.max_tokens, image_size)
+        expected = reference_greedy(reference, text, images[0] if images else None, params.max_tokens)
         assert results[rid][0] == expected, rid
 
 
@@ -37,7 +40,7 @@ def test_staggered_batch_matches_reference_one_by_one(model_path, reference, tes
     engine = make_engine(model_path)
     reqs = twelve_requests(test_images)
     results = run_all(engine, reqs)
-    assert_matches_reference(results, reqs, reference, engine.model.config.vision.image_size)
+    assert_matches_reference(results, reqs, reference)
     assert engine.stats().kv_blocks_used == 0
 
 
@@ -51,7 +54,7 @@ def test_preemption_keeps_outputs(model_path, reference, test_images):
     reqs = twelve_requests(test_images)[:6]
     results = run_all(engine, reqs)
     assert engine.stats().num_preemptions > 0
-    assert_matches_reference(results, reqs, reference, engine.model.config.vision.image_size)
+    assert_matches_reference(results, reqs, reference)
     assert engine.stats().kv_blocks_used == 0
 
 
@@ -105,6 +108,29 @@ def test_the_engine_seed_decides_unseeded_sampling(model_path):
     first = run_all(make_engine(model_path, seed=7), reqs)
     assert run_all(make_engine(model_path, seed=7), reqs) == first
     assert run_all(make_engine(model_path, seed=8), reqs) != first
+
+
+def test_generation_stops_at_every_eos_id_of_the_checkpoint(model_path, tmp_path):
+    """generation_config.json's eos_token_id list decides, for the engine and for the reference alike."""
+    for f in model_path.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    text, params = "Tell me a story.", SamplingParams(max_tokens=12)
+    free = run_all(make_engine(tmp_path), [(0, "a", text, [], params)])["a"][0]
+    extra = free[3]
+    tok = load_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, extra]}))
+    ids, _, reason = run_all(make_engine(tmp_path), [(0, "b", text, [], params)])["b"]
+    assert ids == free[:free.index(extra) + 1] and reason == "stop"
+    assert ReferenceBunny.from_pretrained(tmp_path).chat(tok, text, None, max_new_tokens=12)[0] == ids
+
+
+def test_context_defaults_to_the_trained_length(checkpoint_factory):
+    path = checkpoint_factory(seed=5, num_kv_heads=2, tokenizer_model_max_length=100)
+    engine = make_engine(path)
+    assert engine.max_model_len == 100 and engine.model.config.text.max_position_embeddings == 2048
+    with pytest.raises(BadRequestError, match="context of 100 tokens"):
+        engine.add_request("x", "hi", [], SamplingParams(max_tokens=100))
+    assert make_engine(path, max_model_len=300).max_model_len == 300
 
 
 def test_streamed_chinese_equals_whole_decode(model_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bunny_backend.io.image import ImageError, decode_image, expand_to_square, load_images, preprocess_image
+from bunny_backend.io.image import ImageError, decode_image, expand_to_square, preprocess_image
+from bunny_backend.tools.reference import reference_pixels
 from image_bytes import encode, png_header_only
 
 GREY = (127 / 255 - 0.5) / 0.5
@@ -72,9 +73,13 @@ def test_preprocess_resizes_bicubic_into_range(test_images):
     assert torch.allclose(pixels[:, 0], torch.full((3, 56), GREY), atol=1e-6)   # top band is padding
 
 
-def test_load_images_stacks(test_images):
-    batch = load_images(test_images, 28)
-    assert batch.shape == (len(test_images), 3, 28, 28)
+@pytest.mark.parametrize("size", [384, 56])
+def test_preprocess_equals_transformers_siglip_processor(test_images, size):
+    """A second implementation: Bunny's expand2square, then transformers' SiglipImageProcessor (the PIL one)."""
+    theirs = reference_pixels(test_images, size)
+    ours = torch.stack([preprocess_image(decode_image(data), size) for data in test_images])
+    assert theirs.shape == ours.shape == (len(test_images), 3, size, size)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("data, words", [
@@ -95,7 +100,3 @@ def test_truncated_jpeg(test_images):
     with pytest.raises(ImageError, match="truncated|damaged"):
         decode_image(jpeg[: len(jpeg) // 2])
 
-
-def test_load_images_names_the_bad_one(test_images):
-    with pytest.raises(ImageError, match="image 1:"):
-        load_images([test_images[0], b"junk"], 28)

@@ -38,7 +38,7 @@ def test_logits_and_greedy_match_reference(pair, prompt, test_images):
             torch.testing.assert_close(ours.vision_features(pixels), ref.vision_features(pixels), atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(ours.encode_images(pixels), ref.image_features(pixels), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(dense_logits(ours, ids, pixels), ref.logits(ids, pixels), atol=1e-4, rtol=1e-4)
-    expected = ref.generate_greedy(ids, pixels, max_new_tokens=32, eos_token_id=None)
+    expected = ref.generate_greedy(ids, pixels, max_new_tokens=32)
     assert dense_greedy(ours, ids, pixels, 32) == expected
 
 

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, build_prompt, tokenize_prompt
-from bunny_backend.io.tokenizer import eos_token_id, load_tokenizer
+from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer, tokenizer_eos_id
 
 HEAD = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the user's questions.")
@@ -53,11 +53,32 @@ def test_chinese_round_trip(tok):
 
 def test_eos_and_special_tokens(tok, tiny_checkpoint):
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    eos = eos_token_id(tok)
+    eos = tokenizer_eos_id(tok)
     assert tok.convert_ids_to_tokens(eos) == "<|endoftext|>" == tok.eos_token
     assert eos == config["eos_token_id"] and len(tok) == config["vocab_size"]
     assert tok.decode([eos, *tok.encode("hi", add_special_tokens=False)], skip_special_tokens=True) == "hi"
     assert tok.encode("hello", add_special_tokens=True) == tok.encode("hello", add_special_tokens=False)   # no BOS
+
+
+@pytest.mark.parametrize("generation, config, want", [
+    ({"eos_token_id": 7}, {"eos_token_id": 5}, (7,)),
+    ({"eos_token_id": [9, 7, 9]}, {"eos_token_id": 5}, (9, 7)),
+    ({"bos_token_id": 1}, {"eos_token_id": 5}, (5,)),
+    (None, {"eos_token_id": [5, 6]}, (5, 6)),
+    (None, {"eos_token_id": None}, "tokenizer"),
+    ({"eos_token_id": []}, {}, "tokenizer"),
+])
+def test_eos_ids_come_from_the_checkpoint(tok, tmp_path, generation, config, want):
+    if generation is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert eos_token_ids(tmp_path, tok) == ((tokenizer_eos_id(tok),) if want == "tokenizer" else want)
+
+
+def test_a_bad_eos_id_is_named(tok, tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id"):
+        eos_token_ids(tmp_path, tok)
 
 
 def test_vocab_merges_only_matches_tokenizer_json(tok, tiny_checkpoint, tmp_path):
@@ -66,7 +87,7 @@ def test_vocab_merges_only_matches_tokenizer_json(tok, tiny_checkpoint, tmp_path
     slow = load_tokenizer(tmp_path)
     text = build_prompt("Two  spaces,\n\nnew lines; 数字 12345 and <|im_start|>tags<|im_end|>", True)
     assert tokenize_prompt(slow, text) == tokenize_prompt(tok, text)
-    assert eos_token_id(slow) == eos_token_id(tok)
+    assert tokenizer_eos_id(slow) == tokenizer_eos_id(tok)
 
 
 def test_missing_tokenizer_is_clear(tmp_path):

@@ -5,9 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bunny_backend.io.image import load_images
 from bunny_backend.io.prompt import build_prompt, tokenize_prompt
-from bunny_backend.io.tokenizer import eos_token_id, load_tokenizer
+from bunny_backend.io.tokenizer import load_tokenizer, tokenizer_eos_id
 from bunny_backend.tools.reference import ReferenceBunny
 
 
@@ -22,9 +21,9 @@ def ref(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def image_prompt(tok, test_images):
+def image_prompt(tok, ref, test_images):
     ids = tokenize_prompt(tok, build_prompt("Describe the picture in detail.", True), num_images=1)
-    return ids, load_images(test_images[1:2], 56)
+    return ids, ref.pixel_values(test_images[1:2])
 
 
 def test_shapes(ref, image_prompt, tok):
@@ -100,7 +99,7 @@ def test_stops_at_eos(ref, image_prompt):
     ids, pixels = image_prompt
     first = ref.generate_greedy(ids, pixels, max_new_tokens=4)
     stop = first.index(first[2]) + 1                            # where that token first appears
-    assert ref.generate_greedy(ids, pixels, max_new_tokens=32, eos_token_id=first[2]) == first[:stop]
+    assert ref.generate_greedy(ids, pixels, max_new_tokens=32, eos_token_ids=[first[2]]) == first[:stop]
 
 
 def test_bfloat16(tiny_checkpoint, image_prompt, tok):
@@ -108,4 +107,14 @@ def test_bfloat16(tiny_checkpoint, image_prompt, tok):
     ref16 = ReferenceBunny.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
     assert ref16.dtype == torch.bfloat16
     assert torch.isfinite(ref16.logits(ids, pixels)).all()
-    assert eos_token_id(tok) == len(tok) - 3
+    assert tokenizer_eos_id(tok) == len(tok) - 3
+
+
+def test_preprocessing_is_transformers_not_ours(ref, test_images):
+    """The reference prepares images with transformers' SigLIP processor, so a bug in io/image.py cannot hide on
+    both sides of a comparison (tests/test_image.py checks the two agree)."""
+    import inspect
+
+    from bunny_backend.tools import reference
+    assert "from bunny_backend.io.image" not in inspect.getsource(reference)
+    assert ref.pixel_values(test_images[:1]).shape == (1, 3, ref.image_size, ref.image_size)

@@ -22,7 +22,7 @@ from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.scheduler import Scheduler, SchedulerOutput
 from bunny_backend.engine.sequence import Sequence
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
-from bunny_backend.io.tokenizer import load_tokenizer
+from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.model.loader import load_model
 from bunny_backend.ops.attention import get_backend
 
@@ -45,11 +45,11 @@ class LLMEngine:
         plan = DevicePlan.resolve(config)
         self.device, self.dtype, self.block_size = plan.device, plan.dtype, plan.block_size
         self.tokenizer = load_tokenizer(config.model_path)
-        self.eos_token_id = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset(eos_token_ids(config.model_path, self.tokenizer))
         self.model = load_model(config.model_path, self.dtype, self.device)
         plan.prepare_model(self.model)
         text = self.model.config.text
-        self.max_model_len = config.max_model_len or text.max_position_embeddings
+        self.max_model_len = config.max_model_len or self.model.config.context_length
         num_blocks = num_kv_blocks(config, text, self.block_size, self.max_model_len, self.dtype, self.device)
         self.runner = ModelRunner(self.model, get_backend(plan.attention_backend), num_blocks, self.block_size,
                                   self.device, self.dtype, graph_capture=plan.graph_capture(text.head_dim),
@@ -175,7 +175,7 @@ class LLMEngine:
             out.inter_token_latencies_s.append(now - seq.last_token_time)
         seq.last_token_time = now
         reason = None
-        if token == self.eos_token_id and not seq.params.ignore_eos:
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
             reason = "stop"
         else:
             out.delta_text = req.detok.add(token)

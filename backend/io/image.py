@@ -101,15 +101,3 @@ def preprocess_image(img: Image.Image, image_size: int, max_pixels: int = MAX_PI
     pixels = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     return (pixels - MEAN) / STD
 
-
-def load_images(datas: list[bytes], image_size: int) -> torch.Tensor:
-    """Encoded images -> float32 [n, 3, S, S]; raises ImageError naming which image is bad."""
-    tensors = []
-    for i, data in enumerate(datas):
-        try:
-            tensors.append(preprocess_image(decode_image(data), image_size))
-        except ImageError as e:
-            raise ImageError(f"image {i}: {e}" if len(datas) > 1 else str(e)) from None
-    if not tensors:
-        return torch.empty(0, 3, image_size, image_size)
-    return torch.stack(tensors)

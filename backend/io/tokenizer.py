@@ -1,6 +1,7 @@
-"""Load a checkpoint's tokenizer offline and find its end-of-text id."""
+"""Load a checkpoint's tokenizer offline, and decide which token ids end generation."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 EOS_TOKEN = "<|endoftext|>"
@@ -27,7 +28,22 @@ def load_tokenizer(model_path: str | Path):
     return tokenizer
 
 
-def eos_token_id(tokenizer) -> int:
+def eos_token_ids(model_path: str | Path, tokenizer) -> tuple[int, ...]:
+    """The ids generation stops at, from the checkpoint: `generation_config.json`'s `eos_token_id` (an int or a
+    list) when it has one, else `config.json`'s, else the tokenizer's EOS (`<|endoftext|>` where its vocabulary
+    has it). The engine and the reference both stop here."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(model_path) / name
+        value = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+        ids = [value] if isinstance(value, int) else value
+        if ids:
+            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ValueError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
+            return tuple(dict.fromkeys(ids))
+    return (tokenizer_eos_id(tokenizer),)
+
+
+def tokenizer_eos_id(tokenizer) -> int:
     """`<|endoftext|>`'s id where the vocabulary has it, else the tokenizer's declared EOS."""
     vocab = tokenizer.get_vocab()
     if EOS_TOKEN in vocab:

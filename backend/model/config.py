@@ -56,6 +56,7 @@ class BunnyConfig:
     text: TextConfig
     vision: VisionConfig = field(default_factory=VisionConfig)
     mm_hidden_size: int = 1152
+    tokenizer_model_max_length: int = 0   # the context Bunny was trained at (2048 for v1.0); 0: not given
 
     @classmethod
     def from_dict(cls, raw: dict) -> "BunnyConfig":
@@ -65,7 +66,8 @@ class BunnyConfig:
         text = TextConfig(**{k: raw[k] for k in TextConfig.__dataclass_fields__ if k in raw})
         vision_raw = raw.get("vision_config") or {}
         vision = VisionConfig(**{k: vision_raw[k] for k in VisionConfig.__dataclass_fields__ if k in vision_raw})
-        return cls(text=text, vision=vision, mm_hidden_size=raw.get("mm_hidden_size", vision.hidden_size))
+        return cls(text=text, vision=vision, mm_hidden_size=raw.get("mm_hidden_size", vision.hidden_size),
+                   tokenizer_model_max_length=int(raw.get("tokenizer_model_max_length") or 0))
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> "BunnyConfig":
@@ -77,3 +79,9 @@ class BunnyConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
+
+    @property
+    def context_length(self) -> int:
+        """The default max_model_len: the trained context where config.json gives it, else the position limit."""
+        limit = self.text.max_position_embeddings
+        return min(self.tokenizer_model_max_length, limit) if self.tokenizer_model_max_length else limit

@@ -154,9 +154,10 @@ def build_checkpoint(out_dir, *, seed=0, hidden_size=64, num_layers=2, num_heads
                      intermediate_size=128, tie_word_embeddings=False, vision_hidden=32, vision_layers=3,
                      vision_heads=2, vision_intermediate=64, image_size=56, patch_size=14, shards=1,
                      fmt="safetensors", include_dropped_layer=True, std=None, dtype=torch.float32,
-                     max_position_embeddings=2048, vocab_size=None) -> Path:
+                     max_position_embeddings=2048, vocab_size=None, tokenizer_model_max_length=None) -> Path:
     """Build the checkpoint folder and return its path. `std`, when given, replaces every weight matrix's scale.
-    `vocab_size` pads the embedding and LM head past the tokenizer (as Qwen's 151936 does)."""
+    `vocab_size` pads the embedding and LM head past the tokenizer (as Qwen's 151936 does);
+    `tokenizer_model_max_length` goes into config.json as Bunny's training context does."""
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
     out = Path(out_dir)
@@ -181,6 +182,8 @@ def build_checkpoint(out_dir, *, seed=0, hidden_size=64, num_layers=2, num_heads
             "patch_size": patch_size, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh", "num_channels": 3,
         },
     }
+    if tokenizer_model_max_length is not None:
+        cfg["tokenizer_model_max_length"] = tokenizer_model_max_length
     weights = make_weights(cfg, seed=seed, std=std, include_dropped_layer=include_dropped_layer)
     write_weights(out, {n: t.to(dtype) for n, t in weights.items()}, shards, fmt)
     # config.json last: a folder with one is complete (build.sh tests for it)

@@ -1,18 +1,23 @@
-"""A numerical reference for Bunny built from transformers' own SigLIP and Qwen2 classes.
+"""A numerical reference for Bunny built from transformers' own SigLIP and Qwen2 classes and SigLIP's image
+processor, as Bunny composes them.
 
-Independent of `bunny_backend.model`: tests compare our engine against it on the same checkpoint.
+Independent of `bunny_backend.model` and of the engine's image preprocessing (`bunny_backend.io.image`): tests
+compare our engine against it on the same checkpoint, and `bunny-client reference` captions with it. It shares
+the prompt template and the choice of EOS ids with the engine.
 """
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 from torch import nn
 
-from bunny_backend.io.image import load_images
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
-from bunny_backend.io.tokenizer import eos_token_id
+from bunny_backend.io.tokenizer import eos_token_ids
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -31,6 +36,34 @@ def _hide_broken_torchvision() -> None:
         for module in (utils, import_utils):
             module.is_torchvision_available = lambda: False
             module.is_torchvision_v2_available = lambda: False
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Bunny's own padding (bunny/util/mm_utils.py): the picture centred on a square of `background`."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    result = Image.new(img.mode, (side, side), background)
+    result.paste(img, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def reference_pixels(images: list[bytes], image_size: int) -> torch.Tensor:
+    """Encoded images -> [n, 3, S, S] as Bunny prepares them: RGB (upright per EXIF), expand2square with the
+    processor's mean as background, then transformers' SigLIP image processor (bicubic resize, 1/255, mean/std
+    0.5). The PIL variant of the processor: the default one needs torchvision, which the CPU venv must not hold."""
+    _hide_broken_torchvision()
+    from transformers import SiglipImageProcessorPil
+    processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, resample=3,
+                                        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    background = tuple(int(m * 255) for m in processor.image_mean)
+    squares = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as img:
+            squares.append(expand2square(ImageOps.exif_transpose(img).convert("RGB"), background))
+    return processor(squares, return_tensors="pt")["pixel_values"]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,6 +104,7 @@ class ReferenceBunny(nn.Module):
         self.config = config
         self.vision_tower, self.projector, self.lm = vision_tower, projector, lm
         self.image_size = vision_tower.config.image_size
+        self.model_path: Path | None = None   # set by from_pretrained; chat() reads the EOS ids from it
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -108,7 +142,11 @@ class ReferenceBunny(nn.Module):
         if tcfg.tie_word_embeddings:
             lm.lm_head.weight = lm.model.embed_tokens.weight
         model = cls(config, tower, projector, lm).to(device=device, dtype=dtype).eval()
+        model.model_path = path
         return model
+
+    def pixel_values(self, images: list[bytes]) -> torch.Tensor | None:
+        return reference_pixels(images, self.image_size) if images else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,8 +197,8 @@ class ReferenceBunny(nn.Module):
 
     @torch.inference_mode()
     def generate_greedy(self, input_ids: list[int], pixel_values: torch.Tensor | None = None,
-                        max_new_tokens: int = 32, eos_token_id: int | None = None, return_logits: bool = False):
-        """Greedy new token ids (EOS included when reached) using HF's KV cache; with return_logits, also the
+                        max_new_tokens: int = 32, eos_token_ids: Collection[int] = (), return_logits: bool = False):
+        """Greedy new token ids (an EOS id included when reached) using HF's KV cache; with return_logits, also the
         [n, vocab] float32 logits each choice was made from."""
         out = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), use_cache=True)
         ids, rows = [], []
@@ -169,7 +207,7 @@ class ReferenceBunny(nn.Module):
             token = int(row.argmax())
             ids.append(token)
             rows.append(row)
-            if token == eos_token_id or step == max_new_tokens - 1:
+            if token in eos_token_ids or step == max_new_tokens - 1:
                 break
             out = self.lm(input_ids=torch.tensor([[token]], device=self.device),
                           past_key_values=out.past_key_values, use_cache=True)
@@ -183,6 +221,6 @@ class ReferenceBunny(nn.Module):
         images = [image_bytes] if image_bytes is not None else []
         prompt = build_prompt(text, bool(images), apply_chat_template)
         ids = tokenize_prompt(tokenizer, prompt, num_images=len(images))
-        pixels = load_images(images, self.image_size) if images else None
-        new = self.generate_greedy(ids, pixels, max_new_tokens, eos_token_id(tokenizer))
+        new = self.generate_greedy(ids, self.pixel_values(images), max_new_tokens,
+                                   eos_token_ids(self.model_path, tokenizer))
         return new, tokenizer.decode(new, skip_special_tokens=True)
