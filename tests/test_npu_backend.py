@@ -153,3 +153,25 @@ def test_engine_greedy_matches_portable_backend(model_path, test_images, block_s
                                    "_npu_paged_attention"}
     if block_size == 16:
         assert engine.stats().prefix_cache_hit_tokens > 0
+
+
+def test_one_mask_at_the_largest_size_counted_in_the_kv_plan(model_path, test_images):
+    """The NPU backend holds one causal mask of min(max_num_batched_tokens, max_model_len) rows, cuts each step's
+    from it, and the KV memory plan leaves room for it."""
+    from bunny_backend.engine.kv_cache import bytes_per_block
+    from bunny_backend.model.config import BunnyConfig
+    text = BunnyConfig.from_pretrained(model_path).text
+    per_block = bytes_per_block(text, 16, torch.float32)
+    with install_emulator():
+        workspace = get_backend("npu", max_query_tokens=64).workspace_bytes(torch.float32)
+        assert workspace == (2 * 64 * 64 + 128 * 128) * 4
+        engine = LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", attention_backend="npu",
+                                        block_size=16, max_num_batched_tokens=64,
+                                        kv_cache_memory_bytes=workspace + 40 * per_block + per_block // 2))
+        assert engine.block_manager.num_blocks == 40
+        mask = engine.runner.backend.causal_mask
+        assert mask.shape == (64, 64)
+        reqs = [(i, f"r{i}", QUESTIONS[i % 6] * (1 + i), [test_images[0]] if i % 2 else [],
+                 SamplingParams(max_tokens=4)) for i in range(4)]
+        run_all(engine, reqs)       # prefills of many lengths, chunked and not
+    assert engine.runner.backend.causal_mask is mask

@@ -23,13 +23,15 @@ def available_memory(device: torch.device) -> int:
 
 
 def num_kv_blocks(cfg: EngineConfig, text: TextConfig, block_size: int, max_model_len: int,
-                  dtype: torch.dtype, device: torch.device) -> int:
-    """Blocks that fit the budget, capped at what max_num_seqs full-length sequences could ever use."""
+                  dtype: torch.dtype, device: torch.device, workspace_bytes: int = 0) -> int:
+    """Blocks that fit the budget once the attention backend's workspace is taken out of it, capped at what
+    max_num_seqs full-length sequences could ever use."""
     budget = cfg.kv_cache_memory_bytes or int(available_memory(device) * cfg.kv_cache_memory_fraction)
-    blocks = budget // bytes_per_block(text, block_size, dtype)
+    blocks = (budget - workspace_bytes) // bytes_per_block(text, block_size, dtype)
     cap = cfg.max_num_seqs * -(-max_model_len // block_size)
     blocks = min(blocks, cap)
     if blocks < 1:
-        raise ValueError(f"KV cache budget of {budget} bytes holds no block of {block_size} tokens; "
-                         "raise kv_cache_memory_bytes or kv_cache_memory_fraction")
+        raise ValueError(f"KV cache budget of {budget} bytes ({workspace_bytes} of them for the attention "
+                         f"backend's workspace) holds no block of {block_size} tokens; raise kv_cache_memory_bytes "
+                         "or kv_cache_memory_fraction")
     return blocks

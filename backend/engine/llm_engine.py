@@ -50,8 +50,10 @@ class LLMEngine:
         plan.prepare_model(self.model)
         text = self.model.config.text
         self.max_model_len = config.max_model_len or self.model.config.context_length
-        num_blocks = num_kv_blocks(config, text, self.block_size, self.max_model_len, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, get_backend(plan.attention_backend), num_blocks, self.block_size,
+        backend = get_backend(plan.attention_backend, min(config.max_num_batched_tokens, self.max_model_len))
+        num_blocks = num_kv_blocks(config, text, self.block_size, self.max_model_len, self.dtype, self.device,
+                                   backend.workspace_bytes(self.dtype))
+        self.runner = ModelRunner(self.model, backend, num_blocks, self.block_size,
                                   self.device, self.dtype, graph_capture=plan.graph_capture(text.head_dim),
                                   max_graph_batch=config.max_num_seqs,
                                   max_blocks_per_seq=-(-self.max_model_len // self.block_size))

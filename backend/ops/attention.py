@@ -33,12 +33,16 @@ class AttentionBackend(Protocol):
                scale: float) -> torch.Tensor:
         """One query row per sequence [B, H, D] over its context_lens[i] cached tokens."""
 
+    def workspace_bytes(self, dtype: torch.dtype) -> int:
+        """Device memory the backend holds besides the KV cache; the engine's KV memory plan counts it."""
 
-def get_backend(name: str) -> AttentionBackend:
-    """`name`: torch, cuda or npu (a device type picks its own backend; cpu means torch)."""
+
+def get_backend(name: str, max_query_tokens: int = 0) -> AttentionBackend:
+    """`name`: torch, cuda or npu (a device type picks its own backend; cpu means torch). `max_query_tokens`: the
+    most new tokens one sequence brings to a step (0: not known; backends that size buffers by it then grow them)."""
     if name == "npu":
         from bunny_backend.ops.attention_npu import NpuAttentionBackend
-        return NpuAttentionBackend()
+        return NpuAttentionBackend(max_query_tokens)
     if name == "cuda":
         from bunny_backend.ops.attention_cuda import CudaAttentionBackend
         return CudaAttentionBackend()

@@ -40,17 +40,28 @@ class _StepMeta:
     seq_len: torch.Tensor | None = None        # int32 host [B]: new tokens per sequence
     context_lens: torch.Tensor | None = None   # int32 host [B]: cached + new tokens
     block_tables: torch.Tensor | None = None   # int32 device [B, M], -1 padding replaced by block 0
+    mask: torch.Tensor | None = None           # the causal mask cut to this step's longest prefill, contiguous
 
 
 class NpuAttentionBackend:
+    """Holds one causal mask at the largest prefill size (max_query_tokens; the engine's
+    min(max_num_batched_tokens, max_model_len)) and cuts each prefill step's [n, n] from it, as vllm-ascend's
+    AttentionMaskBuilder does; `workspace_bytes` tells the KV memory plan what that costs."""
     name = "npu"
 
-    def __init__(self):
+    def __init__(self, max_query_tokens: int = 0):
         import torch_npu   # lazily: registers the "npu" device; the emulator stands in for it in tests
         self.ops = torch_npu
+        self.max_query_tokens = max_query_tokens   # 0: the mask grows to the longest prefill seen (tools, tests)
+        self.causal_mask: torch.Tensor | None = None
+        self._compressed_mask: torch.Tensor | None = None
         self._meta: _StepMeta | None = None
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def workspace_bytes(self, dtype) -> int:
+        """The mask, the step's contiguous cut of it (at most as large) and the 128x128 tile."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return (2 * self.max_query_tokens ** 2 + COMPRESSED_MASK_SIZE ** 2) * elem
 
     def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
         device = torch.device(device)
@@ -59,6 +70,8 @@ class NpuAttentionBackend:
         if block_size % 16 or block_size * head_dim > 128 * 128:
             raise ValueError(f"NPU paged attention needs block_size % 16 == 0 and block_size * head_dim <= 16384; "
                              f"got block_size={block_size}, head_dim={head_dim} (128 is the usual block size)")
+        if self.max_query_tokens and self.causal_mask is None:   # taken with the cache, not at the first request
+            self.causal_mask = causal_mask(self.max_query_tokens, dtype, device)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
@@ -80,13 +93,24 @@ class NpuAttentionBackend:
             self._slots = (slot_mapping, slot_mapping.to(torch.int32))
         return self._slots[1]
 
-    def _mask(self, size: int, like: torch.Tensor) -> torch.Tensor:
-        key = (size, like.dtype, like.device)
-        if key not in self._masks:
-            if len(self._masks) > 64:      # prefill lengths vary; keep the cache bounded
-                self._masks.clear()
-            self._masks[key] = causal_mask(size, like.dtype, like.device)
-        return self._masks[key]
+    def _step_mask(self, meta: _StepMeta, like: torch.Tensor) -> torch.Tensor:
+        """[n, n] for the step's longest prefill n, cut once per step from the one held mask."""
+        if meta.mask is None:
+            n = max(meta.ctx.seqlens_q)
+            if self.max_query_tokens and n > self.max_query_tokens:
+                raise ValueError(f"a prefill of {n} new tokens is longer than the {self.max_query_tokens} the NPU "
+                                 "causal mask was built for (max_num_batched_tokens)")
+            mask = self.causal_mask
+            if mask is None or mask.shape[0] < n or mask.dtype != like.dtype or mask.device != like.device:
+                mask = self.causal_mask = causal_mask(max(n, self.max_query_tokens), like.dtype, like.device)
+            meta.mask = mask if mask.shape[0] == n else mask[:n, :n].contiguous()
+        return meta.mask
+
+    def _compressed(self, like: torch.Tensor) -> torch.Tensor:
+        mask = self._compressed_mask
+        if mask is None or mask.dtype != like.dtype or mask.device != like.device:
+            mask = self._compressed_mask = causal_mask(COMPRESSED_MASK_SIZE, like.dtype, like.device)
+        return mask
 
     # ---- the AttentionBackend interface ---------------------------------------------------------------------
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
@@ -98,14 +122,14 @@ class NpuAttentionBackend:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_heads, num_kv_heads = q.shape[1], k.shape[1]
         if k_cache is None or ctx.seqlens_k == ctx.seqlens_q:
-            self.ops._npu_flash_attention(query=q, key=k, value=v, mask=self._mask(max(ctx.seqlens_q), q),
+            self.ops._npu_flash_attention(query=q, key=k, value=v, mask=self._step_mask(meta, q),
                                           seq_len=meta.seq_len, scale_value=scale, num_heads=num_heads,
                                           num_kv_heads=num_kv_heads, out=out)
         else:
             # store_kv already wrote this chunk, so the cache holds each sequence's whole context
             self.ops._npu_flash_attention_qlens(query=q, key_cache=k_cache, value_cache=v_cache,
                                                 block_table=meta.block_tables,
-                                                mask=self._mask(COMPRESSED_MASK_SIZE, q), seq_len=meta.seq_len,
+                                                mask=self._compressed(q), seq_len=meta.seq_len,
                                                 context_lens=meta.context_lens, num_kv_heads=num_kv_heads,
                                                 num_heads=num_heads, scale_value=scale, out=out)
         return out

@@ -25,6 +25,9 @@ def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -
 class TorchAttentionBackend:
     name = "torch"
 
+    def workspace_bytes(self, dtype) -> int:
+        return 0   # the decode gather buffers grow with the batch and are not planned
+
     def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
