@@ -1,8 +1,11 @@
 """`bunny-client clip-score`: the seed's open_clip judge (`clip_score_bunny.py`).
 
-score(image, caption) = max(0, 100 * cosine(image embedding, caption embedding)); the file's score is the mean
-over its captioned images. Several caption files (e.g. gpu_coco_predict.json and predict_result.json) print side
-by side with the difference of their means (each file against the first). Weights come from a local file only.
+Two figures per caption file, both over its captioned images:
+- clip score: the mean of max(0, 100 * cosine(image embedding, caption embedding)), the usual CLIPScore scale;
+- mean cosine: the mean of the raw cosine similarities, the number MindIE's clip_score_bunny.py prints, so that
+  results can be set beside theirs.
+Several caption files (e.g. gpu_coco_predict.json and predict_result.json) print side by side with the difference
+of their clip scores (each file against the first). Weights come from a local file only.
 """
 from __future__ import annotations
 
@@ -61,14 +64,22 @@ class ClipJudge:
         return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
 
 
+def cosines(image_feats, text_feats) -> list[float]:
+    """Row-wise cosine similarity of two L2-normalised embedding matrices."""
+    return [float(c) for c in (image_feats * text_feats).sum(dim=-1)]
+
+
+def clip_score(cosine: float) -> float:
+    return max(0.0, 100.0 * cosine)
+
+
 def clip_scores(image_feats, text_feats) -> list[float]:
     """Row-wise max(0, 100 * cosine) of two L2-normalised embedding matrices."""
-    cos = (image_feats * text_feats).sum(dim=-1)
-    return [max(0.0, 100.0 * float(c)) for c in cos]
+    return [clip_score(c) for c in cosines(image_feats, text_feats)]
 
 
 def score_files(judge: ClipJudge, images_dir: str | Path, caption_files: list[str | Path]) -> dict[str, dict[str, float]]:
-    """{caption file: {image name: score}} over the images of the folder that the file captions."""
+    """{caption file: {image name: cosine}} over the images of the folder that the file captions."""
     images = list_images(images_dir)
     captions = {str(f): load_captions(f) for f in caption_files}
     for f, caps in captions.items():
@@ -83,31 +94,39 @@ def score_files(judge: ClipJudge, images_dir: str | Path, caption_files: list[st
     for f, caps in captions.items():
         names = [p.name for p in wanted if p.name in caps]
         text = judge.text_features([caps[n] for n in names])
-        result[f] = dict(zip(names, clip_scores(feats[[row[n] for n in names]], text)))
+        result[f] = dict(zip(names, cosines(feats[[row[n] for n in names]], text)))
     return result
 
 
-def mean(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores) if scores else 0.0
+def mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else 0.0
+
+
+def mean_clip_score(cos: dict[str, float]) -> float:
+    return mean({n: clip_score(c) for n, c in cos.items()})
 
 
 def format_report(result: dict[str, dict[str, float]], per_image: bool = True) -> str:
-    """Per-image scores side by side, then each file's mean and its difference from the first file's."""
+    """Per-image clip scores side by side, then each file's two figures and its difference from the first file."""
     files = list(result)
-    width = max([10] + [len(n) for s in result.values() for n in s])
+    width = max([12] + [len(n) for s in result.values() for n in s])
     head = "".join(f"{Path(f).name[:22]:>24}" for f in files)
     lines = [f"{'image':<{width}}{head}"] if per_image else []
     if per_image:
         for name in sorted({n for s in result.values() for n in s}):
-            cells = "".join(f"{result[f][name]:24.2f}" if name in result[f] else f"{'-':>24}" for f in files)
+            cells = "".join(f"{clip_score(result[f][name]):24.2f}" if name in result[f] else f"{'-':>24}"
+                            for f in files)
             lines.append(f"{name:<{width}}{cells}")
-    lines.append(f"{'mean':<{width}}" + "".join(f"{mean(result[f]):24.2f}" for f in files))
+    lines.append(f"{'clip score':<{width}}" + "".join(f"{mean_clip_score(result[f]):24.2f}" for f in files))
+    lines.append(f"{'mean cosine':<{width}}" + "".join(f"{mean(result[f]):24.4f}" for f in files))
     lines.append(f"{'images':<{width}}" + "".join(f"{len(result[f]):24d}" for f in files))
     if len(files) > 1:
-        base = mean(result[files[0]])
-        lines.append(f"{'difference':<{width}}" + "".join(f"{mean(result[f]) - base:+24.2f}" for f in files))
+        base = mean_clip_score(result[files[0]])
+        lines.append(f"{'difference':<{width}}" + "".join(f"{mean_clip_score(result[f]) - base:+24.2f}"
+                                                          for f in files))
     for f in files:
-        lines.append(f"clip score {mean(result[f]):.2f}  ({len(result[f])} images)  {f}")
+        lines.append(f"clip score {mean_clip_score(result[f]):.2f} (mean of max(0, 100 x cosine)); "
+                     f"mean cosine {mean(result[f]):.4f} (MindIE clip_score_bunny.py)  ({len(result[f])} images)  {f}")
     return "\n".join(lines)
 
 
@@ -134,5 +153,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(format_report(result, per_image=not args.summary))
     if args.out:
-        args.out.write_text(json.dumps({f: {"mean": mean(s), "scores": s} for f, s in result.items()}, indent=1))
+        args.out.write_text(json.dumps({f: {"mean": mean_clip_score(c), "mean_cosine": mean(c),
+                                            "scores": {n: clip_score(x) for n, x in c.items()}, "cosines": c}
+                                        for f, c in result.items()}, indent=1))
     return 0

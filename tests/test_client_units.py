@@ -154,7 +154,7 @@ def skimage_dir(tmp_path_factory):
 
 def test_clip_scores_in_range_and_side_by_side(tiny_clip, skimage_dir, tmp_path, capsys):
     from bunny_client.cli import main
-    from bunny_client.clip_score import ClipJudge, clip_scores, mean, score_files
+    from bunny_client.clip_score import ClipJudge, clip_scores, mean, mean_clip_score, score_files
 
     name, weights = tiny_clip
     a = tmp_path / "gpu_coco_predict.json"
@@ -166,7 +166,7 @@ def test_clip_scores_in_range_and_side_by_side(tiny_clip, skimage_dir, tmp_path,
     result = score_files(judge, skimage_dir, [a, b])
     assert set(result[str(a)]) == {"astronaut.jpg", "coffee.jpg", "chelsea.jpg"}
     assert set(result[str(b)]) == {"astronaut.jpg", "coffee.jpg"}
-    assert all(0.0 <= s <= 100.0 for r in result.values() for s in r.values())
+    assert all(-1.0 <= c <= 1.0 for r in result.values() for c in r.values())   # raw cosines
     feats = judge.image_features(sorted(skimage_dir.iterdir()))
     assert clip_scores(feats, feats) == pytest.approx([100.0] * 3, abs=1e-3)  # identical embeddings score 100
     assert clip_scores(feats, -feats) == [0.0] * 3  # opposite ones are floored at 0
@@ -175,10 +175,13 @@ def test_clip_scores_in_range_and_side_by_side(tiny_clip, skimage_dir, tmp_path,
                "--model", name, "--weights", str(weights), "--device", "cpu", "--out", str(tmp_path / "s.json")])
     out = capsys.readouterr().out
     assert rc == 0
-    assert f"clip score {mean(result[str(a)]):.2f}" in out and f"clip score {mean(result[str(b)]):.2f}" in out
-    diff = mean(result[str(b)]) - mean(result[str(a)])
+    for f in (str(a), str(b)):   # both figures: 100 x cosine floored at 0, and MindIE's mean raw cosine
+        assert f"clip score {mean_clip_score(result[f]):.2f}" in out and f"mean cosine {mean(result[f]):.4f}" in out
+    diff = mean_clip_score(result[str(b)]) - mean_clip_score(result[str(a)])
     assert next(line for line in out.splitlines() if line.startswith("difference")).split()[-1] == f"{diff:+.2f}"
-    assert json.loads((tmp_path / "s.json").read_text())[str(a)]["mean"] == pytest.approx(mean(result[str(a)]))
+    saved = json.loads((tmp_path / "s.json").read_text())[str(a)]
+    assert saved["mean"] == pytest.approx(mean_clip_score(result[str(a)]))
+    assert saved["mean_cosine"] == pytest.approx(mean(result[str(a)]))
 
 
 def test_clip_score_missing_weights_is_one_line(skimage_dir, tmp_path, capsys):
