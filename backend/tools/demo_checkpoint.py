@@ -6,6 +6,7 @@ The tokenizer is a byte-level BPE trained on the bundled English/Chinese corpus 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from bunny_backend.model.config import VisionConfig
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "demo_corpus.txt"
@@ -59,10 +62,11 @@ def write_tokenizer(out: Path) -> tuple[int, int]:
     return tok.get_vocab_size(), tok.token_to_id(SPECIAL_TOKENS[0])
 
 
-def make_weights(cfg: dict, *, seed: int, std: float | None, include_dropped_layer: bool) -> dict[str, torch.Tensor]:
-    """Random float32 weights; default scales keep activations O(1) and logits' spread around 5."""
+def make_weights(cfg: dict, vis: dict, *, seed: int, std: float | None,
+                 include_dropped_layer: bool) -> dict[str, torch.Tensor]:
+    """Random float32 weights for config.json `cfg` and vision tower `vis`; default scales keep activations O(1)
+    and logits' spread around 5."""
     gen = torch.Generator().manual_seed(seed)
-    vis = cfg["vision_config"]
     h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     head_dim = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * head_dim
@@ -154,10 +158,13 @@ def build_checkpoint(out_dir, *, seed=0, hidden_size=64, num_layers=2, num_heads
                      intermediate_size=128, tie_word_embeddings=False, vision_hidden=32, vision_layers=3,
                      vision_heads=2, vision_intermediate=64, image_size=56, patch_size=14, shards=1,
                      fmt="safetensors", include_dropped_layer=True, std=None, dtype=torch.float32,
-                     max_position_embeddings=2048, vocab_size=None, tokenizer_model_max_length=None) -> Path:
+                     max_position_embeddings=2048, vocab_size=None, tokenizer_model_max_length=None,
+                     so400m_tower=False) -> Path:
     """Build the checkpoint folder and return its path. `std`, when given, replaces every weight matrix's scale.
     `vocab_size` pads the embedding and LM head past the tokenizer (as Qwen's 151936 does);
-    `tokenizer_model_max_length` goes into config.json as Bunny's training context does."""
+    `tokenizer_model_max_length` goes into config.json as Bunny's training context does. `so400m_tower` leaves
+    `vision_config` out of config.json, as the published checkpoint does, so the tower is SigLIP-so400m-patch14-384
+    (the vision_* arguments are then ignored; about 430M weights)."""
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
     out = Path(out_dir)
@@ -174,17 +181,22 @@ def build_checkpoint(out_dir, *, seed=0, hidden_size=64, num_layers=2, num_heads
         "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": tie_word_embeddings,
         "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
         "bos_token_id": None, "eos_token_id": eos_id,
-        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": vision_hidden,
+        "mm_projector_type": "mlp2x_gelu",
         "mm_vision_tower": "google/siglip-so400m-patch14-384", "image_aspect_ratio": "pad",
-        "vision_config": {
+    }
+    if so400m_tower:
+        vision = {f.name: getattr(VisionConfig(), f.name) for f in dataclasses.fields(VisionConfig)}
+    else:
+        vision = {
             "hidden_size": vision_hidden, "intermediate_size": vision_intermediate,
             "num_hidden_layers": vision_layers, "num_attention_heads": vision_heads, "image_size": image_size,
             "patch_size": patch_size, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh", "num_channels": 3,
-        },
-    }
+        }
+        cfg["vision_config"] = vision
+    cfg["mm_hidden_size"] = vision["hidden_size"]
     if tokenizer_model_max_length is not None:
         cfg["tokenizer_model_max_length"] = tokenizer_model_max_length
-    weights = make_weights(cfg, seed=seed, std=std, include_dropped_layer=include_dropped_layer)
+    weights = make_weights(cfg, vision, seed=seed, std=std, include_dropped_layer=include_dropped_layer)
     write_weights(out, {n: t.to(dtype) for n, t in weights.items()}, shards, fmt)
     # config.json last: a folder with one is complete (build.sh tests for it)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
