@@ -8,13 +8,23 @@ and in whatever order.
 from __future__ import annotations
 
 import itertools
+from typing import Protocol
 
 import torch
 
-from bunny_backend.engine.sampling_params import SamplingParams
-
 # Top-p is first tried on this many most likely tokens; a nucleus that does not fit falls back to a full sort.
 _CANDIDATES = 1024
+
+
+class RowParams(Protocol):
+    """What the sampler reads of a row's parameters (the engine's SamplingParams has it; ops import no engine)."""
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+    @property
+    def greedy(self) -> bool: ...
 
 
 def apply_repetition_penalty_(logits: torch.Tensor, penalties: list[float],
@@ -49,7 +59,7 @@ class Sampler:
     generators[i] is a CPU torch.Generator; it may be None for a greedy row (greedy rows draw nothing).
     prev_token_ids[i] is prompt + generated ids, only read when the row's repetition_penalty != 1."""
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+    def __call__(self, logits: torch.Tensor, params: list[RowParams],
                  generators: list[torch.Generator | None], prev_token_ids: list[list[int]]) -> torch.Tensor:
         batch, vocab = logits.shape
         if not (len(params) == len(generators) == len(prev_token_ids) == batch):
@@ -79,7 +89,7 @@ class Sampler:
         return out
 
     @staticmethod
-    def _sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    def _sample(logits: torch.Tensor, params: list[RowParams], uniforms: torch.Tensor) -> torch.Tensor:
         """Temperature, then top-k/top-p as a probability threshold, then inverse CDF in vocabulary order."""
         n, vocab = logits.shape
         device = logits.device
@@ -103,7 +113,7 @@ class Sampler:
         return torch.searchsorted(cdf, target).clamp_(max=vocab - 1).squeeze(1)
 
 
-def truncation_thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def truncation_thresholds(probs: torch.Tensor, params: list[RowParams]) -> torch.Tensor:
     """Per row, the smallest probability that top-k then top-p (on the renormalised top-k) keep; ties with it are kept
     too, so the kept set does not depend on sort order. Rows whose nucleus lies within the first _CANDIDATES
     tokens are settled by a cheap topk; the others by a full sort. Which way a row goes depends on that row alone."""
