@@ -1,4 +1,9 @@
-"""The Qwen2 (= Qwen1.5) decoder over packed tokens [N, hidden]; attention metadata comes from the context."""
+"""The Qwen2 (= Qwen1.5) decoder over packed tokens [N, hidden]; attention metadata comes from the context.
+
+Every module holds one tensor-parallel rank's slice (model/sharding.py; the whole model at size 1). Each linear
+that holds a slice of checkpoint tensors names them in `checkpoint_shards` (checkpoint module name -> Shard), which
+the loader reads.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,18 +12,20 @@ from torch import nn
 
 from bunny_backend.model.config import TextConfig
 from bunny_backend.model.layers import Attention, RMSNorm, apply_rotary, rotary_cos_sin
+from bunny_backend.model.sharding import TextShards
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, shards: TextShards):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.tp = shards.tp
+        self.num_heads, self.num_kv_heads, self.head_dim = shards.num_heads, shards.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
-        self.qkv_proj.packed_shards = {"q_proj": (0, self.q_size), "k_proj": (self.q_size, self.kv_size),
-                                       "v_proj": (self.q_size + self.kv_size, self.kv_size)}
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True)   # column-parallel
+        self.qkv_proj.checkpoint_shards = shards.qkv()
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)                      # row-parallel
+        self.o_proj.checkpoint_shards = shards.o_proj()
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -26,27 +33,46 @@ class Qwen2Attention(nn.Module):
         q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v).reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v).reshape(-1, self.q_size)))
 
 
 class Qwen2MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, shards: TextShards):
         super().__init__()
-        inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
-        self.gate_up_proj.packed_shards = {"gate_proj": (0, inter), "up_proj": (inter, inter)}
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.tp = shards.tp
+        inter = shards.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)   # column-parallel
+        self.gate_up_proj.checkpoint_shards = shards.gate_up()
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)          # row-parallel
+        self.down_proj.checkpoint_shards = shards.down_proj()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's rows of the embedding; ids outside them give zeros, and one all-reduce fills every row."""
+
+    def __init__(self, hidden_size: int, shards: TextShards):
+        super().__init__(shards.vocab_rows, hidden_size)
+        self.tp, self.start = shards.tp, shards.vocab_start
+        self.checkpoint_shards = shards.vocab("embed_tokens")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(ids)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        embeds = super().forward(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(embeds.masked_fill_(outside.unsqueeze(-1), 0))
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, shards: TextShards):
         super().__init__()
-        self.self_attn = Qwen2Attention(cfg)
-        self.mlp = Qwen2MLP(cfg)
+        self.self_attn = Qwen2Attention(cfg, shards)
+        self.mlp = Qwen2MLP(cfg, shards)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -58,11 +84,11 @@ class Qwen2DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     """Embeddings, decoder layers and the final norm; names match the checkpoint's `model.*`."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, shards: TextShards):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.hidden_size, shards)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, shards) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def decode_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
