@@ -26,6 +26,9 @@ class EngineConfig:
     # Decode steps as CUDA graphs where they can run (device cuda with the Triton paged-decode kernel); ignored
     # elsewhere. Verified on an H200: same logits as eager decoding, about 5x its speed (bench/NOTES.md).
     cuda_graphs: bool = True
+    # Shard the LLM over this many devices (processes) with torch.distributed: rank 0 is this engine, ranks
+    # 1..N-1 worker processes it spawns (engine/tp_group.py). Data parallelism is Triton's instance_group count.
+    tensor_parallel_size: int = 1
     # Limits on what one request may ask for (a request beyond them gets an error naming the limit).
     max_image_bytes: int = 20 << 20        # encoded size of one image
     max_image_pixels: int = 64_000_000     # width x height, checked from the header before decoding
@@ -42,7 +45,7 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch, cuda or npu, got {self.attention_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.block_size < 0 or (self.block_size and self.block_size & (self.block_size - 1)):

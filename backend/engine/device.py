@@ -1,14 +1,20 @@
 """What the engine's configuration means on the device it runs on: the one home of the per-device policy.
 
-`DevicePlan.resolve(config)` picks the device (auto: npu > cuda > cpu), the dtype (float32 on the CPU, bfloat16 on
-accelerators), the KV block size (16, or 128 on the NPU) and the attention backend (the device's own). After
-loading, `prepare_model` gives the weights the device's layout (packed linears on the CPU), and `graph_capture`
-says whether decode steps can be captured as CUDA graphs (device cuda with the Triton paged-decode kernel).
+`DevicePlan.resolve(config, placement)` picks the device (auto: npu > cuda > cpu), the dtype (float32 on the CPU,
+bfloat16 on accelerators), the KV block size (16, or 128 on the NPU), the attention backend (the device's own) and
+the CPU threads. After loading, `prepare_model` gives the weights the device's layout (packed linears on the CPU),
+and `graph_capture` says whether decode steps can be captured as CUDA graphs (device cuda with the Triton
+paged-decode kernel, one rank).
+
+Several engines on one host (Triton instances, tensor-parallel ranks): an engine whose first device is d (its
+Placement) runs tensor-parallel rank r on device d + r; on the CPU they split the cores between them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,22 +52,57 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one engine sits among the engines of a host (model.py reads it from Triton's instance)."""
+    device_index: int | None = None   # its first device (Triton's KIND_GPU device id); None: the default device
+    engines_per_host: int = 1         # engines sharing the host's CPU cores (Triton's instance count)
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
 class DevicePlan:
     device: torch.device
     dtype: torch.dtype
     block_size: int
     attention_backend: str     # torch, cuda or npu (ops.attention.get_backend)
     cuda_graphs: bool          # asked for (ignored off CUDA); graph_capture() says whether it can be done
+    tensor_parallel_size: int = 1
+    num_threads: int = 0       # torch's CPU threads per rank; 0 leaves torch's default (all cores)
 
     @classmethod
-    def resolve(cls, config: EngineConfig) -> "DevicePlan":
+    def resolve(cls, config: EngineConfig, placement: Placement = Placement()) -> "DevicePlan":
         device = resolve_device(config.device)
+        if device.type != "cpu" and (placement.device_index is not None or config.tensor_parallel_size > 1):
+            device = torch.device(device.type, placement.device_index or 0)
         backend = config.attention_backend
         if backend == "auto":
             backend = device.type if device.type in ("cuda", "npu") else "torch"
+        processes = placement.engines_per_host * config.tensor_parallel_size
+        threads = config.num_threads or (max(1, host_cores() // processes) if processes > 1 else 0)
         return cls(device=device, dtype=resolve_dtype(config.dtype, device),
                    block_size=config.block_size or (128 if device.type == "npu" else 16),
-                   attention_backend=backend, cuda_graphs=config.cuda_graphs)
+                   attention_backend=backend, cuda_graphs=config.cuda_graphs,
+                   tensor_parallel_size=config.tensor_parallel_size, num_threads=threads)
+
+    def for_rank(self, rank: int) -> "DevicePlan":
+        """The plan of tensor-parallel rank `rank` of this engine: the next devices after rank 0's."""
+        if self.device.type == "cpu" or rank == 0:
+            return self
+        return dataclasses.replace(self, device=torch.device(self.device.type, self.device.index + rank))
+
+    def enter(self) -> None:
+        """Make this plan the process's own: CPU threads, and the current accelerator (collectives use it)."""
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        if self.device.index is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        elif self.device.type == "npu":
+            torch.npu.set_device(self.device)   # type: ignore[attr-defined]
 
     def prepare_model(self, model) -> None:
         """The weight layout the device runs fastest, applied in place after loading."""
@@ -71,6 +112,9 @@ class DevicePlan:
     def graph_capture(self, head_dim: int) -> GraphCapture | None:
         """torch.cuda graph capture when asked for and the decode attention can be captured, else None."""
         if not self.cuda_graphs or self.device.type != "cuda":
+            return None
+        if self.tensor_parallel_size > 1:
+            log.warning("bunny: cuda_graphs is on but decode runs eagerly: not captured under tensor parallelism")
             return None
         reason = (f"attention backend {self.attention_backend}" if self.attention_backend != "cuda" else
                   triton_paged_decode.unsupported_for(self.dtype, head_dim, self.block_size))

@@ -7,9 +7,11 @@ from bunny_backend.config import EngineConfig
 from bunny_backend.model.config import TextConfig
 
 
-def bytes_per_block(text: TextConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(text: TextConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int = 0) -> int:
+    """num_kv_heads: the KV heads this rank holds (0: all of the model's)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * elem
+    heads = num_kv_heads or text.num_key_value_heads
+    return 2 * text.num_hidden_layers * block_size * heads * text.head_dim * elem
 
 
 def available_memory(device: torch.device) -> int:
@@ -23,11 +25,15 @@ def available_memory(device: torch.device) -> int:
 
 
 def num_kv_blocks(cfg: EngineConfig, text: TextConfig, block_size: int, max_model_len: int,
-                  dtype: torch.dtype, device: torch.device, workspace_bytes: int = 0) -> int:
+                  dtype: torch.dtype, device: torch.device, workspace_bytes: int = 0, num_kv_heads: int = 0) -> int:
     """Blocks that fit the budget once the attention backend's workspace is taken out of it, capped at what
-    max_num_seqs full-length sequences could ever use."""
-    budget = cfg.kv_cache_memory_bytes or int(available_memory(device) * cfg.kv_cache_memory_fraction)
-    blocks = (budget - workspace_bytes) // bytes_per_block(text, block_size, dtype)
+    max_num_seqs full-length sequences could ever use. The budget is per tensor-parallel rank, each rank holding
+    its own KV heads (num_kv_heads); ranks on the CPU share the host's memory, so they share its fraction."""
+    budget = cfg.kv_cache_memory_bytes
+    if not budget:
+        share = cfg.tensor_parallel_size if device.type == "cpu" else 1
+        budget = int(available_memory(device) * cfg.kv_cache_memory_fraction / share)
+    blocks = (budget - workspace_bytes) // bytes_per_block(text, block_size, dtype, num_kv_heads)
     cap = cfg.max_num_seqs * -(-max_model_len // block_size)
     blocks = min(blocks, cap)
     if blocks < 1:

@@ -1,4 +1,9 @@
-"""The engine: requests in (thread-safe), one `step()` at a time, RequestOutputs out."""
+"""The engine: requests in (thread-safe), one `step()` at a time, RequestOutputs out.
+
+With tensor_parallel_size N > 1 this engine is rank 0: it spawns ranks 1..N-1 (engine/tp_group.py), loads its own
+shard, and keeps the scheduler, the sampler and the detokenizer; the workers only run steps. If one of them dies,
+`step()` and `check_alive()` raise EngineDeadError: the caller fails every request and takes the model down.
+"""
 from __future__ import annotations
 
 import itertools
@@ -13,18 +18,23 @@ import torch
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine import fault_injection
 from bunny_backend.engine.block_manager import BlockManager
-from bunny_backend.engine.device import DevicePlan
+from bunny_backend.engine.device import DevicePlan, Placement
 from bunny_backend.engine.kv_cache import num_kv_blocks
 from bunny_backend.engine.model_runner import ModelRunner
-from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput, ServerBusyError
+from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, EngineStats, RequestOutput,
+                                          ServerBusyError)
 from bunny_backend.engine.request_builder import Prompt, RequestBuilder
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.scheduler import Scheduler, SchedulerOutput
 from bunny_backend.engine.sequence import Sequence
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
 from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
+from bunny_backend.model.config import BunnyConfig
 from bunny_backend.model.loader import load_model
+from bunny_backend.model.sharding import TextShards
 from bunny_backend.ops.attention import get_backend
+from bunny_backend.utils.distributed import SINGLE, TensorParallel
+from bunny_backend.utils.memory import ResidentMemory
 
 MAX_QUARANTINES = 3   # a sequence whose batches failed this often is failed itself
 log = logging.getLogger("bunny.engine")
@@ -38,25 +48,46 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, placement: Placement = Placement()):
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        plan = DevicePlan.resolve(config)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        plan = DevicePlan.resolve(config, placement)
+        plan.enter()
         self.device, self.dtype, self.block_size = plan.device, plan.dtype, plan.block_size
         self.tokenizer = load_tokenizer(config.model_path)
         self.eos_token_ids = frozenset(eos_token_ids(config.model_path, self.tokenizer))
-        self.model = load_model(config.model_path, self.dtype, self.device)
-        plan.prepare_model(self.model)
-        text = self.model.config.text
-        self.max_model_len = config.max_model_len or self.model.config.context_length
-        backend = get_backend(plan.attention_backend, min(config.max_num_batched_tokens, self.max_model_len))
-        num_blocks = num_kv_blocks(config, text, self.block_size, self.max_model_len, self.dtype, self.device,
-                                   backend.workspace_bytes(self.dtype))
-        self.runner = ModelRunner(self.model, backend, num_blocks, self.block_size,
-                                  self.device, self.dtype, graph_capture=plan.graph_capture(text.head_dim),
-                                  max_graph_batch=config.max_num_seqs,
-                                  max_blocks_per_seq=-(-self.max_model_len // self.block_size))
+        model_config = BunnyConfig.from_pretrained(config.model_path)
+        TextShards.plan(model_config.text, TensorParallel(0, config.tensor_parallel_size))   # sizes that divide
+        self.max_model_len = config.max_model_len or model_config.context_length
+        max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.workers = None
+        try:
+            if config.tensor_parallel_size > 1:
+                from bunny_backend.engine.tp_group import WorkerGroup
+                self.workers = WorkerGroup(config, plan)
+            memory = ResidentMemory(self.device)
+            self.model = load_model(config.model_path, self.dtype, self.device,
+                                    self.workers.tp if self.workers else SINGLE)
+            self.memory_reports = [memory.report(self.model)]   # one per rank
+            plan.prepare_model(self.model)
+            backend = get_backend(plan.attention_backend, min(config.max_num_batched_tokens, self.max_model_len))
+            num_blocks = num_kv_blocks(config, model_config.text, self.block_size, self.max_model_len, self.dtype,
+                                       self.device, backend.workspace_bytes(self.dtype),
+                                       self.model.shards.num_kv_heads)
+            if self.workers:
+                ready = self.workers.wait_ready()
+                num_blocks = min([num_blocks] + [blocks for blocks, _ in ready])
+                self.memory_reports += [report for _, report in ready]
+                self.workers.start(num_blocks)
+                self.workers.add_failure_callback(self._on_worker_death)
+            self.runner = ModelRunner(self.model, backend, num_blocks, self.block_size, self.device, self.dtype,
+                                      graph_capture=plan.graph_capture(model_config.text.head_dim),
+                                      max_graph_batch=config.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq,
+                                      workers=self.workers)
+        except BaseException:
+            self.shutdown()
+            raise
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
@@ -66,8 +97,6 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
         self._aborts: list[str] = []
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
         self._stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = itertools.count()
         # Draws the seed of each accepted request that has none, in arrival order: the same engine seed and the
@@ -136,6 +165,8 @@ class LLMEngine:
             if self._fault_injector:
                 self._fault_injector.before_step(sched.seqs)
             sampled = self.runner.run(sched.seqs, sched.is_prefill, sched.num_new_tokens)
+        except EngineDeadError:
+            raise
         except Exception as e:   # noqa: BLE001 - isolate the request that broke the step, keep serving
             return outputs + self._on_step_failure(sched, e)
         self.scheduler.postprocess(sched, sampled)   # advances the cache, seals full blocks, appends tokens
@@ -228,6 +259,29 @@ class LLMEngine:
             self._requests.clear()
             self._incoming.clear()
         return outputs
+
+    # ---- tensor parallelism --------------------------------------------------------------------------------
+    def rank_summary(self) -> list[str]:
+        """One line per tensor-parallel rank: its weights, and the memory loading them took (for the log)."""
+        mib = 1 << 20
+        return [f"tensor-parallel rank {rank} of {len(self.memory_reports)}: weights {r['weights_bytes'] / mib:.1f} "
+                f"MiB, resident +{r['resident_bytes'] / mib:.1f} MiB and peak +{r['peak_bytes'] / mib:.1f} MiB while "
+                f"loading, {self.runner.num_blocks} KV blocks of its own KV heads"
+                for rank, r in enumerate(self.memory_reports)]
+
+    def _on_worker_death(self, message: str) -> None:
+        with self._lock:
+            self._wakeup.notify_all()
+
+    def check_alive(self) -> None:
+        """EngineDeadError if a tensor-parallel worker died (cheap: call it every loop)."""
+        if self.workers is not None and self.workers.failure:
+            raise EngineDeadError(self.workers.failure)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine runs no more steps)."""
+        if getattr(self, "workers", None) is not None:
+            self.workers.shutdown()
 
     def stats(self) -> EngineStats:
         s = self._stats

@@ -1,4 +1,8 @@
-"""Runs one scheduled step: packs the sequences' tokens, sets the attention context, runs the model, samples."""
+"""Runs one scheduled step: packs the sequences' tokens, sets the attention context, runs the model, samples.
+
+Under tensor parallelism (engine/tp_group.py) rank 0's runner packs the step, hands it to the other ranks, and all
+of them run `forward` on it; rank 0 alone samples. Each rank's KV cache holds that rank's KV heads.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,7 +10,9 @@ import logging
 import torch
 
 from bunny_backend.engine.decode_graphs import DecodeGraphs
+from bunny_backend.engine.outputs import EngineDeadError
 from bunny_backend.engine.sequence import Sequence
+from bunny_backend.engine.step_channel import StepInputs
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler
 from bunny_backend.utils.context import ForwardContext, reset_context, set_context, token_slots
@@ -18,20 +24,20 @@ log = logging.getLogger("bunny.engine")
 class ModelRunner:
     def __init__(self, model: BunnyForCausalLM, backend, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, graph_capture=None, max_graph_batch: int = 0,
-                 max_blocks_per_seq: int = 0):
+                 max_blocks_per_seq: int = 0, workers=None):
         """graph_capture (decode_graphs.GraphCapture or EagerCapture): capture decode steps of up to
-        max_graph_batch sequences with block tables of up to max_blocks_per_seq blocks; None runs eagerly."""
-        self.model, self.backend = model, backend
+        max_graph_batch sequences with block tables of up to max_blocks_per_seq blocks; None runs eagerly.
+        workers: rank 0's tp_group.WorkerGroup under tensor parallelism, else None."""
+        self.model, self.backend, self.workers = model, backend, workers
         self.device, self.dtype = device, dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.sampler = Sampler()
-        text = model.config.text
         self.kv_caches = []
         allocated = num_blocks + (graph_capture is not None)   # the graphs' scratch block comes last
         for layer in model.model.layers:
-            k_cache, v_cache = backend.allocate_kv_cache(allocated, block_size, text.num_key_value_heads,
-                                                         text.head_dim, dtype, device)
-            attn = layer.self_attn.attn
+            attn = layer.self_attn.attn   # this rank's heads
+            k_cache, v_cache = backend.allocate_kv_cache(allocated, block_size, attn.num_kv_heads, attn.head_dim,
+                                                         dtype, device)
             attn.k_cache, attn.v_cache, attn.backend = k_cache, v_cache, backend
             self.kv_caches.append((k_cache, v_cache))
         self.graphs = None
@@ -115,18 +121,38 @@ class ModelRunner:
         else:
             (ids, positions, ctx), image_embeds = self._prepare_decode(seqs), None
             last_rows = list(range(len(seqs)))
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
-        set_context(ctx)
-        try:
-            embeds = self.model.embed_inputs(input_ids, image_embeds)
-            hidden = self.model(embeds, pos)
-        finally:
-            reset_context()
         want = [i for i, r in enumerate(last_rows) if r is not None]
+        step = StepInputs(torch.tensor(ids, dtype=torch.int64, device=self.device),
+                          torch.tensor(positions, dtype=torch.int64, device=self.device), ctx,
+                          [last_rows[i] for i in want], image_embeds)
+        logits = self.execute(step)
         if not want:
             return [None] * len(seqs)
-        return self._sample(self.model.compute_logits(hidden[[last_rows[i] for i in want]]), seqs, want)
+        return self._sample(logits, seqs, want)
+
+    def execute(self, step: StepInputs) -> torch.Tensor | None:
+        """Run one step on every rank; rank 0's logits of step.logit_rows (None when it has none)."""
+        if self.workers is None:
+            return self.forward(step)
+        # What could fail alone on a rank is checked before the other ranks see the step.
+        self.model.check_image_rows(step.input_ids, step.image_embeds)
+        self.workers.send(step)   # EngineDeadError once a worker died
+        try:
+            return self.forward(step)
+        except Exception as e:   # the other ranks may be inside this step's collectives: they cannot go on
+            raise EngineDeadError(self.workers.fail(e)) from e
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor | None:
+        """Every rank: the model over one step; the logits of step.logit_rows on rank 0 (None elsewhere)."""
+        set_context(step.context)
+        try:
+            hidden = self.model(self.model.embed_inputs(step.input_ids, step.image_embeds), step.positions)
+        finally:
+            reset_context()
+        if not step.logit_rows:
+            return None
+        return self.model.compute_logits(hidden[step.logit_rows])
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], want: list[int]) -> list[int | None]:
         """logits[j] belongs to seqs[want[j]]; the others get None."""

@@ -12,6 +12,11 @@ class ServerBusyError(BadRequestError):
     """The request is fine but too many are already waiting (max_queued_requests); the client may retry."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine can run no more steps (a tensor-parallel rank died, or the ranks fell out of step); every
+    request in flight fails, and the model must be restarted. The message says why."""
+
+
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str
