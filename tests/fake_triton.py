@@ -7,7 +7,7 @@ import types
 
 import numpy as np
 
-from bunny_backend.engine.outputs import BadRequestError, EngineStats, RequestOutput, ServerBusyError
+from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, EngineStats, RequestOutput, ServerBusyError
 
 FINAL = 1
 
@@ -137,8 +137,8 @@ def make_pb_utils() -> types.ModuleType:
 class FakeEngine:
     """One token per step per request, token id = step count; text "t<id> "; "bad" text is refused."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, placement=None):
+        self.config, self.placement = config, placement
         self.requests: dict[str, dict] = {}
         self.aborts: list[str] = []
         self.lock = threading.Lock()
@@ -147,6 +147,8 @@ class FakeEngine:
         self.step_delay = 0.001
         self.refuse_delay = 0.0   # how long add_request takes to refuse a "bad" request
         self.st = EngineStats(kv_blocks_total=64)
+        self.dead: str | None = None      # check_alive() raises EngineDeadError with it
+        self.shut_down = False
 
     def add_request(self, request_id, text, images=(), params=None, apply_chat_template=True):
         if text == "bad":
@@ -168,6 +170,16 @@ class FakeEngine:
     def has_unfinished(self):
         with self.lock:
             return bool(self.requests)
+
+    def check_alive(self):
+        if self.dead:
+            raise EngineDeadError(self.dead)
+
+    def shutdown(self):
+        self.shut_down = True
+
+    def rank_summary(self):
+        return ["tensor-parallel rank 0 of 1: fake"]
 
     def wait_for_work(self, timeout):
         with self.lock:

@@ -97,11 +97,11 @@ def rss_bytes(pid: int) -> int:
 
 
 def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PARAMS,
-                 timeout_s: float = 120.0, openai: bool = False) -> BunnyServer:
-    """bunny-serve on free ports (and the OpenAI API with `openai`); the test-only fault hook is switched on
-    (engine/fault_injection.py)."""
+                 timeout_s: float = 120.0, openai: bool = False, extra_args: tuple[str, ...] = ()) -> BunnyServer:
+    """bunny-serve on free ports (and the OpenAI API with `openai`; more bunny-serve flags in extra_args); the
+    test-only fault hook is switched on (engine/fault_injection.py)."""
     grpc, http, metrics, openai_port = free_ports(4)
-    extra = ["--device", "cpu"] + (["--openai-port", str(openai_port)] if openai else [])
+    extra = ["--device", "cpu", *extra_args] + (["--openai-port", str(openai_port)] if openai else [])
     cmd = serve_command(model_path, [grpc, http, metrics], params, extra_args=extra)
     log_file = open(log, "w")
     env = {**os.environ, fault_injection.ENV_VAR: "1"}

@@ -198,3 +198,23 @@ def test_numpy_2_is_refused_at_load_with_a_reason(monkeypatch):
     config = {"model_transaction_policy": {"decoupled": True}, "parameters": {"model_path": {"string_value": "/x"}}}
     with pytest.raises(RuntimeError, match=r"numpy 2\.5\.2.*numpy < 2"):
         mod.TritonPythonModel().initialize({"model_config": json.dumps(config)})
+
+
+def test_a_dead_engine_fails_what_is_in_flight_refuses_the_rest_and_ends_the_process(model, monkeypatch):
+    """A tensor-parallel worker died: errors for every request, the workers stopped, the stub process ended (so
+    that bunny-serve's watchdog takes the model down)."""
+    mod = sys.modules["bunny_model_under_test"]
+    ended = []
+    monkeypatch.setattr(mod, "_end_process", lambda: ended.append(True))
+    monkeypatch.setattr(mod, "EXIT_GRACE_S", 0.0)
+    streams = [run(model, text_input=text(f"s{i}"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
+               for i in range(2)]
+    wait_for(lambda: all(s.sender.responses for s in streams), 5, "the streams did not start")
+    model.engine.dead = "tensor-parallel rank 1 (pid 9) was killed by SIGKILL"
+    for s in streams:
+        s.sender.wait()
+        assert "model unavailable: tensor-parallel rank 1 (pid 9)" in s.sender.finals[0].error.message()
+    wait_for(lambda: ended, 5, "the process was not ended")
+    assert model.engine.shut_down
+    late = run(model, text_input=text("late")).sender.wait()
+    assert late.finals[0].error.code == 14 and "model unavailable" in late.finals[0].error.message()

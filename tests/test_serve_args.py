@@ -6,6 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from bunny_backend.server import cli, tritonserver
 
 
@@ -67,3 +69,21 @@ def test_ready_waits_for_the_metrics_endpoint_too():
     finally:
         http_server.shutdown()
         metrics.close()
+
+
+def test_scale_out_flags_reach_the_generated_config(tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    args = cli.parse_args(["--model-path", "/m", "--tensor-parallel-size", "2", "--instances", "3"])
+    params = cli.write_repository(tritonserver.MODEL_REPOSITORY, tmp_path / "repo", cli.overrides(args), args.instances)
+    assert params["tensor_parallel_size"] == "2"
+    config = text_format.Parse((tmp_path / "repo" / "bunny" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [g.count for g in config.instance_group] == [3]
+
+
+def test_bad_scale_out_flags_are_refused(tmp_path):
+    for argv, message in ((["--tensor-parallel-size", "0"], "tensor_parallel_size must be >= 1"),
+                          (["--instances", "0"], "--instances must be >= 1")):
+        args = cli.parse_args(["--model-path", "/m", *argv])
+        with pytest.raises(ValueError, match=message):
+            cli.write_repository(tritonserver.MODEL_REPOSITORY, tmp_path / argv[0], cli.overrides(args), args.instances)

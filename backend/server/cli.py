@@ -1,7 +1,8 @@
 """`bunny-serve`: run the real tritonserver on a generated copy of model_repository/ in the foreground.
 
 The copy (a temporary folder) carries config.pbtxt with the engine parameters overridden by the command line
-(--model-path, --device, --dtype, --param KEY=VALUE); the tracked config.pbtxt is never edited. Every endpoint
+(--model-path, --device, --dtype, --tensor-parallel-size, --param KEY=VALUE) and the instance count (--instances);
+the tracked config.pbtxt is never edited. Every endpoint
 binds 127.0.0.1 unless --address says otherwise. `READY` is printed on its own line on stdout once the model
 takes requests; the server's log goes to stderr. SIGTERM/SIGINT stop the server cleanly. Exit status: 0 after a clean stop, 2 for bad
 arguments, 1 when the model fails to load (its error lines are repeated at the end) or when its Python stub
@@ -38,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-path", required=True, type=Path, help="a checkpoint folder (CONTRACT.md section 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), help="engine device (config default: auto)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--tensor-parallel-size", type=int, metavar="N",
+                   help="shard the model over N devices (processes) with torch.distributed (config default: 1)")
+    p.add_argument("--instances", type=int, metavar="N",
+                   help="run N independent engines (Triton instances) that share the requests (config default: 1)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -71,11 +76,14 @@ def overrides(args: argparse.Namespace) -> dict[str, str]:
         params["device"] = args.device
     if args.dtype:
         params["dtype"] = args.dtype
+    if args.tensor_parallel_size is not None:
+        params["tensor_parallel_size"] = str(args.tensor_parallel_size)
     return params
 
 
-def write_repository(src: Path, dst: Path, params: dict[str, str]) -> dict[str, str]:
-    """Copy `src` to `dst` with bunny's parameters overridden; returns the resulting parameters (validated)."""
+def write_repository(src: Path, dst: Path, params: dict[str, str], instances: int | None = None) -> dict[str, str]:
+    """Copy `src` to `dst` with bunny's parameters (and instance count) overridden; returns the resulting
+    parameters (validated)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -84,6 +92,13 @@ def write_repository(src: Path, dst: Path, params: dict[str, str]) -> dict[str, 
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     for key, value in params.items():
         config.parameters[key].string_value = value
+    if instances is not None:
+        if instances < 1:
+            raise ValueError(f"--instances must be >= 1, got {instances}")
+        if len(config.instance_group) != 1:
+            raise ValueError(f"--instances needs exactly one instance_group in {path}, it has "
+                             f"{len(config.instance_group)}")
+        config.instance_group[0].count = instances
     merged = {k: v.string_value for k, v in config.parameters.items()}
     EngineConfig.from_parameters(merged)   # unknown keys, bad values: fail here, not inside the server
     path.write_text(text_format.MessageToString(config))
@@ -175,7 +190,7 @@ def serve_triton(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bunny-repo-") as tmp:
         repo = Path(tmp) / "model_repository"
         try:
-            write_repository(args.repository, repo, overrides(args))
+            write_repository(args.repository, repo, overrides(args), args.instances)
         except (ValueError, OSError) as e:
             print(f"bunny-serve: {e}", file=sys.stderr)
             return 2

@@ -1,6 +1,7 @@
 """The model's Prometheus metrics, published through the python backend's `pb_utils.MetricFamily`.
 
-They appear on Triton's metrics endpoint (`/metrics`) labelled `model="bunny"`. Counters follow the engine's
+They appear on Triton's metrics endpoint (`/metrics`) labelled `model="bunny"` and `instance` (the Triton
+instance, e.g. `bunny_0_1`): each instance is its own engine in its own stub process, with its own series. Counters follow the engine's
 running totals (EngineStats) by increments; gauges are set from the latest stats; TTFT and inter-token latency
 are histograms. The families and metrics are held here for the model's lifetime: Triton drops a metric whose
 family has been garbage-collected.
@@ -29,9 +30,9 @@ _GAUGES = {
 
 
 class BunnyMetrics:
-    def __init__(self, pb_utils, model_name: str = "bunny"):
+    def __init__(self, pb_utils, model_name: str = "bunny", instance: str = ""):
         MF = pb_utils.MetricFamily
-        labels = {"model": model_name}
+        labels = {"model": model_name, "instance": instance or model_name}
         self._families = []   # keep every family alive as long as its metrics
 
         def family(name, description, kind):

@@ -5,11 +5,16 @@ One engine thread loops `step()` and answers through each request's response sen
 piece of text when streaming, else one response with everything. Every request ends with exactly one response
 flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL: on success, on a bad request, on cancellation, on an engine
 error, and at unload.
+
+Each Triton instance (instance_group count) is its own stub process with its own engine (bunny_backend.stub.instance
+says where it runs). When the engine can run no more (a tensor-parallel worker died), every request in flight
+gets an error and this process ends, so that bunny-serve's watchdog unloads the model and stops the server.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 import traceback
@@ -19,13 +24,15 @@ import triton_python_backend_utils as pb_utils
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
-from bunny_backend.engine.outputs import BadRequestError, RequestOutput, ServerBusyError
+from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, RequestOutput, ServerBusyError
+from bunny_backend.stub.instance import placement
 from bunny_backend.stub.metrics import BunnyMetrics
 from bunny_backend.stub.request_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
 
 IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, cancellations, gauges)
 CANCEL_POLL_S = 0.02     # how often the senders are asked whether their client cancelled
 STATS_PERIOD_S = 0.1     # how often gauges and counters are published
+EXIT_GRACE_S = 1.0       # after a dead engine's error responses are sent, before this process ends
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -41,6 +48,10 @@ class _InFlight:
 def _error(message: str, code_name: str = "INTERNAL"):
     code = getattr(pb_utils.TritonError, code_name, None)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def _end_process() -> None:
+    os._exit(1)
 
 
 def _check_numpy() -> None:
@@ -63,8 +74,9 @@ class TritonPythonModel:
         if not self.config.model_path:
             raise ValueError("parameter model_path is empty: set it in config.pbtxt or start with bunny-serve --model-path")
         self.log = pb_utils.Logger
-        self.engine = LLMEngine(self.config)
-        self.metrics = BunnyMetrics(pb_utils, args.get("model_name", "bunny"))
+        self.engine = LLMEngine(self.config, placement(args, model_config, self.config.tensor_parallel_size))
+        self.metrics = BunnyMetrics(pb_utils, args.get("model_name", "bunny"), args.get("model_instance_name", ""))
+        self._down: str | None = None            # why the engine can run no more
         self._inflight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -73,6 +85,8 @@ class TritonPythonModel:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bunny-engine", daemon=True)
         self._thread.start()
+        for line in self.engine.rank_summary():
+            self.log.log_info(f"bunny: {line}")
         self.log.log_info(f"bunny: engine ready ({self.config.to_dict()})")
 
     # ---- requests in (Triton's thread) ---------------------------------------------------------------------
@@ -87,6 +101,8 @@ class TritonPythonModel:
         return None
 
     def _submit(self, request, sender) -> None:
+        if self._down:
+            return self._reject(sender, f"model unavailable: {self._down}", "UNAVAILABLE")
         if not self._thread.is_alive():
             return self._reject(sender, "the engine thread has stopped; restart the server", "UNAVAILABLE")
         try:
@@ -121,12 +137,15 @@ class TritonPythonModel:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self.engine.check_alive()
                 self._poll_cancellations()
                 if not self.engine.has_unfinished():
                     self._publish_stats()
                     self.engine.wait_for_work(IDLE_WAIT_S)
                     continue
                 outputs = self.engine.step()   # isolates a failing request itself (engine.step docstring)
+            except EngineDeadError as e:
+                return self._go_down(str(e))
             except Exception as e:   # noqa: BLE001 - outside any one request: fail what is in flight
                 self.log.log_error(f"bunny: engine step failed: {traceback.format_exc()}")
                 outputs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
@@ -134,6 +153,20 @@ class TritonPythonModel:
             for out in outputs:
                 self._deliver(out)
             self._publish_stats()
+
+    def _go_down(self, reason: str) -> None:
+        """The engine can run no more: fail what is in flight, stop the engine's workers, end this process."""
+        self._down = reason
+        self.log.log_error(f"bunny: {reason}. The model is down: failing the requests in flight and ending this "
+                           "instance's process (bunny-serve then unloads the model and exits 1); restart the server")
+        for out in self._fail_all(f"model unavailable: {reason}"):
+            self._deliver(out)
+        try:
+            self.engine.shutdown()
+        except Exception:
+            self.log.log_error(f"bunny: stopping the engine failed: {traceback.format_exc()}")
+        time.sleep(EXIT_GRACE_S)
+        _end_process()
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         try:
@@ -244,4 +277,8 @@ class TritonPythonModel:
             self._deliver(out)
         self._publish_stats(force=True)
         self.metrics.close()
+        try:
+            self.engine.shutdown()
+        except Exception:
+            self.log.log_error(f"bunny: stopping the engine failed: {traceback.format_exc()}")
         self.log.log_info("bunny: engine stopped")
