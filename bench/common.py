@@ -30,6 +30,7 @@ class Workload:
     prefix_caching: bool = False      # off: every request pays its own prefill, as transformers' generate does
     threads: int = 0                  # torch intra-op threads; 0: all cores
     cuda_graphs: bool = True          # EngineConfig.cuda_graphs (used on CUDA only)
+    tensor_parallel_size: int = 1     # EngineConfig.tensor_parallel_size
     image: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:

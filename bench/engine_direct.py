@@ -4,12 +4,13 @@ Run as a worker: `python -m bench.engine_direct MODEL_PATH WORKLOAD_JSON` prints
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import torch
 
-from bench.common import RequestTiming, Workload, emit, peak_rss_bytes, summarize
+from bench.common import RequestTiming, Workload, emit, summarize, tree_peak_rss_bytes
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
@@ -48,7 +49,8 @@ class KVWatch:
 def make_engine(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str) -> LLMEngine:
     cfg = EngineConfig(model_path=model_path, dtype=dtype, max_num_seqs=max(16, max(work.batch_sizes)),
                        kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=work.prefix_caching,
-                       num_threads=work.threads, cuda_graphs=work.cuda_graphs)
+                       num_threads=work.threads, cuda_graphs=work.cuda_graphs,
+                       tensor_parallel_size=work.tensor_parallel_size)
     return LLMEngine(cfg)
 
 
@@ -107,14 +109,18 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
             f"ITL {r['itl_mean_ms']:6.1f} ms")
     if decode_b1 is None:                        # the roofline needs batch-1 decode even when 1 is not swept
         decode_b1 = decode_rate([run_round(engine, work, 1, work.max_tokens, None, "b1")[:2]])
+    # peak RSS: this process and, under tensor parallelism, its worker ranks
     out = {"system": "engine", "rows": rows, "ttft_1image_s": ttfts[0], "ttft_1image_median_s": ttfts[1],
-           "batch1_decode_tok_s": decode_b1, "peak_rss_bytes": peak_rss_bytes(), "first_request_ids": first_ids,
+           "batch1_decode_tok_s": decode_b1, "peak_rss_bytes": tree_peak_rss_bytes(os.getpid()),
+           "first_request_ids": first_ids, "tensor_parallel_size": work.tensor_parallel_size,
+           "rank_memory": engine.memory_reports,
            **kv.as_dict(),
            "num_preemptions": engine.stats().num_preemptions, "device": str(engine.device), "dtype": str(engine.dtype),
            "attention_backend": engine.runner.backend.name,
            "threads": torch.get_num_threads()}
     if engine.device.type == "cuda":
         out["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    engine.shutdown()
     return out
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SYSTEMS = ("engine", "triton", "transformers")
+SYSTEMS = ("engine", "engine-tp", "triton", "transformers")   # engine-tp: --tensor-parallel-size N > 1
 
 
 def _rows_by_batch(result: dict) -> dict[int, dict]:
@@ -18,8 +18,10 @@ def format_model(model: dict) -> str:
     head = f"{'batch':>5} " + " ".join(f"{s + ' tok/s':>18}" for s in systems)
     if {"engine", "transformers"} <= set(systems):
         head += f" {'engine/hf':>10}"
-    if {"engine", "triton"} <= set(systems):
-        head += f" {'triton/engine':>14}"
+    # triton runs at --tensor-parallel-size: compare it with the engine at the same size
+    same_tp = "engine-tp" if "engine-tp" in systems else "engine"
+    if {same_tp, "triton"} <= set(systems):
+        head += f" {'triton/' + same_tp:>17}"
     lines = [f"== {model['name']}: {model['spec']['params_total'] / 1e6:.0f}M params "
              f"({model['spec']['params_llm_total'] / 1e6:.0f}M LLM), {model['spec']['dtype']}, "
              f"{model['workload']['max_tokens']} new tokens, {model['workload']['rounds']} round(s)", head]
@@ -28,8 +30,8 @@ def format_model(model: dict) -> str:
         line = f"{b:>5} " + " ".join(f"{tok[s]:>18.1f}" if tok[s] else f"{'-':>18}" for s in systems)
         if {"engine", "transformers"} <= set(systems):
             line += f" {tok['engine'] / tok['transformers']:>10.2f}" if tok["engine"] and tok["transformers"] else f" {'-':>10}"
-        if {"engine", "triton"} <= set(systems):
-            line += f" {tok['triton'] / tok['engine']:>14.2f}" if tok["engine"] and tok["triton"] else f" {'-':>14}"
+        if {same_tp, "triton"} <= set(systems):
+            line += f" {tok['triton'] / tok[same_tp]:>17.2f}" if tok[same_tp] and tok["triton"] else f" {'-':>17}"
         lines.append(line)
     lines.append("")
     for s in systems:
@@ -40,6 +42,11 @@ def format_model(model: dict) -> str:
         if "kv_excess_blocks_per_seq_max" in r:
             extra += (f" (over live need: max {r['kv_excess_blocks_max']:.0f}, {r['kv_excess_blocks_per_seq_max']:.2f}/seq, "
                       f"steps over need+1/seq: {r['kv_steps_over_need_plus_one']})")
+        if r.get("tensor_parallel_size", 1) > 1:
+            extra += f", {r['tensor_parallel_size']} ranks, weights per rank " + "/".join(
+                f"{m['weights_bytes'] / 2**20:.0f}" for m in r["rank_memory"]) + " MiB"
+        elif r.get("server_params", {}).get("tensor_parallel_size", "1") != "1":
+            extra += f", {r['server_params']['tensor_parallel_size']} ranks"
         if "peak_device_bytes" in r:
             extra += f", peak device mem {r['peak_device_bytes'] / 2**30:.2f} GiB"
         if r.get("contention") is not None:
@@ -72,7 +79,7 @@ def plot(models: list[dict], path: Path, title: str) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for s, style in zip(SYSTEMS, ("o-", "s--", "^:")):
+        for s, style in zip(SYSTEMS, ("o-", "d-.", "s--", "^:")):
             rows = model["systems"].get(s, {}).get("rows")
             if rows:
                 ax.plot([r["batch_size"] for r in rows], [r["output_tokens_per_s"] for r in rows], style, label=s)

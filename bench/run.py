@@ -48,7 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the engine's prefix cache on (off by default: identical requests would skip prefill)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="decode eagerly on CUDA (engine and triton; graphs are the default)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per system (default: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per system, per rank under tensor parallelism (default: all cores, split "
+                        "between the ranks)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="run the engine (as engine-tp, beside the one-rank engine) and Triton sharded over N ranks")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<machine>-<date>.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -92,12 +96,15 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log) -> dict:
     path = str(ensure_checkpoint(spec, log=log))
     work = Workload(batch_sizes=args.batch_sizes, max_tokens=args.max_tokens, rounds=args.rounds,
                     prefix_caching=args.prefix_caching, threads=args.threads, cuda_graphs=args.cuda_graphs)
+    tp_work = dataclasses.replace(work, tensor_parallel_size=args.tensor_parallel_size)
     hf_work = dataclasses.replace(work, batch_sizes=args.hf_batch_sizes)
     kv = str(kv_cache_bytes(spec, work))
     model = {"name": spec.name, "spec": describe(spec), "checkpoint": path, "workload": work.describe(),
              "hf_batch_sizes": args.hf_batch_sizes, "systems": {}, "wall_s": {}}
+    tp = args.tensor_parallel_size
     plan = [("engine", "engine_direct", (path, work.to_json(), kv, spec.dtype), args.skip_engine),
-            ("triton", "triton_bench", (path, work.to_json(), kv, spec.dtype), args.skip_triton),
+            ("engine-tp", "engine_direct", (path, tp_work.to_json(), kv, spec.dtype), args.skip_engine or tp == 1),
+            ("triton", "triton_bench", (path, tp_work.to_json(), kv, spec.dtype), args.skip_triton),
             ("transformers", "hf_generate", (path, hf_work.to_json(), spec.dtype), args.skip_hf)]
     for name, module, worker_args, skip in plan:
         if skip:
@@ -140,8 +147,9 @@ def targets(model: dict) -> dict:
     speedup, roof = (3, 0.6) if gpu else (2, 0.7)
     if eng and hf:
         out["engine >= %dx transformers at batch %d" % (speedup, top)] = (eng >= speedup * hf, f"{eng / hf:.2f}x")
-    if eng and tri:
-        out["triton >= 90%% of engine at batch %d" % top] = (tri >= 0.9 * eng, f"{100 * tri / eng:.0f}%")
+    same = _tok(model, "engine-tp", top) or eng   # triton runs at --tensor-parallel-size, like engine-tp
+    if same and tri:
+        out["triton >= 90%% of engine at batch %d" % top] = (tri >= 0.9 * same, f"{100 * tri / same:.0f}%")
     frac = model["roofline"].get("fraction_of_roofline")
     if frac:
         out["batch-1 decode >= %d%% of roofline" % (100 * roof)] = (frac >= roof, f"{100 * frac:.0f}%")

@@ -78,7 +78,7 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
     params = {"kv_cache_memory_bytes": str(kv_cache_bytes), "max_num_seqs": str(max(16, max(work.batch_sizes))),
               "enable_prefix_caching": str(work.prefix_caching).lower(), "num_threads": str(work.threads),
               "cuda_graphs": str(work.cuda_graphs).lower(),
-              "attention_backend": "auto"}
+              "attention_backend": "auto", "tensor_parallel_size": str(work.tensor_parallel_size)}
     t_start = time.perf_counter()
     server = Server(model_path, params, dtype)
     startup_s = time.perf_counter() - t_start
