@@ -22,6 +22,7 @@ COLLECTIVE_TIMEOUT_S = 300
 class TensorParallel:
     rank: int = 0
     size: int = 1
+    backend: str = ""   # the torch.distributed backend (DIST_BACKENDS), once the group is formed
 
     @property
     def is_driver(self) -> bool:
@@ -39,9 +40,13 @@ class TensorParallel:
         if self.size == 1:
             return x
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_driver else None
-        dist.gather(x, parts, dst=0)
-        return torch.cat(parts, dim=-1) if parts is not None else None
+        if self.backend == "hccl":   # HCCL has no gather: every rank receives
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.all_gather(parts, x)
+        else:
+            parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_driver else None
+            dist.gather(x, parts, dst=0)
+        return torch.cat(parts, dim=-1) if self.is_driver else None
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere)."""
@@ -57,9 +62,10 @@ def init_group(rank: int, size: int, device: torch.device, port: int) -> TensorP
     """Join the group of `size` ranks meeting at 127.0.0.1:port; every rank calls this, rank 0 first or not."""
     if device.type == "npu":
         import torch_npu  # noqa: F401  (registers the hccl backend)
-    dist.init_process_group(DIST_BACKENDS[device.type], init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    return TensorParallel(rank, size)
+    backend = DIST_BACKENDS[device.type]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    return TensorParallel(rank, size, backend)
 
 
 def destroy_group() -> None:
