@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -91,3 +92,20 @@ def test_a_dead_stub_unloads_the_model_and_stops_the_server(tiny_checkpoint, tmp
     assert responses and not responses[-1]["final"] and err is not None, (len(responses), err)
     assert ended - killed < BOUND_S
     assert "Stopping tritonserver" in log and "after its Python stub died" in log
+
+
+def test_stubs_left_behind_by_the_server_are_killed(tmp_path):
+    """A tritonserver that stops on its exit timeout leaves its stubs (and their tensor-parallel workers) running."""
+    repo, other = tmp_path / "bunny-repo-a" / "model_repository", tmp_path / "bunny-repo-b" / "model_repository"
+    script = "import time; time.sleep(60)"
+    mine = subprocess.Popen([sys.executable, "-c", script, watchdog.STUB_NAME, f"{repo}/bunny/1/model.py"])
+    theirs = subprocess.Popen([sys.executable, "-c", script, watchdog.STUB_NAME, f"{other}/bunny/1/model.py"])
+    try:
+        wait_for(lambda: {mine.pid, theirs.pid} <= watchdog.child_pids(os.getpid(), watchdog.STUB_NAME), 10,
+                 "the fake stubs did not start")
+        assert watchdog.kill_leftover_stubs(repo) == [mine.pid]
+        assert mine.wait(10) == -signal.SIGKILL and theirs.poll() is None
+    finally:
+        for p in (mine, theirs):
+            p.kill()
+            p.wait()

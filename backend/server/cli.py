@@ -230,6 +230,10 @@ def serve_triton(args: argparse.Namespace) -> int:
             time.sleep(0.25)
         stub_died = ready and watch_stubs(proc, ports.http_url, stopping)
         rc = wait_or_kill(proc, stop_deadline)
+        left = watchdog.kill_leftover_stubs(repo)
+        if left:
+            print(f"bunny-serve: killed {len(left)} Python stub process(es) tritonserver left running",
+                  file=sys.stderr, flush=True)
         pump.join(timeout=5)
         if stub_died:
             print(f"bunny-serve: tritonserver stopped (status {rc}) after its Python stub died", file=sys.stderr)

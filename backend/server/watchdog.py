@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 STUB_NAME = "triton_python_backend_stub"
 POLL_S = 0.5
@@ -52,6 +53,25 @@ def child_pids(parent: int, needle: str) -> set[int]:
         if stat and stat[0] == parent and stat[1] not in "ZX" and needle in _cmdline(int(name)):
             found.add(int(name))
     return found
+
+
+def kill_leftover_stubs(repository: Path) -> list[int]:
+    """SIGKILL the stub processes of `repository` still alive after tritonserver exited: a server that stops on its
+    exit timeout (a model it could not unload) leaves its stubs running, and with them any tensor-parallel
+    workers (which end once their stub is gone). The repository path is unique to one bunny-serve run."""
+    killed = []
+    needle = str(repository)
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        cmdline = _cmdline(int(name))
+        if STUB_NAME in cmdline and needle in cmdline:
+            try:
+                os.kill(int(name), signal.SIGKILL)
+                killed.append(int(name))
+            except ProcessLookupError:
+                pass
+    return killed
 
 
 def is_dead(pid: int, server_pid: int) -> bool:
