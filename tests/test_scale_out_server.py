@@ -76,7 +76,8 @@ def descendants(pid: int) -> set[int]:
 
 def test_instances_share_the_requests_with_tp1_outputs(instances_server, tp1_outputs, test_images):
     assert outputs_of(instances_server.url, twelve_mixed(test_images)) == tp1_outputs
-    served = {name: instances_server.metric("bunny_requests_total", instance=name) for name in ("bunny_0_0", "bunny_0_1")}
+    served = {name: instances_server.metric("bunny_requests_total", instance=name)
+              for name in ("bunny_0_0", "bunny_0_1")}
     record("instances=2", requests_per_instance=served)
     assert all(n > 0 for n in served.values()) and sum(served.values()) == 12, served
 

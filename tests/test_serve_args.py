@@ -77,7 +77,8 @@ def test_scale_out_flags_reach_the_generated_config(tmp_path):
     args = cli.parse_args(["--model-path", "/m", "--tensor-parallel-size", "2", "--instances", "3"])
     params = cli.write_repository(tritonserver.MODEL_REPOSITORY, tmp_path / "repo", cli.overrides(args), args.instances)
     assert params["tensor_parallel_size"] == "2"
-    config = text_format.Parse((tmp_path / "repo" / "bunny" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    text = (tmp_path / "repo" / "bunny" / "config.pbtxt").read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert [g.count for g in config.instance_group] == [3]
 
 

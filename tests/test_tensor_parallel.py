@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.step_channel import StepInputs
+from bunny_backend.engine.step_channel import StepInputs, decode, encode
 from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.model.config import TextConfig
 from bunny_backend.model.loader import load_model
 from bunny_backend.model.sharding import Shard, TextShards
 from bunny_backend.tools.reference import ReferenceBunny
+from bunny_backend.utils.context import ForwardContext
 from bunny_backend.utils.distributed import TensorParallel
 from engine_helpers import QUESTIONS, make_engine, run_all
 from model_helpers import dense_prefill_context, expand, pixels_of, prompt_ids
@@ -48,6 +49,28 @@ def test_plan_splits_replicates_or_refuses():
     with pytest.raises(ValueError, match=r"num_key_value_heads \(3; fewer KV heads than ranks works"):
         TextShards.plan(text_config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3),
                         TensorParallel(0, 2))
+
+
+def test_step_channel_round_trips_prefill_and_decode_steps():
+    i32 = torch.int32
+    prefill = ForwardContext(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3, 5], dtype=i32), max_seqlen_q=3,
+                             slot_mapping=torch.arange(5), block_tables=torch.tensor([[0, -1], [1, 2]], dtype=i32),
+                             seqlens_q=[3, 2], seqlens_k=[3, 9])
+    decoding = ForwardContext(is_prefill=False, slot_mapping=torch.tensor([7, 40]), seqlens_k=[8, 41],
+                              context_lens=torch.tensor([8, 41], dtype=i32),
+                              block_tables=torch.tensor([[0], [2]], dtype=i32))
+    for ctx, rows in ((prefill, [2, 4]), (decoding, [0, 1])):
+        n = len(ctx.slot_mapping)
+        step = StepInputs(torch.arange(n) + 10, torch.arange(n), ctx, rows, torch.zeros(3, 4))
+        got, num_images = decode(encode(step), torch.device("cpu"))
+        assert num_images == 3 and got.logit_rows == rows and got.image_embeds is None   # features: a broadcast
+        assert torch.equal(got.input_ids, step.input_ids) and torch.equal(got.positions, step.positions)
+        for name, want in vars(ctx).items():
+            value = getattr(got.context, name)
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(value, want) and value.dtype == want.dtype, name
+            else:
+                assert value == want and type(value) is type(want), name
 
 
 def test_engine_refuses_sizes_that_do_not_divide_before_starting_workers(checkpoint_factory):
@@ -164,30 +187,10 @@ def test_each_rank_holds_about_half_the_weights(checkpoint_factory):
                               intermediate_size=1536, vocab_size=16384)
     (one,), two = memory_reports(path, 1), memory_reports(path, 2)
     mib = lambda b: round(b / (1 << 20), 1)   # noqa: E731
-    record("tensor parallel memory (MiB)", tp1_weights=mib(one["weights_bytes"]), tp1_resident=mib(one["resident_bytes"]),
-           tp1_peak=mib(one["peak_bytes"]),
-           **{f"tp2_rank{r}_{k}": mib(v[f"{k}_bytes"]) for r, v in enumerate(two) for k in ("weights", "resident", "peak")})
+    kinds = ("weights", "resident", "peak")
+    record("tensor parallel memory (MiB)", **{f"tp1_{k}": mib(one[f"{k}_bytes"]) for k in kinds},
+           **{f"tp2_rank{r}_{k}": mib(v[f"{k}_bytes"]) for r, v in enumerate(two) for k in kinds})
     for rank in two:
         assert 0.4 < rank["weights_bytes"] / one["weights_bytes"] < 0.6, (one, two)
         assert 0.35 < rank["resident_bytes"] / one["resident_bytes"] < 0.65, (one, two)
 
-
-def test_step_channel_round_trips_prefill_and_decode_steps():
-    from bunny_backend.engine.step_channel import decode, encode
-    from bunny_backend.utils.context import ForwardContext
-    prefill = ForwardContext(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3, 5], dtype=torch.int32), max_seqlen_q=3,
-                             slot_mapping=torch.arange(5), block_tables=torch.tensor([[0, -1], [1, 2]], dtype=torch.int32),
-                             seqlens_q=[3, 2], seqlens_k=[3, 9])
-    decoding = ForwardContext(is_prefill=False, slot_mapping=torch.tensor([7, 40]), context_lens=torch.tensor(
-        [8, 41], dtype=torch.int32), block_tables=torch.tensor([[0], [2]], dtype=torch.int32), seqlens_k=[8, 41])
-    for ctx, rows in ((prefill, [2, 4]), (decoding, [0, 1])):
-        n = len(ctx.slot_mapping)
-        step = StepInputs(torch.arange(n) + 10, torch.arange(n), ctx, rows, torch.zeros(3, 4))
-        got, num_images = decode(encode(step), torch.device("cpu"))
-        assert num_images == 3 and got.logit_rows == rows and got.image_embeds is None
-        assert torch.equal(got.input_ids, step.input_ids) and torch.equal(got.positions, step.positions)
-        for name, want in vars(ctx).items():
-            value = getattr(got.context, name)
-            same = torch.equal(value, want) and value.dtype == want.dtype if isinstance(want, torch.Tensor) else \
-                value == want and type(value) is type(want)
-            assert same, name

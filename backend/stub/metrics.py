@@ -1,7 +1,8 @@
 """The model's Prometheus metrics, published through the python backend's `pb_utils.MetricFamily`.
 
 They appear on Triton's metrics endpoint (`/metrics`) labelled `model="bunny"` and `instance` (the Triton
-instance, e.g. `bunny_0_1`): each instance is its own engine in its own stub process, with its own series. Counters follow the engine's
+instance, e.g. `bunny_0_1`): each instance is its own engine in its own stub process, with its own series.
+Counters follow the engine's
 running totals (EngineStats) by increments; gauges are set from the latest stats; TTFT and inter-token latency
 are histograms. The families and metrics are held here for the model's lifetime: Triton drops a metric whose
 family has been garbage-collected.
