@@ -211,3 +211,25 @@ def test_cuda_graph_decode_matches_eager_decode(checkpoint_factory, test_images)
     assert len(batch_sizes) > 3 and rel < BF16_REL_ERR and top1 >= TOP1_AGREEMENT
     for i, (ids, _, reason) in enumerate(results.values()):
         assert reason in ("stop", "length") and ids, i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_nccl_tensor_parallel_greedy_equals_one_gpu(checkpoint_factory, test_images):
+    """Two ranks on two GPUs (nccl), fp32 so that only the reduction order differs: the same greedy tokens as one
+    GPU, text and image, with a replicated KV head and an odd vocabulary."""
+    from bunny_backend.config import EngineConfig
+    from bunny_backend.engine.llm_engine import LLMEngine
+    from engine_helpers import run_all, twelve_requests
+
+    path = str(checkpoint_factory(seed=22, num_heads=4, num_kv_heads=1, vocab_size=1537))
+    kw = dict(model_path=path, device="cuda", dtype="float32", kv_cache_memory_bytes=8 << 20,
+              max_num_batched_tokens=64)
+    reqs = twelve_requests(test_images)[:6]
+    one = run_all(LLMEngine(EngineConfig(**kw)), reqs)
+    engine = LLMEngine(EngineConfig(tensor_parallel_size=2, **kw))
+    try:
+        assert engine.runner.backend.name == "cuda" and engine.workers is not None
+        assert run_all(engine, reqs) == one
+    finally:
+        engine.shutdown()
