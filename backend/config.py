@@ -16,6 +16,12 @@ class EngineConfig:
     block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 4096
+    # While a step decodes running streams, it carries at most this many prompt tokens (longer prompts are
+    # chunked over several steps), so a long prompt delays each running stream's next token by one chunk, not by
+    # its whole prefill. 0: the device's own (engine/device.py: 128 on cpu, 2048 on cuda/npu).
+    max_prefill_tokens_while_decoding: int = 0
+    max_images_per_encoder_batch: int = 4   # distinct images one step sends through the vision tower
+    encoder_cache_bytes: int = 128 << 20    # image features kept by image content (LRU); 0: off
     max_model_len: int = 0          # 0: config.json's tokenizer_model_max_length, else max_position_embeddings
     kv_cache_memory_bytes: int = 0  # 0: use kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.5  # of the memory free after loading the weights
@@ -45,9 +51,13 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch, cuda or npu, got {self.attention_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+                     "max_images_per_encoder_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:   # else the last-admitted streams would never decode
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes a token each step")
         if self.block_size < 0 or (self.block_size and self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
@@ -57,7 +67,8 @@ class EngineConfig:
         for name in ("max_image_bytes", "max_image_pixels", "max_text_bytes", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_prompt_tokens", "max_output_tokens", "max_queued_requests"):
+        for name in ("max_prompt_tokens", "max_output_tokens", "max_queued_requests",
+                     "max_prefill_tokens_while_decoding", "encoder_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bunny_backend.ops import triton_paged_decode as tpd
-from bunny_backend.ops.attention import get_backend
+from bunny_backend.ops.attention import attend, get_backend
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
 from bunny_backend.tools.check_npu_ops import make_case, run_case
 from bunny_backend.utils.context import ForwardContext
+from attention_helpers import MIXED_NO_PREFIX, MIXED_SPANS, paged_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_triton = pytest.mark.skipif(tpd.triton is None, reason="triton is not installed")
@@ -192,15 +193,15 @@ def test_cuda_graph_decode_matches_eager_decode(checkpoint_factory, test_images)
     graphs, run = runner.graphs, runner.run
     pairs, batch_sizes = [], set()
 
-    def twice(seqs, is_prefill, num_new):
-        if is_prefill:
-            return run(seqs, is_prefill, num_new)
+    def twice(step):
+        if step.num_decodes < len(step.seqs):   # graphs replay decode-only steps
+            return run(step)
         runner.graphs = None
-        run(seqs, is_prefill, num_new)          # eager: writes this step's K/V, which the replay rewrites
+        run(step)          # eager: writes this step's K/V, which the replay rewrites
         runner.graphs = graphs
-        tokens = run(seqs, is_prefill, num_new)
+        tokens = run(step)
         pairs.append((seen[-1], seen[-2]))
-        batch_sizes.add(len(seqs))
+        batch_sizes.add(len(step.seqs))
         return tokens
 
     runner.run = twice
@@ -233,3 +234,19 @@ def test_nccl_tensor_parallel_greedy_equals_one_gpu(checkpoint_factory, test_ima
         assert run_all(engine, reqs) == one
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spans", [MIXED_SPANS, MIXED_NO_PREFIX], ids=["chunks-over-prefixes", "fresh-chunks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_mixed_step_matches_dense(spans, dtype):
+    """Decode rows through the Triton kernel, prefill chunks through flash-attn (fresh chunks, where installed)
+    or SDPA; and the whole batch through prefill alone."""
+    backend = get_backend("cuda")
+    num_decodes = next(i for i, (cached, new) in enumerate(spans) if not (cached and new == 1))
+    for nd in (num_decodes, 0):
+        q, k, v, k_cache, v_cache, ctx, expected = paged_step(backend, spans, 14, 2, 64, 16, dtype, "cuda",
+                                                              num_decodes=nd, seed=nd)
+        out = attend(backend, q, k, v, k_cache, v_cache, ctx, 64 ** -0.5)
+        torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2, msg=f"num_decodes={nd}")

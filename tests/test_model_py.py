@@ -184,6 +184,17 @@ def test_metrics_move(model):
     assert fams["bunny_kv_blocks_total"].metrics[0].value == 64
 
 
+def test_encoder_metrics_follow_the_engine(model):
+    st = model.engine.st
+    st.encoder_images_total, st.encoder_seconds_total, st.encoder_cache_bytes = 3, 0.25, 4096
+    st.encoder_cache_hits, st.encoder_cache_misses = 2, 3
+    run(model, text_input=text("a b c"), max_tokens=np.array([2], np.int32)).sender.wait()
+    value = lambda name: MetricFamily.families[name].metrics[0].value   # noqa: E731
+    wait_for(lambda: value("bunny_encoder_seconds_total") == 0.25, 5, "encoder metrics not published", poll_s=0.02)
+    assert (value("bunny_encoder_images_total"), value("bunny_encoder_cache_hits_total"),
+            value("bunny_encoder_cache_misses_total"), value("bunny_encoder_cache_bytes")) == (3, 2, 3, 4096)
+
+
 def test_model_path_is_required(monkeypatch):
     mod = load_model_py(monkeypatch)
     config = {"model_transaction_policy": {"decoupled": True}, "parameters": {"model_path": {"string_value": ""}}}

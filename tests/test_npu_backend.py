@@ -35,9 +35,11 @@ def test_ops_match_portable_backend(emulator, heads, kv_heads, block_size, prefi
     want = run_case(TorchAttentionBackend(), case, torch.float32, "cpu")
     for part in got:
         torch.testing.assert_close(got[part], want[part], atol=1e-5, rtol=1e-5, msg=part)
+    # the mixed step decodes the first sequence and runs the others' chunks, each row as in the separate steps
+    torch.testing.assert_close(got["mixed"], torch.cat([got["decode"][:1], got["prefill"][3:]]), atol=1e-6, rtol=1e-6)
     prefill_op = "_npu_flash_attention_qlens" if any(prefix) else "_npu_flash_attention"
-    assert emulator.calls[prefill_op] == 1 and emulator.calls["_npu_paged_attention"] == 1
-    assert emulator.calls["_npu_reshape_and_cache"] == 2 + bool(any(prefix))
+    assert emulator.calls[prefill_op] == 2 and emulator.calls["_npu_paged_attention"] == 2   # alone, then mixed
+    assert emulator.calls["_npu_reshape_and_cache"] == 3 + bool(any(prefix))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,7 +1,10 @@
 import hashlib
-from types import SimpleNamespace
 
+import pytest
+
+from bunny_backend.config import EngineConfig
 from bunny_backend.engine.block_manager import BlockManager
+from bunny_backend.engine.device import DevicePlan
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.scheduler import Scheduler
 from bunny_backend.engine.sequence import ImageSpan, Sequence, SequenceStatus
@@ -10,9 +13,13 @@ from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX
 BS = 4
 
 
-def make_sched(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024):
-    cfg = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    return Scheduler(cfg, BlockManager(num_blocks, BS), max_model_len)
+def make_sched(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024,
+               max_prefill_tokens_while_decoding=0, max_images_per_encoder_batch=4, encoder_cache=()):
+    cfg = EngineConfig(max_num_seqs=min(max_num_seqs, max_num_batched_tokens),
+                       max_num_batched_tokens=max_num_batched_tokens,
+                       max_images_per_encoder_batch=max_images_per_encoder_batch)
+    return Scheduler(cfg, BlockManager(num_blocks, BS), max_model_len, encoder_cache,
+                     max_prefill_tokens_while_decoding)
 
 
 _next_token = iter(range(1000, 10**9))
@@ -41,13 +48,14 @@ def test_admits_up_to_max_num_seqs():
     for s in seqs:
         sched.add(s)
     out = step(sched)
-    assert out.is_prefill and out.seqs == seqs[:3] and out.num_new_tokens == [5, 5, 5]
+    assert out.num_decodes == 0 and out.seqs == seqs[:3] and out.num_new_tokens == [5, 5, 5]
     assert sched.num_running == 3 and sched.num_waiting == 2
     out = step(sched)
-    assert not out.is_prefill and out.seqs == seqs[:3] and out.num_new_tokens == [1, 1, 1]
+    assert out.num_decodes == 3 and out.seqs == seqs[:3] and out.num_new_tokens == [1, 1, 1]
     sched.finish(seqs[1], "stop")
-    out = step(sched)                     # a slot opened: prefill takes priority over decode
-    assert out.is_prefill and out.seqs == [seqs[3]]
+    out = step(sched)                     # a slot opened: the running decode, the newcomer prefills beside them
+    assert out.seqs == [seqs[0], seqs[2], seqs[3]] and out.num_decodes == 2 and out.num_new_tokens == [1, 1, 5]
+    assert out.needs_sample == [True, True, True]
 
 
 def test_respects_token_budget_and_chunks():
@@ -58,12 +66,23 @@ def test_respects_token_budget_and_chunks():
     out = step(sched)
     assert out.seqs == [a, b] and out.num_new_tokens == [8, 4] and out.needs_sample == [True, False]
     assert a.num_tokens == 9 and b.num_tokens == 8 and b.num_cached_tokens == 4
-    # b keeps its blocks and continues before c is admitted; decode of a waits for the prefills.
+    # a decodes; b continues before c is admitted; all in one step within the budget
     out = step(sched)
-    assert out.is_prefill and out.seqs == [b, c] and out.num_new_tokens == [4, 3]
+    assert out.seqs == [a, b, c] and out.num_decodes == 1 and out.num_new_tokens == [1, 4, 3]
     assert sum(out.num_new_tokens) <= 12
     out = step(sched)
-    assert not out.is_prefill and out.seqs == [a, b, c]
+    assert out.seqs == [a, b, c] and out.num_decodes == 3
+
+
+def test_decodes_take_the_budget_first():
+    sched = make_sched(max_num_batched_tokens=6)
+    decoders = [make_seq(f"d{i}", 2, first=10 * i) for i in range(3)]
+    for s in decoders:
+        sched.add(s)
+    step(sched)
+    sched.add(long := make_seq("long", 10, first=500))
+    out = step(sched)
+    assert out.seqs == decoders + [long] and out.num_decodes == 3 and out.num_new_tokens == [1, 1, 1, 3]
 
 
 def test_long_prompt_is_chunked_across_steps():
@@ -73,14 +92,36 @@ def test_long_prompt_is_chunked_across_steps():
     chunks = []
     while not seq.is_prefill_done:
         out = step(sched)
-        assert out.is_prefill and out.seqs == [seq]
+        assert out.num_decodes == 0 and out.seqs == [seq]
         chunks.append((out.num_new_tokens[0], out.needs_sample[0]))
     assert chunks == [(10, False), (10, False), (5, True)]
     assert len(seq.block_table) == 7 and seq.num_completion_tokens == 1
     out = step(sched)
-    assert not out.is_prefill and out.num_new_tokens == [1]
+    assert out.num_decodes == 1 and out.num_new_tokens == [1]
     sched.finish(seq, "length")
     assert_all_free(sched)
+
+
+def test_prefill_is_bounded_only_while_streams_decode():
+    sched = make_sched(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=6)
+    alone = make_seq("alone", 20, first=300)
+    sched.add(alone)
+    assert step(sched).num_new_tokens == [20]     # nobody decodes: the whole prompt at once
+    sched.finish(alone, "stop")
+    a, b = make_seq("a", 3), make_seq("b", 3, first=50)
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    sched.add(long := make_seq("long", 20, first=100))
+    sched.add(short := make_seq("short", 3, first=200))
+    shapes = []
+    while not long.is_prefill_done:
+        out = step(sched)
+        shapes.append((out.num_decodes, [s.request_id for s in out.seqs[out.num_decodes:]],
+                       sum(out.num_new_tokens[out.num_decodes:])))
+        assert out.seqs[:2] == [a, b]   # the running streams get a token every step
+    assert shapes == [(2, ["long"], 6), (2, ["long"], 6), (2, ["long"], 6), (2, ["long", "short"], 5)]
+    assert short.num_cached_tokens == 3
 
 
 def test_preempts_latest_and_readmits_it_first():
@@ -93,7 +134,7 @@ def test_preempts_latest_and_readmits_it_first():
         step(sched)
     assert sched.block_manager.num_free_blocks == 0 and a.num_tokens == b.num_tokens == 9
     out = step(sched)                     # both need a third block: b, the latest, is preempted
-    assert out.seqs == [a] and sched.num_preemptions == 1
+    assert out.seqs == [a] and out.num_decodes == 1 and sched.num_preemptions == 1
     assert b.status == SequenceStatus.WAITING and b.block_table == [] and b.num_tokens == 9
     c = make_seq("c", 3, first=90)
     sched.add(c)
@@ -101,7 +142,7 @@ def test_preempts_latest_and_readmits_it_first():
     generated_b = b.completion_token_ids
     sched.finish(a, "stop")
     out = step(sched)
-    assert out.is_prefill and out.seqs == [b, c]
+    assert out.num_decodes == 0 and out.seqs == [b, c]
     # b's first block is still cached (its tail block, evicted first, went to a): the recompute skips it.
     assert b.num_prefix_hit_tokens == 4 and out.num_new_tokens == [5, 3]
     assert b.completion_token_ids[:len(generated_b)] == generated_b and b.num_completion_tokens == 6
@@ -170,5 +211,73 @@ def test_prompt_ending_in_an_image_row_never_decodes_it():
     assert out.num_new_tokens == [5] and seq.num_cached_tokens == seq.num_tokens - 1
     assert not seq.is_prefill_done
     out = step(sched)
-    assert out.is_prefill and out.num_new_tokens == [1] and out.needs_sample == [True]
+    assert out.num_decodes == 0 and out.num_new_tokens == [1] and out.needs_sample == [True]
     assert seq.is_prefill_done
+
+
+def image_seq(request_id, content, offset=2, length=4, tail=2):
+    img = ImageSpan(offset, length, hashlib.sha256(content).digest(), pixel_values=None)
+    ids = list(range(1, offset + 1)) + [IMAGE_TOKEN_INDEX] * length + list(range(50, 50 + tail))
+    return Sequence(request_id, ids, SamplingParams(), images=[img])
+
+
+def test_encoder_budget_stops_a_chunk_before_an_image_it_cannot_encode():
+    cached = hashlib.sha256(b"cached").digest()
+    sched = make_sched(max_images_per_encoder_batch=1, encoder_cache={cached})
+    x1, y, x2, c = image_seq("x1", b"x"), image_seq("y", b"y"), image_seq("x2", b"x"), image_seq("c", b"cached")
+    for s in (x1, y, x2, c):
+        sched.add(s)
+    out = sched.schedule()
+    # x1 takes the one image of the budget; y stops before its image; x2 shares x1's; c's is in the cache
+    assert out.seqs == [x1, y, x2, c] and out.num_new_tokens == [8, 2, 8, 8]
+    assert out.images == [x1.images[0], x2.images[0], c.images[0]]
+    sched.postprocess(out, [1, None, 2, 3])
+    out = sched.schedule()            # the runner filled nothing (no encoder here): y's image is encoded now
+    assert y in out.seqs and y.images[0] in out.images and out.num_new_tokens[out.seqs.index(y)] == 6
+
+
+def test_an_admitted_sequence_may_wait_for_the_encoder_budget():
+    sched = make_sched(max_images_per_encoder_batch=1)
+    a, b = image_seq("a", b"a"), image_seq("b", b"b", offset=0)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert out.seqs == [a] and sched.num_running == 2    # b is admitted, its chunk would start with its image
+    sched.postprocess(out, [1])
+    a.images[0].embeds = object()     # as the encoder phase would have filled it
+    out = sched.schedule()
+    assert out.seqs == [a, b] and out.num_decodes == 1 and out.images == [b.images[0]]
+
+
+def test_mixed_step_preempts_the_latest_admitted_even_mid_prefill():
+    sched = make_sched(num_blocks=4, max_num_batched_tokens=4)
+    a, b, c = make_seq("a", 2), make_seq("b", 2, first=50), make_seq("c", 8, first=90)
+    sched.add(a)
+    sched.add(b)
+    step(sched)                       # a and b prefill: one block each
+    sched.add(c)
+    for _ in range(2):                # a and b decode in their first block; c prefills 2 tokens a step beside them
+        out = step(sched)
+        assert out.seqs == [a, b, c] and out.num_decodes == 2 and out.num_new_tokens == [1, 1, 2]
+    assert sched.block_manager.num_free_blocks == 0 and c.num_cached_tokens == 4
+    sched.add(d := make_seq("d", 2, first=300))
+    out = step(sched)                 # a and b need a second block: c, admitted last, gives its blocks back
+    assert out.seqs == [a, b] and out.num_decodes == 2 and sched.num_preemptions == 1
+    assert c.status == SequenceStatus.WAITING and c.block_table == [] and list(sched.waiting) == [c, d]
+    out = step(sched)                 # no room yet for c, and d does not jump the queue
+    assert out.seqs == [a, b]
+
+
+def test_config_refuses_budgets_that_would_starve_a_stream():
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be >= max_num_seqs \(16\)"):
+        EngineConfig(max_num_batched_tokens=8, max_num_seqs=16)
+    with pytest.raises(ValueError, match="max_images_per_encoder_batch must be >= 1"):
+        EngineConfig(max_images_per_encoder_batch=0)
+    with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding must be >= 0"):
+        EngineConfig(max_prefill_tokens_while_decoding=-1)
+
+
+def test_the_prefill_bound_is_the_devices_unless_set():
+    assert DevicePlan.resolve(EngineConfig(device="cpu")).max_prefill_tokens_while_decoding == 128
+    assert DevicePlan.resolve(EngineConfig(device="cpu", max_prefill_tokens_while_decoding=300)) \
+        .max_prefill_tokens_while_decoding == 300

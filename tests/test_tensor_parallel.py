@@ -15,7 +15,7 @@ from bunny_backend.model.config import TextConfig
 from bunny_backend.model.loader import load_model
 from bunny_backend.model.sharding import Shard, TextShards
 from bunny_backend.tools.reference import ReferenceBunny
-from bunny_backend.utils.context import ForwardContext
+from bunny_backend.utils.context import ForwardContext, paged_context
 from bunny_backend.utils.distributed import TensorParallel
 from engine_helpers import QUESTIONS, make_engine, run_all
 from model_helpers import dense_prefill_context, expand, pixels_of, prompt_ids
@@ -51,7 +51,7 @@ def test_plan_splits_replicates_or_refuses():
                         TensorParallel(0, 2))
 
 
-def test_step_channel_round_trips_prefill_and_decode_steps():
+def test_step_channel_round_trips_prefill_decode_and_mixed_steps():
     i32 = torch.int32
     prefill = ForwardContext(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3, 5], dtype=i32), max_seqlen_q=3,
                              slot_mapping=torch.arange(5), block_tables=torch.tensor([[0, -1], [1, 2]], dtype=i32),
@@ -59,18 +59,26 @@ def test_step_channel_round_trips_prefill_and_decode_steps():
     decoding = ForwardContext(is_prefill=False, slot_mapping=torch.tensor([7, 40]), seqlens_k=[8, 41],
                               context_lens=torch.tensor([8, 41], dtype=i32),
                               block_tables=torch.tensor([[0], [2]], dtype=i32))
-    for ctx, rows in ((prefill, [2, 4]), (decoding, [0, 1])):
+    mixed = paged_context([1, 1, 3], [8, 41, 5], [[0], [2, 3, 4], [5]], torch.tensor([7, 40, 80, 81, 82]), 2)
+
+    def assert_same(got, want, where):
+        for name, value in vars(want).items():
+            have = getattr(got, name)
+            if isinstance(value, ForwardContext):
+                assert_same(have, value, f"{where}.{name}")
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(have, value) and have.dtype == value.dtype, f"{where}.{name}"
+            else:
+                assert have == value and type(have) is type(value), f"{where}.{name}"
+
+    for ctx, rows in ((prefill, [2, 4]), (decoding, [0, 1]), (mixed, [0, 1, 4])):
         n = len(ctx.slot_mapping)
         step = StepInputs(torch.arange(n) + 10, torch.arange(n), ctx, rows, torch.zeros(3, 4))
         got, num_images = decode(encode(step), torch.device("cpu"))
         assert num_images == 3 and got.logit_rows == rows and got.image_embeds is None   # features: a broadcast
         assert torch.equal(got.input_ids, step.input_ids) and torch.equal(got.positions, step.positions)
-        for name, want in vars(ctx).items():
-            value = getattr(got.context, name)
-            if isinstance(want, torch.Tensor):
-                assert torch.equal(value, want) and value.dtype == want.dtype, name
-            else:
-                assert value == want and type(value) is type(want), name
+        assert_same(got.context, ctx, "context")
+    assert got.context.decodes.seqlens_k == [8, 41] and got.context.prefills.seqlens_q == [3]
 
 
 def test_engine_refuses_sizes_that_do_not_divide_before_starting_workers(checkpoint_factory):

@@ -1,10 +1,11 @@
 """What the engine's configuration means on the device it runs on: the one home of the per-device policy.
 
 `DevicePlan.resolve(config, placement)` picks the device (auto: npu > cuda > cpu), the dtype (float32 on the CPU,
-bfloat16 on accelerators), the KV block size (16, or 128 on the NPU), the attention backend (the device's own) and
-the CPU threads. After loading, `prepare_model` gives the weights the device's layout (packed linears on the CPU),
-and `graph_capture` says whether decode steps can be captured as CUDA graphs (device cuda with the Triton
-paged-decode kernel, one rank).
+bfloat16 on accelerators), the KV block size (16, or 128 on the NPU), the prompt tokens a step may carry while
+streams decode (128 on the CPU, 2048 on accelerators), the attention backend (the device's own) and the CPU
+threads. After loading, `prepare_model` gives the weights the device's layout (packed linears on the CPU), and
+`graph_capture` says whether decode steps can be captured as CUDA graphs (device cuda with the Triton paged-decode
+kernel, one rank).
 
 Several engines on one host (Triton instances, tensor-parallel ranks): an engine whose first device is d (its
 Placement) runs tensor-parallel rank r on device d + r; on the CPU they split the cores between them.
@@ -45,6 +46,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (to time it); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize()   # type: ignore[attr-defined]
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -67,6 +76,10 @@ class DevicePlan:
     device: torch.device
     dtype: torch.dtype
     block_size: int
+    # Prompt tokens a step may carry while it decodes running streams (EngineConfig 0: the device's own). On the
+    # CPU a step's cost grows with every prompt token, so chunks stay small (bench/NOTES.md, "Serving under load");
+    # on accelerators a step of a few thousand prompt tokens costs little more than a decode step.
+    max_prefill_tokens_while_decoding: int
     attention_backend: str     # torch, cuda or npu (ops.attention.get_backend)
     cuda_graphs: bool          # asked for (ignored off CUDA); graph_capture() says whether it can be done
     tensor_parallel_size: int = 1
@@ -84,6 +97,8 @@ class DevicePlan:
         threads = config.num_threads or (max(1, host_cores() // processes) if processes > 1 else 0)
         return cls(device=device, dtype=resolve_dtype(config.dtype, device),
                    block_size=config.block_size or (128 if device.type == "npu" else 16),
+                   max_prefill_tokens_while_decoding=(config.max_prefill_tokens_while_decoding
+                                                      or (128 if device.type == "cpu" else 2048)),
                    attention_backend=backend, cuda_graphs=config.cuda_graphs,
                    tensor_parallel_size=config.tensor_parallel_size, num_threads=threads)
 

@@ -25,19 +25,25 @@ def available_memory(device: torch.device) -> int:
 
 
 def num_kv_blocks(cfg: EngineConfig, text: TextConfig, block_size: int, max_model_len: int,
-                  dtype: torch.dtype, device: torch.device, workspace_bytes: int = 0, num_kv_heads: int = 0) -> int:
+                  dtype: torch.dtype, device: torch.device, workspace_bytes: int = 0, num_kv_heads: int = 0,
+                  encoder_cache_bytes: int = 0) -> int:
     """Blocks that fit the budget once the attention backend's workspace is taken out of it, capped at what
     max_num_seqs full-length sequences could ever use. The budget is per tensor-parallel rank, each rank holding
-    its own KV heads (num_kv_heads); ranks on the CPU share the host's memory, so they share its fraction."""
+    its own KV heads (num_kv_heads); ranks on the CPU share the host's memory, so they share its fraction.
+
+    The memory plan: kv_cache_memory_bytes is the KV cache's size, workspace included; without it,
+    kv_cache_memory_fraction of the memory free after loading the weights holds the KV cache (workspace included)
+    and, on the rank that holds it (rank 0), the encoder cache (encoder_cache_bytes) together.
+    """
     budget = cfg.kv_cache_memory_bytes
     if not budget:
         share = cfg.tensor_parallel_size if device.type == "cpu" else 1
-        budget = int(available_memory(device) * cfg.kv_cache_memory_fraction / share)
-    blocks = (budget - workspace_bytes) // bytes_per_block(text, block_size, dtype, num_kv_heads)
+        budget = int(available_memory(device) * cfg.kv_cache_memory_fraction / share) - encoder_cache_bytes
+    blocks = max(budget - workspace_bytes, 0) // bytes_per_block(text, block_size, dtype, num_kv_heads)
     cap = cfg.max_num_seqs * -(-max_model_len // block_size)
     blocks = min(blocks, cap)
     if blocks < 1:
         raise ValueError(f"KV cache budget of {budget} bytes ({workspace_bytes} of them for the attention "
                          f"backend's workspace) holds no block of {block_size} tokens; raise kv_cache_memory_bytes "
-                         "or kv_cache_memory_fraction")
+                         "or kv_cache_memory_fraction (or lower encoder_cache_bytes)")
     return blocks

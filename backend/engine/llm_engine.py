@@ -19,6 +19,8 @@ from bunny_backend.config import EngineConfig
 from bunny_backend.engine import fault_injection
 from bunny_backend.engine.block_manager import BlockManager
 from bunny_backend.engine.device import DevicePlan, Placement
+from bunny_backend.engine.encoder_cache import EncoderCache
+from bunny_backend.engine.encoder_runner import EncoderRunner
 from bunny_backend.engine.kv_cache import num_kv_blocks
 from bunny_backend.engine.model_runner import ModelRunner
 from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, EngineStats, RequestOutput,
@@ -74,7 +76,7 @@ class LLMEngine:
             backend = get_backend(plan.attention_backend, min(config.max_num_batched_tokens, self.max_model_len))
             num_blocks = num_kv_blocks(config, model_config.text, self.block_size, self.max_model_len, self.dtype,
                                        self.device, backend.workspace_bytes(self.dtype),
-                                       self.model.shards.num_kv_heads)
+                                       self.model.shards.num_kv_heads, config.encoder_cache_bytes)
             if self.workers:
                 ready = self.workers.wait_ready()
                 num_blocks = min([num_blocks] + [blocks for blocks, _ in ready])
@@ -88,8 +90,10 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
+        self.encoder = EncoderRunner(self.model, EncoderCache(config.encoder_cache_bytes), self.device)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.encoder.cache,
+                                   plan.max_prefill_tokens_while_decoding)
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
                                       self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests
@@ -164,7 +168,8 @@ class LLMEngine:
         try:
             if self._fault_injector:
                 self._fault_injector.before_step(sched.seqs)
-            sampled = self.runner.run(sched.seqs, sched.is_prefill, sched.num_new_tokens)
+            self.encoder.run(sched.images)
+            sampled = self.runner.run(sched)
         except EngineDeadError:
             raise
         except Exception as e:   # noqa: BLE001 - isolate the request that broke the step, keep serving
@@ -290,4 +295,7 @@ class LLMEngine:
         s.kv_blocks_used = bm.num_used_blocks
         s.prefix_cache_hit_tokens, s.prefix_cache_query_tokens = bm.prefix_hit_tokens_total, bm.prefix_query_tokens_total
         s.num_preemptions = self.scheduler.num_preemptions
+        cache = self.encoder.cache
+        s.encoder_cache_hits, s.encoder_cache_misses, s.encoder_cache_bytes = cache.hits, cache.misses, cache.num_bytes
+        s.encoder_images_total, s.encoder_seconds_total = self.encoder.images_encoded, self.encoder.seconds
         return s

@@ -1,4 +1,5 @@
-"""Runs one scheduled step: packs the sequences' tokens, sets the attention context, runs the model, samples.
+"""Runs one scheduled step: packs the sequences' tokens (decodes and prefill chunks in one flat batch), sets the
+attention context, runs the model, samples. Pure decode steps may replay CUDA graphs (decode_graphs.py).
 
 Under tensor parallelism (engine/tp_group.py) rank 0's runner packs the step, hands it to the other ranks, and all
 of them run `forward` on it; rank 0 alone samples. Each rank's KV cache holds that rank's KV heads.
@@ -11,11 +12,12 @@ import torch
 
 from bunny_backend.engine.decode_graphs import DecodeGraphs
 from bunny_backend.engine.outputs import EngineDeadError
+from bunny_backend.engine.scheduler import SchedulerOutput
 from bunny_backend.engine.sequence import Sequence
 from bunny_backend.engine.step_channel import StepInputs
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler
-from bunny_backend.utils.context import ForwardContext, reset_context, set_context, token_slots
+from bunny_backend.utils.context import paged_context, reset_context, set_context, token_slots
 
 
 log = logging.getLogger("bunny.engine")
@@ -50,47 +52,29 @@ class ModelRunner:
                 log.warning("bunny: capturing decode graphs failed (%s: %s); decoding eagerly", type(e).__name__, e)
 
     # ---- inputs --------------------------------------------------------------------------------------------
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
-
-    def _encode_missing_images(self, seqs: list[Sequence], chunks: list[tuple[int, int]]) -> None:
-        """Run the vision tower once, batched, for every image this step touches that has no features yet."""
-        todo = [img for seq, (start, end) in zip(seqs, chunks) for img in seq.images
-                if img.embeds is None and img.offset < end and img.offset + img.length > start]
-        if not todo:
-            return
-        pixels = torch.stack([img.pixel_values for img in todo]).to(self.device)
-        feats = self.model.encode_images(pixels)
-        for img, f in zip(todo, feats):
-            img.embeds = f
-            img.pixel_values = None
-
     def _image_rows(self, seq: Sequence, start: int, end: int) -> list[torch.Tensor]:
         rows = []
-        for img in sorted(seq.images, key=lambda i: i.offset):
+        for img in seq.images:
             lo, hi = max(start, img.offset), min(end, img.offset + img.length)
             if lo < hi:
+                if img.embeds is None:
+                    raise RuntimeError(f"{seq}: image at {img.offset} has no features (the encoder phase did not run)")
                 rows.append(img.embeds[lo - img.offset:hi - img.offset])
         return rows
 
-    def _prepare_prefill(self, seqs: list[Sequence], num_new: list[int]):
-        ids, positions, slots, rows, seqlens_q, seqlens_k, last_rows = [], [], [], [], [], [], []
+    def _prepare(self, seqs: list[Sequence], num_new: list[int], num_decodes: int):
+        """Flat inputs of one step: decodes (one row each) first, then prefill chunks."""
+        ids, positions, slots, rows, last_rows = [], [], [], [], []
         chunks = [(s.num_cached_tokens, s.num_cached_tokens + n) for s, n in zip(seqs, num_new)]
-        self._encode_missing_images(seqs, chunks)
         for seq, (start, end) in zip(seqs, chunks):
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += token_slots(seq.block_table, start, end, self.block_size)
             rows += self._image_rows(seq, start, end)
-            seqlens_q.append(end - start)
-            seqlens_k.append(end)
             last_rows.append(len(ids) - 1 if end == seq.num_tokens else None)
-        cu_q = torch.tensor([0] + seqlens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        ctx = ForwardContext(is_prefill=True, cu_seqlens_q=cu_q.to(self.device), max_seqlen_q=max(seqlens_q),
-                             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-                             block_tables=self._block_tables(seqs), seqlens_q=seqlens_q, seqlens_k=seqlens_k)
+        ctx = paged_context([end - start for start, end in chunks], [end for _, end in chunks],
+                            [s.block_table for s in seqs],
+                            torch.tensor(slots, dtype=torch.int64, device=self.device), num_decodes)
         image_embeds = torch.cat(rows) if rows else None
         return ids, positions, image_embeds, ctx, last_rows
 
@@ -100,32 +84,22 @@ class ModelRunner:
         slots = [token_slots(s.block_table, p, p + 1, self.block_size)[0] for s, p in zip(seqs, positions)]
         return ids, positions, slots, [s.num_tokens for s in seqs]
 
-    def _prepare_decode(self, seqs: list[Sequence]):
-        ids, positions, slots, lens = self._decode_lists(seqs)
-        ctx = ForwardContext(is_prefill=False,
-                             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-                             context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-                             block_tables=self._block_tables(seqs), seqlens_k=lens)
-        return ids, positions, ctx
-
     # ---- step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, num_new: list[int]) -> list[int | None]:
-        """Returns the sampled token per sequence, or None where a prefill chunk did not reach the end."""
-        if (not is_prefill and self.graphs is not None
+    def run(self, step: SchedulerOutput) -> list[int | None]:
+        """One forward over the step's decodes and prefill chunks (image features already filled in by the
+        encoder phase). Returns the sampled token per sequence, or None where a prefill chunk did not reach the end."""
+        seqs = step.seqs
+        if (step.num_decodes == len(seqs) and self.graphs is not None
                 and self.graphs.can_run(len(seqs), max(len(s.block_table) for s in seqs))):
             hidden = self.graphs.run(*self._decode_lists(seqs), [s.block_table for s in seqs])
             return self._sample(self.model.compute_logits(hidden), seqs, list(range(len(seqs))))
-        if is_prefill:
-            ids, positions, image_embeds, ctx, last_rows = self._prepare_prefill(seqs, num_new)
-        else:
-            (ids, positions, ctx), image_embeds = self._prepare_decode(seqs), None
-            last_rows = list(range(len(seqs)))
+        ids, positions, image_embeds, ctx, last_rows = self._prepare(seqs, step.num_new_tokens, step.num_decodes)
         want = [i for i, r in enumerate(last_rows) if r is not None]
-        step = StepInputs(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                          torch.tensor(positions, dtype=torch.int64, device=self.device), ctx,
-                          [last_rows[i] for i in want], image_embeds)
-        logits = self.execute(step)
+        inputs = StepInputs(torch.tensor(ids, dtype=torch.int64, device=self.device),
+                            torch.tensor(positions, dtype=torch.int64, device=self.device), ctx,
+                            [last_rows[i] for i in want], image_embeds)
+        logits = self.execute(inputs)
         if not want:
             return [None] * len(seqs)
         return self._sample(logits, seqs, want)

@@ -42,4 +42,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions: int = 0
+    encoder_images_total: int = 0           # images run through the vision tower
+    encoder_seconds_total: float = 0.0      # wall time of those vision-tower calls
+    encoder_cache_hits: int = 0             # images whose features came from the encoder cache
+    encoder_cache_misses: int = 0
+    encoder_cache_bytes: int = 0            # features held by the encoder cache now
     requests_finished: dict = field(default_factory=dict)   # finish_reason -> count

@@ -1,13 +1,19 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
-Policy (after nano-vllm): prefill first. A step is either all prefill or all decode.
-- Prefill: running sequences whose prefill is unfinished continue first (they keep their blocks), then waiting
-  sequences are admitted FIFO while the number of running sequences, the token budget and the free blocks allow.
-  A prompt longer than the remaining budget is chunked: it gets what is left, and continues next step.
-- Decode, when no prefill was possible: one token for every running sequence. A sequence whose next token needs a
-  block when none is free preempts the latest-admitted running sequence (its blocks are freed, it goes to the
-  front of the queue and is later recomputed as a prefill over its prompt and generated tokens); if it is the
-  only one left, it preempts itself.
+Policy (after vLLM v1): one token budget per step (max_num_batched_tokens), one forward pass.
+- Decodes first: one token for every running sequence whose prefill is done, in admission order. A sequence
+  whose next token needs a block when none is free preempts the latest-admitted running sequence not yet in this
+  step (its blocks are freed, it goes to the front of the queue and is later recomputed as a prefill over its
+  prompt and generated tokens); if there is none, it preempts itself.
+- Then prefill chunks fill what is left: running sequences whose prefill is unfinished continue first (they keep
+  their blocks), then waiting sequences are admitted FIFO while the number of running sequences, the budget and
+  the free blocks allow (not in a step that preempted). A prompt longer than what is left is chunked: it gets
+  what is left, and continues next step. While the step carries decodes, its prefill tokens are also bounded by
+  max_prefill_tokens_while_decoding, so running streams are never stalled by a whole long prompt.
+- Images: a chunk that reaches an image without features needs the vision tower first (engine/encoder_runner.py
+  runs it before the forward). At most max_images_per_encoder_batch distinct images not in the encoder cache are
+  encoded per step; a chunk that would need one more stops just before that image.
+The scheduled sequences are ordered decodes first (SchedulerOutput.num_decodes), as the model runner packs them.
 
 Failure isolation: when a step raises, the engine calls quarantine(out): the step's sequences give back their
 blocks (their K/V is recomputed) and become suspects. While suspects exist, each step runs one suspect alone,
@@ -16,6 +22,7 @@ only it. The others rejoin the batch.
 
 One step, as the engine drives it:
     out = scheduler.schedule()
+    encoder.run(out.images)              # features for the images this step reaches
     sampled = runner.run(out)            # a token for each seq where out.needs_sample[i], else None
     scheduler.postprocess(out, sampled)  # advance num_cached_tokens, register full blocks, append tokens
     ... engine checks eos / max_tokens / stop strings and calls scheduler.finish(seq, reason)
@@ -26,30 +33,46 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from bunny_backend.engine.block_manager import BlockManager
-from bunny_backend.engine.sequence import Sequence, SequenceStatus
+from bunny_backend.engine.sequence import ImageSpan, Sequence, SequenceStatus
 
 
 @dataclass
 class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
-    is_prefill: bool = False
+    # The first num_decodes seqs decode one token each; the rest run prefill chunks.
+    num_decodes: int = 0
     # Per seq: tokens computed this step, token_ids[seq.num_cached_tokens : seq.num_cached_tokens + n].
     num_new_tokens: list[int] = field(default_factory=list)
     # Per seq: whether this step reaches its last token, so the last row's logits are sampled.
     needs_sample: list[bool] = field(default_factory=list)
+    # Images without features that this step's chunks reach (from the encoder cache or to encode).
+    images: list[ImageSpan] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return not self.seqs
 
 
+@dataclass
+class _Budget:
+    tokens: int                       # tokens this step may still carry
+    images: int                       # distinct images this step may still encode
+    hashes: set[bytes] = field(default_factory=set)   # the images already counted this step
+
+
 class Scheduler:
-    def __init__(self, config, block_manager: BlockManager, max_model_len: int):
-        """config: anything with max_num_seqs and max_num_batched_tokens (EngineConfig)."""
+    def __init__(self, config, block_manager: BlockManager, max_model_len: int, encoder_cache=(),
+                 max_prefill_tokens_while_decoding: int = 0):
+        """config: an EngineConfig (max_num_seqs, max_num_batched_tokens, max_images_per_encoder_batch).
+        encoder_cache: what `content_hash in encoder_cache` asks (EncoderCache). max_prefill_tokens_while_decoding:
+        as resolved for the device (DevicePlan); 0: no bound beyond max_num_batched_tokens."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding or config.max_num_batched_tokens
+        self.max_images_per_encoder_batch = config.max_images_per_encoder_batch
         self.block_manager = block_manager
         self.max_model_len = max_model_len
+        self.encoder_cache = encoder_cache
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()   # in admission order: the last one is preempted first
         self.num_preemptions = 0
@@ -91,33 +114,76 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = self._schedule_suspect() if self.num_suspects else SchedulerOutput()
         if out.is_empty:
-            out = self._schedule_prefill()
-        if out.is_empty:
-            out = self._schedule_decode()
+            out = SchedulerOutput()
+            budget = _Budget(self.max_num_batched_tokens, self.max_images_per_encoder_batch)
+            preempted = self._schedule_decodes(out, budget)
+            if out.num_decodes:
+                budget.tokens = min(budget.tokens, self.max_prefill_tokens_while_decoding)
+            self._schedule_prefills(out, budget, admit=not preempted)
         out.needs_sample = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)]
         return out
 
-    def _schedule_prefill(self) -> SchedulerOutput:
-        out = SchedulerOutput(is_prefill=True)
-        budget = self.max_num_batched_tokens
-        for seq in self.running:
-            if budget == 0:
-                return out
-            if not seq.is_prefill_done:
-                n = min(seq.num_tokens - seq.num_cached_tokens, budget)
+    def _schedule_decodes(self, out: SchedulerOutput, budget: _Budget) -> bool:
+        """One token for each running sequence whose prefill is done; returns whether any was preempted."""
+        num_preemptions = self.num_preemptions
+        scheduled: set[int] = set()
+        limit = min(self.max_num_seqs, budget.tokens)
+        for seq in [s for s in self.running if s.is_prefill_done]:
+            if len(out.seqs) >= limit:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue        # preempted below to make room for an earlier one
+            while not self.block_manager.can_append(seq):
+                victim = next((s for s in reversed(self.running) if s is not seq and s.seq_id not in scheduled),
+                              None)
+                self._preempt(victim or seq)
+                if victim is None:
+                    break
+            else:
+                self.block_manager.may_append(seq)
                 out.seqs.append(seq)
-                out.num_new_tokens.append(n)
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                out.num_new_tokens.append(1)
+                scheduled.add(seq.seq_id)
+        out.num_decodes = len(out.seqs)
+        budget.tokens -= out.num_decodes
+        return self.num_preemptions > num_preemptions
+
+    def _schedule_prefills(self, out: SchedulerOutput, budget: _Budget, admit: bool) -> None:
+        for seq in [s for s in self.running if not s.is_prefill_done]:
+            if budget.tokens <= 0:
+                return
+            self._add_chunk(out, seq, budget)
+        while admit and self.waiting and budget.tokens > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
             self._admit(seq)
-            n = min(seq.num_tokens - seq.num_cached_tokens, budget)
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
-            budget -= n
-        return out
+            self._add_chunk(out, seq, budget)
+
+    def _add_chunk(self, out: SchedulerOutput, seq: Sequence, budget: _Budget) -> None:
+        """The next prefill chunk of seq within the budget; it stops before an image the budget cannot encode."""
+        start = seq.num_cached_tokens
+        n = min(seq.num_tokens - start, budget.tokens)
+        reached = []
+        for img in seq.images:
+            if img.offset >= start + n:
+                break
+            if img.embeds is not None or img.offset + img.length <= start:
+                continue
+            new = img.content_hash not in budget.hashes and img.content_hash not in self.encoder_cache
+            if new and budget.images == 0:
+                n = max(img.offset - start, 0)
+                break
+            if new:
+                budget.images -= 1
+                budget.hashes.add(img.content_hash)
+            reached.append(img)
+        if n == 0:
+            return              # admitted but waiting for the encoder budget: it continues next step
+        out.seqs.append(seq)
+        out.num_new_tokens.append(n)
+        out.images += reached
+        budget.tokens -= n
 
     def _admit(self, seq: Sequence) -> None:
         """From waiting to running, with blocks for its prompt (the caller checked can_allocate)."""
@@ -126,46 +192,27 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def _schedule_decode(self) -> SchedulerOutput:
-        out = SchedulerOutput(is_prefill=False)
-        limit = min(self.max_num_seqs, self.max_num_batched_tokens)
-        while self.running and len(out.seqs) < limit:
-            seq = self.running.popleft()
-            assert seq.is_prefill_done, f"{seq} reached decode with its prefill unfinished"
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                out.seqs.append(seq)
-                out.num_new_tokens.append(1)
-        self.running.extendleft(reversed(out.seqs))
-        return out
-
     def _schedule_suspect(self) -> SchedulerOutput:
         """One suspect alone: admitted first if need be (the latest-admitted running sequences make room)."""
         seq = next((s for s in self.running if s.suspect), None)
         if seq is None:
             seq = next(s for s in self.waiting if s.suspect)
             while self.running and (len(self.running) >= self.max_num_seqs or not self.block_manager.can_allocate(seq)):
-                self._preempt(self.running.pop())
+                self._preempt(self.running[-1])
             if not self.block_manager.can_allocate(seq):
                 return SchedulerOutput()   # not reached: check_fits admitted it against the empty cache
             self._admit(seq)
+        out = SchedulerOutput()
         if not seq.is_prefill_done:
-            n = min(seq.num_tokens - seq.num_cached_tokens, self.max_num_batched_tokens)
-            return SchedulerOutput([seq], True, [n])
+            self._add_chunk(out, seq, _Budget(self.max_num_batched_tokens, self.max_images_per_encoder_batch))
+            return out
         while not self.block_manager.can_append(seq):
             victim = next((s for s in reversed(self.running) if s is not seq), None)
             if victim is None:
-                return SchedulerOutput()   # not reached, as above
-            self.running.remove(victim)
+                return out         # not reached, as above
             self._preempt(victim)
         self.block_manager.may_append(seq)
-        return SchedulerOutput([seq], False, [1])
+        return SchedulerOutput([seq], 1, [1])
 
     def quarantine(self, out: SchedulerOutput) -> None:
         """The step `out` raised: its sequences give back their blocks and will each be retried alone."""
@@ -181,6 +228,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(failed))
 
     def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -192,7 +240,7 @@ class Scheduler:
         """Record a finished step: sampled[i] is the token drawn for out.seqs[i] (None where not needs_sample)."""
         if len(sampled) != len(out.seqs):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(out.seqs)} scheduled sequences")
-        for seq, n, want, token in zip(out.seqs, out.num_new_tokens, out.needs_sample, sampled):
+        for i, (seq, n, want, token) in enumerate(zip(out.seqs, out.num_new_tokens, out.needs_sample, sampled)):
             if seq.status != SequenceStatus.RUNNING:
                 continue        # aborted (or preempted) while the step ran: its blocks are gone
             if want != (token is not None):
@@ -201,7 +249,7 @@ class Scheduler:
             self.block_manager.seal_full_blocks(seq)
             if token is not None:
                 seq.append_token(token)
-            if seq.suspect and not out.is_prefill:   # it has now prefilled and decoded alone
+            if seq.suspect and i < out.num_decodes:   # it has now prefilled and decoded alone
                 seq.suspect = False
                 self.num_suspects -= 1
 

@@ -1,9 +1,9 @@
 """Rank 0 -> tensor-parallel workers: one step's inputs, without pickling anything per step.
 
 The token ids, positions, logit rows and the attention context (ForwardContext: its integer tensors, lists and
-flags, field by field) are packed into int64 words, written as raw bytes into each worker's pipe (the pipe that
-also carried its startup messages). Image features (floats on the device) follow as one broadcast per prefill
-chunk that carries image rows. A pipe, unlike a lock or event in shared memory, cannot be left locked by a
+flags, field by field; a mixed step's two sub-contexts likewise, nested) are packed into int64 words, written as
+raw bytes into each worker's pipe (the pipe that also carried its startup messages). Image features (floats on
+the device) follow as one broadcast per step that carries image rows. A pipe, unlike a lock or event in shared memory, cannot be left locked by a
 process that is killed, and writing to a dead worker's pipe fails at once.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from bunny_backend.utils.context import ForwardContext
 
 STEP, EXIT = 1, 2
-_NONE, _INT, _LIST, _TENSOR = 0, 1, 2, 3
+_NONE, _INT, _LIST, _TENSOR, _CONTEXT = 0, 1, 2, 3, 4
 _DTYPES = [torch.int64, torch.int32, torch.bool]
 _HEADER = 2   # command, number of words
 
@@ -42,6 +42,10 @@ def _encode_value(value, out: list) -> None:
     elif isinstance(value, torch.Tensor) and value.dtype in _DTYPES:
         head = [_TENSOR, _DTYPES.index(value.dtype), value.dim(), *value.shape]
         out += [np.array(head, dtype=np.int64), value.detach().to("cpu", torch.int64).reshape(-1).numpy()]
+    elif isinstance(value, ForwardContext):
+        out.append(np.array([_CONTEXT], dtype=np.int64))
+        for f in dataclasses.fields(ForwardContext):
+            _encode_value(getattr(value, f.name), out)
     else:
         raise TypeError(f"cannot send a {type(value).__name__} to the tensor-parallel workers")
 
@@ -49,10 +53,8 @@ def _encode_value(value, out: list) -> None:
 def encode(step: StepInputs) -> np.ndarray:
     parts: list[np.ndarray] = [np.zeros(_HEADER, dtype=np.int64)]
     num_images = 0 if step.image_embeds is None else step.image_embeds.shape[0]
-    for value in (step.input_ids, step.positions, step.logit_rows, num_images):
+    for value in (step.input_ids, step.positions, step.logit_rows, num_images, step.context):
         _encode_value(value, parts)
-    for f in dataclasses.fields(ForwardContext):
-        _encode_value(getattr(step.context, f.name), parts)
     words = np.concatenate(parts)
     words[0], words[1] = STEP, len(words)
     return words
@@ -75,6 +77,12 @@ class _Reader:
             return int(self._take(1)[0])
         if tag == _LIST:
             return self._take(int(self._take(1)[0])).tolist()
+        if tag == _CONTEXT:
+            ctx = ForwardContext()
+            for f in dataclasses.fields(ForwardContext):
+                value = self.value()
+                setattr(ctx, f.name, bool(value) if isinstance(getattr(ctx, f.name), bool) else value)
+            return ctx
         dtype, ndim = (int(x) for x in self._take(2))
         shape = [int(x) for x in self._take(ndim)]
         data = self._take(int(np.prod(shape, dtype=np.int64)))
@@ -84,13 +92,7 @@ class _Reader:
 def decode(words: np.ndarray, device: torch.device) -> tuple[StepInputs, int]:
     """The step (its image_embeds still to be received) and its number of image rows."""
     r = _Reader(words, device)
-    input_ids, positions, logit_rows, num_images = r.value(), r.value(), r.value(), r.value()
-    ctx = ForwardContext()
-    for f in dataclasses.fields(ForwardContext):
-        value = r.value()
-        if isinstance(getattr(ctx, f.name), bool):
-            value = bool(value)
-        setattr(ctx, f.name, value)
+    input_ids, positions, logit_rows, num_images, ctx = r.value(), r.value(), r.value(), r.value(), r.value()
     return StepInputs(input_ids, positions, ctx, logit_rows), num_images
 
 

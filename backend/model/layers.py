@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bunny_backend.ops.attention import attend
 from bunny_backend.utils.context import get_context
 
 
@@ -55,6 +56,4 @@ class Attention(nn.Module):
         ctx = get_context()
         if self.k_cache is not None and ctx.slot_mapping is not None:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        if ctx.is_prefill:
-            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
-        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
+        return attend(self.backend, q, k, v, self.k_cache, self.v_cache, ctx, self.scale)

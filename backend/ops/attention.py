@@ -26,7 +26,8 @@ class AttentionBackend(Protocol):
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
                 v_cache: torch.Tensor | None, ctx: ForwardContext, scale: float) -> torch.Tensor:
-        """Causal attention of packed queries [N, H, D] over each sequence's cached prefix plus its new tokens.
+        """Causal attention of packed queries [N, H, D] over each sequence's cached prefix plus its new tokens,
+        any number (>= 1) of new tokens per sequence: a mixed batch of decode rows and prefill chunks is valid.
         With no cache (k_cache is None) the new k/v are the whole context."""
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
@@ -35,6 +36,19 @@ class AttentionBackend(Protocol):
 
     def workspace_bytes(self, dtype: torch.dtype) -> int:
         """Device memory the backend holds besides the KV cache; the engine's KV memory plan counts it."""
+
+
+def attend(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
+           v_cache: torch.Tensor | None, ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """One layer's attention for the step `ctx` describes (the new K/V already stored): a decode step, a prefill
+    step, or a mixed step, whose leading decode rows run as one batched decode and its prefill chunks as a prefill."""
+    if not ctx.is_prefill:
+        return backend.decode(q, k_cache, v_cache, ctx, scale)
+    if ctx.decodes is None or k_cache is None:
+        return backend.prefill(q, k, v, k_cache, v_cache, ctx, scale)
+    n = len(ctx.decodes.seqlens_k)
+    return torch.cat([backend.decode(q[:n], k_cache, v_cache, ctx.decodes, scale),
+                      backend.prefill(q[n:], k[n:], v[n:], k_cache, v_cache, ctx.prefills, scale)])
 
 
 def get_backend(name: str, max_query_tokens: int = 0) -> AttentionBackend:

@@ -6,6 +6,8 @@ what changes is the kernels:
 - prefill over a cached prefix: SDPA per sequence over the gathered prefix (inherited); flash-attn's paged
   prefill wants blocks of 256 tokens, more than our default 16;
 - decode: a Triton kernel that reads K/V through the block table (triton_paged_decode.py), else the portable op.
+A mixed step arrives split (ops.attention.attend): its decode rows through `decode`, its prefill chunks through
+`prefill`. Given a whole mixed batch, `prefill` sees cached prefixes (the decode rows') and takes the SDPA path.
 """
 from __future__ import annotations
 

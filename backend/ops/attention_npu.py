@@ -10,6 +10,11 @@
 - decode:                   _npu_paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads,
                             scale_value, block_table, context_lens, out)               (_forward_decode_only)
 
+A mixed step (decode rows and prefill chunks) reaches this backend split in two by ops.attention.attend: its
+decode rows through _npu_paged_attention, its prefill chunks through _npu_flash_attention_qlens (or
+_npu_flash_attention when no chunk has a cached prefix). `prefill` itself also takes the whole mixed batch
+(a decode row is a one-token chunk over its cache) through _npu_flash_attention_qlens.
+
 Cache layout [num_blocks, block_size, num_kv_heads, head_dim] (vllm-ascend get_kv_cache_shape, non-310P).
 slot_indices and block tables are int32 on the device; seq_len and context_lens are int32 host tensors, built
 from the context's host lists so no device->host sync is needed. The ops' contract is written down, and enforced,
@@ -55,7 +60,7 @@ class NpuAttentionBackend:
         self.max_query_tokens = max_query_tokens   # 0: the mask grows to the longest prefill seen (tools, tests)
         self.causal_mask: torch.Tensor | None = None
         self._compressed_mask: torch.Tensor | None = None
-        self._meta: _StepMeta | None = None
+        self._metas: list[_StepMeta] = []   # the latest step's: two for a mixed step (decodes, prefills)
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def workspace_bytes(self, dtype) -> int:
@@ -77,7 +82,8 @@ class NpuAttentionBackend:
 
     # ---- per-step metadata, computed once and shared by every layer ---------------------------------------
     def _step(self, ctx: ForwardContext) -> _StepMeta:
-        if self._meta is None or self._meta.ctx is not ctx:
+        meta = next((m for m in self._metas if m.ctx is ctx), None)
+        if meta is None:
             meta = _StepMeta(ctx)
             lens_k = ctx.seqlens_k if ctx.seqlens_k is not None else ctx.context_lens.tolist()
             meta.context_lens = torch.tensor(lens_k, dtype=torch.int32)
@@ -85,8 +91,8 @@ class NpuAttentionBackend:
                 meta.seq_len = torch.tensor(ctx.seqlens_q, dtype=torch.int32)
             if ctx.block_tables is not None:
                 meta.block_tables = ctx.block_tables.to(torch.int32).clamp_min(0).contiguous()
-            self._meta = meta
-        return self._meta
+            self._metas = self._metas[-1:] + [meta]
+        return meta
 
     def _slot_indices(self, slot_mapping: torch.Tensor) -> torch.Tensor:
         if self._slots is None or self._slots[0] is not slot_mapping:

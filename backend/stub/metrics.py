@@ -21,12 +21,17 @@ _COUNTERS = {   # metric name -> (description, EngineStats attribute)
     "bunny_preemptions_total": ("Sequences preempted for lack of KV blocks", "num_preemptions"),
     "bunny_prefix_cache_hit_tokens_total": ("Prompt tokens served from the prefix cache", "prefix_cache_hit_tokens"),
     "bunny_prefix_cache_query_tokens_total": ("Prompt tokens looked up in the prefix cache", "prefix_cache_query_tokens"),
+    "bunny_encoder_images_total": ("Images run through the vision tower", "encoder_images_total"),
+    "bunny_encoder_seconds_total": ("Time spent in the vision tower", "encoder_seconds_total"),
+    "bunny_encoder_cache_hits_total": ("Images whose features came from the encoder cache", "encoder_cache_hits"),
+    "bunny_encoder_cache_misses_total": ("Images not found in the encoder cache", "encoder_cache_misses"),
 }
 _GAUGES = {
     "bunny_num_requests_running": ("Sequences in the running batch", "num_running"),
     "bunny_num_requests_waiting": ("Sequences waiting to be scheduled", "num_waiting"),
     "bunny_kv_blocks_used": ("KV cache blocks in use", "kv_blocks_used"),
     "bunny_kv_blocks_total": ("KV cache blocks allocated", "kv_blocks_total"),
+    "bunny_encoder_cache_bytes": ("Bytes of image features held by the encoder cache", "encoder_cache_bytes"),
 }
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bunny_backend.utils.context import ForwardContext, token_slots
+from bunny_backend.ops.attention import attend
+from bunny_backend.utils.context import paged_context, token_slots
 
 # (atol, rtol) per element, for unit-variance random inputs
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -24,7 +25,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class Case:
-    """One prefill chunk (over each sequence's cached prefix) and one decode step, all on `device`."""
+    """One prefill chunk (over each sequence's cached prefix), one decode step, and a mixed step that decodes some
+    sequences while the others run their chunk, all on `device`."""
     heads: int
     kv_heads: int
     head_dim: int
@@ -63,34 +65,49 @@ def make_case(heads, kv_heads, head_dim, block_size, prefix, new, seed=0) -> Cas
 
 def run_case(backend, case: Case, dtype, device) -> dict[str, torch.Tensor]:
     """Drive `backend` as the engine does; returns float32 CPU results: the cache rows written, the prefill
-    output, and the decode output."""
+    output, the decode output, and the output of a mixed step (see `_mixed_step`)."""
     c = case.to(dtype, device)
     B = len(c.new)
-    width = max(map(len, c.tables))
-    tables = torch.tensor([t + [-1] * (width - len(t)) for t in c.tables], dtype=torch.int32, device=device)
     k_cache, v_cache = backend.allocate_kv_cache(c.num_blocks, c.block_size, c.kv_heads, c.head_dim, dtype, device)
     n_prefix, n_new = sum(c.prefix), sum(c.new)
     pre_rows, new_rows, dec_rows = (slice(0, n_prefix), slice(n_prefix, n_prefix + n_new),
                                     slice(n_prefix + n_new, n_prefix + n_new + B))
-    slots = lambda spans: torch.tensor(sum((c.slots(i, a, b) for i, (a, b) in enumerate(spans)), []),
+    slots = lambda spans: torch.tensor(sum((c.slots(i, a, b) for i, (a, b) in spans), []),
                                        dtype=torch.int64, device=device)
     if n_prefix:
-        backend.store_kv(c.k[pre_rows], c.v[pre_rows], k_cache, v_cache, slots([(0, p) for p in c.prefix]))
+        backend.store_kv(c.k[pre_rows], c.v[pre_rows], k_cache, v_cache, slots(enumerate((0, p) for p in c.prefix)))
     totals = [p + n for p, n in zip(c.prefix, c.new)]
-    ctx = ForwardContext(is_prefill=True, slot_mapping=slots(list(zip(c.prefix, totals))), block_tables=tables,
-                         seqlens_q=list(c.new), seqlens_k=totals, max_seqlen_q=max(c.new))
+    ctx = paged_context(c.new, totals, c.tables, slots(enumerate(zip(c.prefix, totals))))
     k_new, v_new = c.k[new_rows], c.v[new_rows]
     backend.store_kv(k_new, v_new, k_cache, v_cache, ctx.slot_mapping)
     prefill = backend.prefill(c.q, k_new, v_new, k_cache, v_cache, ctx, c.head_dim ** -0.5)
-    dctx = ForwardContext(is_prefill=False, slot_mapping=slots([(t, t + 1) for t in totals]), block_tables=tables,
-                          context_lens=torch.tensor([t + 1 for t in totals], dtype=torch.int32, device=device),
-                          seqlens_k=[t + 1 for t in totals])
+    dctx = paged_context([1] * B, [t + 1 for t in totals], c.tables, slots(enumerate((t, t + 1) for t in totals)), B)
     backend.store_kv(c.k[dec_rows], c.v[dec_rows], k_cache, v_cache, dctx.slot_mapping)
     decode = backend.decode(c.q_decode, k_cache, v_cache, dctx, c.head_dim ** -0.5)
     every = torch.tensor(sum((c.slots(i, 0, t + 1) for i, t in enumerate(totals)), []), device=device)
     cached = torch.cat([k_cache.flatten(0, 1)[every], v_cache.flatten(0, 1)[every]])
-    return {name: t.float().cpu() for name, t in
-            (("reshape_and_cache", cached), ("prefill", prefill), ("decode", decode))}
+    out = {"reshape_and_cache": cached, "prefill": prefill, "decode": decode}
+    if B > 1:
+        out["mixed"] = _mixed_step(backend, c, k_cache, v_cache, totals, slots)
+    return {name: t.float().cpu() for name, t in out.items()}
+
+
+def _mixed_step(backend, c: Case, k_cache, v_cache, totals, slots) -> torch.Tensor:
+    """One step where the first half of the sequences decode (their chunk already cached) and the rest run their
+    prefill chunk, decodes first as the engine packs them. Each row must equal the same row of `decode` or
+    `prefill`. Rewrites the chunk rows of the prefilling sequences (same values) before attending."""
+    B, n_prefix = len(c.new), sum(c.prefix)
+    nd = B // 2
+    rows = lambda i: slice(n_prefix + sum(c.new[:i]), n_prefix + sum(c.new[:i + 1]))
+    dec = [n_prefix + sum(c.new) + i for i in range(nd)]
+    q = torch.cat([c.q_decode[:nd]] + [c.q[sum(c.new[:i]):sum(c.new[:i + 1])] for i in range(nd, B)])
+    k = torch.cat([c.k[dec]] + [c.k[rows(i)] for i in range(nd, B)])
+    v = torch.cat([c.v[dec]] + [c.v[rows(i)] for i in range(nd, B)])
+    spans = [(i, (totals[i], totals[i] + 1)) for i in range(nd)] + [(i, (c.prefix[i], totals[i])) for i in range(nd, B)]
+    ctx = paged_context([1] * nd + c.new[nd:], [t + 1 for t in totals[:nd]] + totals[nd:],
+                        c.tables, slots(spans), nd)
+    backend.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    return attend(backend, q, k, v, k_cache, v_cache, ctx, c.head_dim ** -0.5)
 
 
 def reference(case: Case, dtype) -> dict[str, torch.Tensor]:
@@ -121,7 +138,7 @@ def check(backend, dtype, device, cases=CASES) -> list[tuple[str, str, str, floa
                          float("nan"), False))
             continue
         want = reference(case, dtype)
-        for part in ("reshape_and_cache", "prefill", "decode"):
+        for part in got:
             diff = (got[part] - want[part]).abs()
             atol, rtol = (0.0, 0.0) if part == "reshape_and_cache" else TOLERANCE[dtype]   # a copy is exact
             ok = bool((diff <= atol + rtol * want[part].abs()).all())

@@ -1,8 +1,14 @@
 """Attention metadata for one forward pass, set by the model runner and read by every attention layer.
 
-Tokens of all sequences in a step are packed along one axis (no padding). Prefill: sequence i owns query rows
-cu_seqlens_q[i]:cu_seqlens_q[i+1] and attends causally over its first seqlens_k[i] cached tokens (cached prefix +
-these new ones). Decode: one query row per sequence over context_lens[i] tokens.
+Tokens of all sequences in a step are packed along one axis (no padding). Prefill (varlen): sequence i owns query
+rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and attends causally over its first seqlens_k[i] cached tokens (cached
+prefix + these new ones); any query length >= 1, so this form also describes decode rows. Decode: one query row
+per sequence over context_lens[i] tokens.
+
+A mixed step (decode rows and prefill chunks in one forward) is a varlen prefill context over the whole batch,
+decodes first, that also carries the same batch split in two: `decodes`, a decode context over the first
+sequences (rows 0..n-1), and `prefills`, a varlen context over the rest. ops.attention.attend runs the two parts
+with the backend's decode and prefill kernels; the top-level fields stay a complete description of the batch.
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ class ForwardContext:
     # Host copies so that portable kernels need no device->host syncs.
     seqlens_q: list[int] | None = None
     seqlens_k: list[int] | None = None
+    # A mixed step only (see the module docstring).
+    decodes: ForwardContext | None = None
+    prefills: ForwardContext | None = None
 
 
 def token_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -43,3 +52,40 @@ def set_context(ctx: ForwardContext) -> None:
 
 def reset_context() -> None:
     set_context(ForwardContext())
+
+
+def _block_table_tensor(tables: list[list[int]], device) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+
+
+def _varlen(seqlens_q: list[int], seqlens_k: list[int], tables: list[list[int]], slot_mapping, device):
+    cu_q = torch.tensor([0] + seqlens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return ForwardContext(is_prefill=True, cu_seqlens_q=cu_q.to(device), max_seqlen_q=max(seqlens_q),
+                          slot_mapping=slot_mapping, block_tables=_block_table_tensor(tables, device),
+                          seqlens_q=list(seqlens_q), seqlens_k=list(seqlens_k))
+
+
+def _decode(seqlens_k: list[int], tables: list[list[int]], slot_mapping, device):
+    return ForwardContext(is_prefill=False, slot_mapping=slot_mapping,
+                          context_lens=torch.tensor(seqlens_k, dtype=torch.int32, device=device),
+                          block_tables=_block_table_tensor(tables, device), seqlens_k=list(seqlens_k))
+
+
+def paged_context(seqlens_q: list[int], seqlens_k: list[int], block_tables: list[list[int]],
+                  slot_mapping: torch.Tensor, num_decodes: int = 0) -> ForwardContext:
+    """The context of one step over the paged cache, on slot_mapping's device. Sequence i computes its last
+    seqlens_q[i] of seqlens_k[i] tokens, whose cache slots are slot_mapping's rows in order; its blocks are
+    block_tables[i]. The first num_decodes sequences decode one token each: all of them make a decode context,
+    some of them a mixed one (see the module docstring), none a varlen prefill context."""
+    n, device = len(seqlens_q), slot_mapping.device
+    if any(q != 1 for q in seqlens_q[:num_decodes]):
+        raise ValueError(f"the first {num_decodes} sequences must decode one token each, got {seqlens_q}")
+    if num_decodes == n:
+        return _decode(seqlens_k, block_tables, slot_mapping, device)
+    ctx = _varlen(seqlens_q, seqlens_k, block_tables, slot_mapping, device)
+    if num_decodes:
+        ctx.decodes = _decode(seqlens_k[:num_decodes], block_tables[:num_decodes], slot_mapping[:num_decodes], device)
+        ctx.prefills = _varlen(seqlens_q[num_decodes:], seqlens_k[num_decodes:], block_tables[num_decodes:],
+                               slot_mapping[num_decodes:], device)
+    return ctx
