@@ -52,9 +52,9 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT/NAME.log, say
 [ -n "${SKIP_TESTS:-}" ] || TAIL=12 step gpu-tests "${GPU_TESTS_S:-150}" "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py
 # Separate runs so that one system hanging past its limit costs only its own figures. CUDA graphs are the default.
 [ -n "${SKIP_HF:-}" ] || step bench-hf "${BENCH_S:-240}" "$PY" -m bench.run --model 2b --skip-triton \
-  --hf-batch-sizes "${HF_SIZES:-1,2,4,6,8,10}" --out "$OUT/2b-hf.json"
+  --hf-batch-sizes "${HF_SIZES:-1,2,4,6,8,10}" --scenarios none --out "$OUT/2b-hf.json"
 [ -n "${SKIP_EAGER:-}" ] || step bench-eager "${EAGER_S:-100}" "$PY" -m bench.run --model 2b --skip-triton --skip-hf \
-  --no-cuda-graphs --out "$OUT/2b-eager.json"
-step bench-triton "${TRITON_S:-200}" "$PY" -m bench.run --model 2b --skip-hf --out "$OUT/2b-triton.json"
+  --no-cuda-graphs --scenarios none --out "$OUT/2b-eager.json"
+step bench-triton "${TRITON_S:-200}" "$PY" -m bench.run --model 2b --skip-hf --scenarios none --out "$OUT/2b-triton.json"
 TAIL=40 step profile "${PROFILE_S:-60}" "$PY" -m bench.profile --model 2b --batch-sizes 1,10 --steps 24 --rows 16
 rm -f "$OUT"/*.png   # the results JSONs carry the figures; at most 8 files come back

@@ -8,7 +8,7 @@ token's, so greedy decoding never picks an id the tokenizer cannot decode — wh
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +55,10 @@ CPU = ModelSpec("cpu", hidden_size=1024, num_layers=8, num_heads=16, num_kv_head
 BUNNY_2B = ModelSpec("2b", hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16, intermediate_size=5504,
                      vocab_size=151936, vision_hidden=1152, vision_layers=27, vision_heads=16,
                      vision_intermediate=4304, image_size=384, patch_size=14, dtype="bfloat16")
-SPECS = {"cpu": CPU, "2b": BUNNY_2B}
+# The cpu model with a ViT-B-sized tower (12 layers, 768 wide): for the same-image scenario (bench/scenarios.py).
+CPU_VITB = replace(CPU, name="cpu-vitb", vision_hidden=768, vision_layers=12, vision_heads=12,
+                   vision_intermediate=3072)
+SPECS = {"cpu": CPU, "2b": BUNNY_2B, "cpu-vitb": CPU_VITB}
 
 
 def ensure_checkpoint(spec: ModelSpec, cache_dir: Path = CACHE_DIR, log=print) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SYSTEMS = ("engine", "engine-tp", "triton", "transformers")   # engine-tp: --tensor-parallel-size N > 1
+SYSTEMS = ("engine", "engine-tp", "baseline engine", "triton", "transformers")   # engine-tp: --tensor-parallel-size N
 
 
 def _rows_by_batch(result: dict) -> dict[int, dict]:
@@ -22,6 +22,8 @@ def format_model(model: dict) -> str:
     same_tp = "engine-tp" if "engine-tp" in systems else "engine"
     if {same_tp, "triton"} <= set(systems):
         head += f" {'triton/' + same_tp:>17}"
+    if {"engine", "baseline engine"} <= set(systems):
+        head += f" {'engine/base':>12}"
     lines = [f"== {model['name']}: {model['spec']['params_total'] / 1e6:.0f}M params "
              f"({model['spec']['params_llm_total'] / 1e6:.0f}M LLM), {model['spec']['dtype']}, "
              f"{model['workload']['max_tokens']} new tokens, {model['workload']['rounds']} round(s)", head]
@@ -32,6 +34,9 @@ def format_model(model: dict) -> str:
             line += f" {tok['engine'] / tok['transformers']:>10.2f}" if tok["engine"] and tok["transformers"] else f" {'-':>10}"
         if {same_tp, "triton"} <= set(systems):
             line += f" {tok['triton'] / tok[same_tp]:>17.2f}" if tok[same_tp] and tok["triton"] else f" {'-':>17}"
+        if {"engine", "baseline engine"} <= set(systems):
+            base = tok["baseline engine"]
+            line += f" {tok['engine'] / base:>12.2f}" if tok["engine"] and base else f" {'-':>12}"
         lines.append(line)
     lines.append("")
     for s in systems:
@@ -51,7 +56,7 @@ def format_model(model: dict) -> str:
             extra += f", peak device mem {r['peak_device_bytes'] / 2**30:.2f} GiB"
         if r.get("contention") is not None:
             extra += f", others' CPU share {100 * r['contention']:.0f}%"
-        lines.append(f"{s:>12}: TTFT 1 image {1000 * r['ttft_1image_s']:.0f} ms (median of 3: "
+        lines.append(f"{s:>15}: TTFT 1 image {1000 * r['ttft_1image_s']:.0f} ms (median of 3: "
                      f"{1000 * r['ttft_1image_median_s']:.0f} ms), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB{extra}")
     roof = model.get("roofline")
     if roof:
@@ -62,7 +67,47 @@ def format_model(model: dict) -> str:
                      + (f" = {100 * frac:.0f}% of roofline" if frac else ""))
     if "outputs_agree" in model:
         lines.append(f"    engine vs transformers greedy tokens, first request: {model['outputs_agree']}")
+    lines += format_scenarios(model.get("scenarios", {}), model.get("baseline_commit"))
     return "\n".join(lines)
+
+
+def _ms(seconds) -> str:
+    return f"{1000 * seconds:.0f} ms" if seconds is not None else "-"
+
+
+def format_scenarios(scenarios: dict, baseline_commit: str | None) -> list[str]:
+    """One line per scenario run (labels: after, before = the baseline revision, extra models)."""
+    if not scenarios:
+        return []
+    lines = ["", "serving under load (engine in-process)" + (f"; before = {baseline_commit[:10]}" if baseline_commit
+                                                              else "")]
+    for label, r in scenarios.get("stall", {}).items():
+        if "error" in r:
+            lines.append(f"  stall ({label}): {r['error']}")
+            continue
+        lines.append(f"  stall ({label}): long prompt ({r['long_prompt_tokens']} tokens) "
+                     f"{_ms(r['long_prompt_latency_s'])}; "
+                     f"{r['num_streams']} streams' gaps median {_ms(r['gap_median_s'])}, p99 {_ms(r['gap_p99_s'])}, "
+                     f"longest {_ms(r['gap_max_s'])} ({100 * r['gap_max_over_latency']:.0f}% of the prompt's latency); "
+                     f"steady decode {_ms(r['steady_itl_median_s'])}")
+    for label, r in scenarios.get("arrivals", {}).items():
+        if "error" in r:
+            lines.append(f"  arrivals ({label}): {r['error']}")
+            continue
+        lines.append(f"  arrivals ({label}): {r['requests']} image requests at {r['rate_per_s']}/s: TTFT p50 "
+                     f"{_ms(r['ttft_p50_s'])}, p99 {_ms(r['ttft_p99_s'])}; inter-token p50 {_ms(r['itl_p50_s'])}, "
+                     f"p99 {_ms(r['itl_p99_s'])} ({r['itl_p99_over_p50']:.1f}x), max {_ms(r['itl_max_s'])}; "
+                     f"{r['output_tokens_per_s']:.0f} tok/s")
+    for label, r in scenarios.get("same-image", {}).items():
+        if "error" in r:
+            lines.append(f"  same image ({label}): {r['error']}")
+            continue
+        on, off = r["cache_on"]["ttft_s"], r["cache_off"]["ttft_s"]
+        parts = [f"{name} {_ms(on[name])} vs {_ms(off[name])} without ({r['speedup'][name]:.1f}x)"
+                 for name in r["speedup"]]
+        lines.append(f"  same image ({label}): first request {_ms(on['first'])}; second request TTFT with the "
+                     f"encoder cache: " + "; ".join(parts))
+    return lines
 
 
 def format_targets(model: dict) -> str:
@@ -79,7 +124,7 @@ def plot(models: list[dict], path: Path, title: str) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for s, style in zip(SYSTEMS, ("o-", "d-.", "s--", "^:")):
+        for s, style in zip(SYSTEMS, ("o-", "d-.", "x-.", "s--", "^:")):
             rows = model["systems"].get(s, {}).get("rows")
             if rows:
                 ax.plot([r["batch_size"] for r in rows], [r["output_tokens_per_s"] for r in rows], style, label=s)

@@ -1,12 +1,15 @@
-"""`./build.sh bench`: engine direct vs engine through Triton vs transformers generate, on one machine.
+"""`./build.sh bench`: engine direct vs engine through Triton vs transformers generate, on one machine; then the
+serving-under-load scenarios (bench/scenarios.py: stall, arrivals, same image twice).
 
-Each system runs in its own worker process (`python -m bench.<worker>`), one after the other, so peak RSS is
-each one's own and none competes with another for the cores. Results: bench/results/<machine>-<date>.json
-(and a .png of tokens/s against batch size next to it) plus a printed table.
+Each system and scenario runs in its own worker process (`python -m bench.<worker>`), one after the other, so peak
+RSS is each one's own and none competes with another for the cores. `--baseline REV` also runs engine-direct and
+the stall and arrivals scenarios on git revision REV's engine, for before/after ratios from one run. Results:
+bench/results/<machine>-<date>.json (and a .png of tokens/s against batch size next to it) plus a printed table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,9 +21,12 @@ from pathlib import Path
 import torch
 
 from bench import report
+from bench.baseline import baseline_env
+from bench.repeat import alternate, median_of
 from bench.common import Workload, children_cpu_seconds, cpu_busy_seconds, machine_info, machine_name
 from bench.models import ROOT, SPECS, ModelSpec, describe, ensure_checkpoint, kv_bytes_per_token
 from bench.roofline import measure_bandwidth, roofline
+from bench.scenarios import SCENARIOS, parse_knobs, run_scenarios, scenario_targets
 from bunny_client.perf_stats import parse_batch_sizes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,8 +59,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "between the ranks)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="run the engine (as engine-tp, beside the one-rank engine) and Triton sharded over N ranks")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help="load scenarios to run after the throughput rows, comma-separated, or 'none' "
+                        "(default %(default)s)")
+    p.add_argument("--baseline", metavar="REV", help="also run engine-direct and the stall/arrivals scenarios on "
+                                                     "this git revision's engine (e.g. the commit before a change)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --baseline: run each before/after pair this often, alternating, and keep medians")
+    p.add_argument("--arrival-rate", type=float, default=1.0,
+                   help="arrivals scenario: requests/s (default %(default)s)")
+    p.add_argument("--arrivals-duration", type=float, default=60.0, help="arrivals scenario: seconds of arrivals")
+    p.add_argument("--knob", action="append", default=[], metavar="KEY=VALUE",
+                   help="an EngineConfig field for the scenarios' engines (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<machine>-<date>.json)")
     args = p.parse_args(argv)
+    args.scenarios = [] if args.scenarios == "none" else [s for s in args.scenarios.split(",") if s]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+    args.knobs = parse_knobs(args.knob)
     if args.quick:
         args.batch_sizes = args.batch_sizes or "1,4,10"
         args.max_tokens = args.max_tokens or 32
@@ -72,15 +95,15 @@ def kv_cache_bytes(spec: ModelSpec, work: Workload) -> int:
     return int(1.25 * max(work.batch_sizes) * per_seq * kv_bytes_per_token(spec)) + (16 << 20)
 
 
-def run_worker(module: str, *args: str) -> dict:
-    """Run `python -m bench.<module> args...`, its log going to our stderr; return its BENCH_RESULT.
+def run_worker(module: str, *args: str, env: dict | None = None) -> dict:
+    """Run `python -m bench.<module> args...` (in `env`), its log going to our stderr; return its BENCH_RESULT.
 
     `contention` is the CPU time other processes used meanwhile, as a share of all cores over the wall time:
     near 0 on a quiet machine; above ~0.1 the numbers are disturbed by whatever else runs.
     """
     cmd = [sys.executable, "-m", f"bench.{module}", *args]
     busy0, ours0, t0 = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     wall = time.perf_counter() - t0
     foreign = (cpu_busy_seconds() - busy0) - (children_cpu_seconds() - ours0)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
@@ -92,7 +115,8 @@ def run_worker(module: str, *args: str) -> dict:
     return result
 
 
-def bench_model(spec: ModelSpec, args, bandwidth: dict, log) -> dict:
+def bench_model(spec: ModelSpec, args, bandwidth: dict, log, baseline=None) -> dict:
+    """baseline: (worker environment, commit) of the --baseline revision, or None."""
     path = str(ensure_checkpoint(spec, log=log))
     work = Workload(batch_sizes=args.batch_sizes, max_tokens=args.max_tokens, rounds=args.rounds,
                     prefix_caching=args.prefix_caching, threads=args.threads, cuda_graphs=args.cuda_graphs)
@@ -102,17 +126,25 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log) -> dict:
     model = {"name": spec.name, "spec": describe(spec), "checkpoint": path, "workload": work.describe(),
              "hf_batch_sizes": args.hf_batch_sizes, "systems": {}, "wall_s": {}}
     tp = args.tensor_parallel_size
-    plan = [("engine", "engine_direct", (path, work.to_json(), kv, spec.dtype), args.skip_engine),
-            ("engine-tp", "engine_direct", (path, tp_work.to_json(), kv, spec.dtype), args.skip_engine or tp == 1),
-            ("triton", "triton_bench", (path, tp_work.to_json(), kv, spec.dtype), args.skip_triton),
-            ("transformers", "hf_generate", (path, hf_work.to_json(), spec.dtype), args.skip_hf)]
-    for name, module, worker_args, skip in plan:
-        if skip:
-            continue
+    plan = [("engine", "engine_direct", (path, work.to_json(), kv, spec.dtype), args.skip_engine, None),
+            ("engine-tp", "engine_direct", (path, tp_work.to_json(), kv, spec.dtype), args.skip_engine or tp == 1,
+             None),
+            ("baseline engine", "engine_direct", (path, work.to_json(), kv, spec.dtype),
+             args.skip_engine or not baseline, baseline and baseline[0]),
+            ("triton", "triton_bench", (path, tp_work.to_json(), kv, spec.dtype), args.skip_triton, None),
+            ("transformers", "hf_generate", (path, hf_work.to_json(), spec.dtype), args.skip_hf, None)]
+    todo = {name: (module, worker_args, env) for name, module, worker_args, skip, env in plan if not skip}
+    order = list(todo)
+    if {"engine", "baseline engine"} <= set(todo):   # the before/after pair, alternated
+        pair = alternate(args.repeats, ("engine", "baseline engine"))
+        order = pair + [n for n in order if n not in pair]
+    results: dict[str, list[dict]] = {}
+    for name in order:
+        module, worker_args, env = todo[name]
         log(f"--- {spec.name}: {name} ---")
         t0 = time.perf_counter()
-        result = run_worker(module, *worker_args)
-        model["wall_s"][name] = time.perf_counter() - t0
+        result = run_worker(module, *worker_args, env=env)
+        model["wall_s"][name] = model["wall_s"].get(name, 0.0) + time.perf_counter() - t0
         if result.get("contention", 0) > 0.1:
             log(f"{name}: other processes took {100 * result['contention']:.0f}% of the CPU meanwhile; "
                 "its numbers are disturbed")
@@ -120,7 +152,9 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log) -> dict:
             log(f"{name}: {result['error']}")
             model.setdefault("errors", {})[name] = result
             continue
-        model["systems"][name] = result
+        results.setdefault(name, []).append(result)
+    for name, runs in results.items():
+        model["systems"][name] = {**median_of(runs), "repeats": len(runs)}
     engine = model["systems"].get("engine", {})
     model["roofline"] = roofline(spec, bandwidth["bytes_per_s"], engine.get("batch1_decode_tok_s"))
     hf = model["systems"].get("transformers", {})
@@ -128,6 +162,12 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log) -> dict:
         a, b = engine["first_request_ids"], hf["first_request_ids"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         model["outputs_agree"] = f"{same} of {min(len(a), len(b))} leading tokens equal"
+    if args.scenarios:
+        t0 = time.perf_counter()
+        model["scenarios"] = run_scenarios(spec, path, args, run_worker, log, baseline)
+        model["wall_s"]["scenarios"] = time.perf_counter() - t0
+    if baseline:
+        model["baseline_commit"] = baseline[1]
     model["targets"] = targets(model)
     return model
 
@@ -153,6 +193,12 @@ def targets(model: dict) -> dict:
     frac = model["roofline"].get("fraction_of_roofline")
     if frac:
         out["batch-1 decode >= %d%% of roofline" % (100 * roof)] = (frac >= roof, f"{100 * frac:.0f}%")
+    base = [(_tok(model, "engine", b), _tok(model, "baseline engine", b)) for b in model["workload"]["batch_sizes"]]
+    ratios = [now / before for now, before in base if now and before]
+    if ratios:
+        out["engine tok/s >= baseline at every batch size"] = (min(ratios) >= 1.0, f"min {min(ratios):.2f}x, "
+                                                               f"median {sorted(ratios)[len(ratios) // 2]:.2f}x")
+    out.update(scenario_targets(model.get("scenarios", {})))
     if "kv_steps_over_need_plus_one" in e:
         out["KV blocks <= live need + 1/seq"] = (e["kv_steps_over_need_plus_one"] == 0,
                                                  f"max excess {e['kv_excess_blocks_per_seq_max']:.2f} blocks/seq")
@@ -177,7 +223,9 @@ def main(argv=None) -> int:
     bandwidth = measure_bandwidth("cuda" if cuda else "cpu")
     log(f"{machine_name(info)}: copy bandwidth {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (best of "
         f"{bandwidth['repeats']}), load average {info['loadavg'][0]:.1f}")
-    models = [bench_model(SPECS[n], args, bandwidth, log) for n in names]
+    with contextlib.ExitStack() as stack:
+        baseline = stack.enter_context(baseline_env(args.baseline)) if args.baseline else None
+        models = [bench_model(SPECS[n], args, bandwidth, log, baseline) for n in names]
     result = {"machine": machine_name(info), "machine_info": info, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "bandwidth": bandwidth, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "models": models, "loadavg_end": list(os.getloadavg()),
