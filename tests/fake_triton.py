@@ -52,8 +52,11 @@ class Sender:
         self.done = threading.Event()
         self.asked_after_final = 0
         self.ask_delay_s = 0.0
+        self.gate: threading.Event | None = None   # when set, send() waits for it (a slow trip to the server)
 
     def send(self, response=None, flags=0):
+        if self.gate is not None:
+            assert self.gate.wait(10), "the gate was never opened"
         assert not self.done.is_set(), "response sent after the final one"
         self.responses.append((response, flags))
         if flags & FINAL:
@@ -75,9 +78,15 @@ class Sender:
 
 
 class Request:
+    _ids = iter(range(1, 1 << 30))
+
     def __init__(self, **inputs):
         self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
         self.sender = Sender()
+        self.id = f"client-{next(Request._ids)}"
+
+    def request_id(self):
+        return self.id
 
     def get_response_sender(self):
         return self.sender

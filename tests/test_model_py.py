@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +75,39 @@ def test_stream_gets_one_response_per_delta_and_the_last_is_final(model):
     assert b"".join(o["text_output"][0] for o in outs) == b"t1 t2 t3 t4 "
     assert sum((o["output_ids"] for o in outs), []) == [1, 2, 3, 4]
     assert [o["finish_reason"] for o in outs] == [[b""], [b""], [b""], [b"length"]]
+
+
+def test_engine_keeps_stepping_while_a_send_is_slow(model):
+    """Responses go out from a thread of their own: a send that waits on the server never holds up the next step."""
+    req = Request(text_input=text("hi"), max_tokens=np.array([20], np.int32), stream=np.array([True]))
+    req.sender.gate = threading.Event()                 # the first send blocks until the gate opens
+    model.execute([req])
+    wait_for(lambda: not model.engine.has_unfinished(), 5, "the engine stopped at a blocked send", poll_s=0.01)
+    assert req.sender.responses == []
+    req.sender.gate.set()
+    req.sender.wait()
+    outs = [outputs(r) for r, _ in req.sender.responses]
+    assert [f for _, f in req.sender.responses] == [0] * 19 + [FINAL]
+    assert sum((o["output_ids"] for o in outs), []) == list(range(1, 21))
+
+
+def test_timeline_records_steps_and_sends(monkeypatch, tmp_path):
+    path = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv("BUNNY_TIMELINE", str(path))
+    mod = load_model_py(monkeypatch)
+    monkeypatch.setattr(mod, "LLMEngine", FakeEngine)
+    config = {"model_transaction_policy": {"decoupled": True}, "parameters": {"model_path": {"string_value": "/x"}}}
+    m = mod.TritonPythonModel()
+    m.initialize({"model_config": json.dumps(config), "model_name": "bunny"})
+    req = run(m, text_input=text("hi"), max_tokens=np.array([3], np.int32), stream=np.array([True]))
+    req.sender.wait()
+    m.finalize()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [e for e in events if e["ev"] == "step"]
+    sends = [e for e in events if e["ev"] == "send"]
+    assert len(steps) >= 3 and all(e["t0"] <= e["t1"] for e in steps)
+    assert [(e["rid"], e["k"], e["final"]) for e in sends] == [(req.id, 1, False), (req.id, 2, False), (req.id, 3, True)]
+    assert all(e["handed"] <= e["t0"] <= e["t1"] for e in sends)
 
 
 @pytest.mark.parametrize("inputs, needle", [

@@ -1,9 +1,11 @@
 """Triton python-backend adapter for Bunny (decoupled; CONTRACT.md section 3). No model logic here.
 
 `execute` validates each request (bunny_backend.stub.request_io) and hands it to the engine, returning at once.
-One engine thread loops `step()` and answers through each request's response sender: one response per new
-piece of text when streaming, else one response with everything. Every request ends with exactly one response
-flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL: on success, on a bad request, on cancellation, on an engine
+One engine thread loops `step()` and does nothing else. A responder thread turns its outputs into responses and
+sends them through each request's response sender (one response per new piece of text when streaming, else one
+response with everything), asks the senders about cancellations and publishes the metrics: every one of those is
+a round trip to the server process, and none of them may hold up the next step. Every request ends with exactly
+one response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL: on success, on a bad request, on cancellation, on an engine
 error, and at unload.
 
 Each Triton instance (instance_group count) is its own stub process with its own engine (bunny_backend.stub.instance
@@ -12,9 +14,11 @@ gets an error and this process ends, so that bunny-serve's watchdog unloads the 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
+import queue
 import threading
 import time
 import traceback
@@ -28,9 +32,10 @@ from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, Reque
 from bunny_backend.stub.instance import placement
 from bunny_backend.stub.metrics import BunnyMetrics
 from bunny_backend.stub.request_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
+from bunny_backend.stub.timeline import Timeline
 
-IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, cancellations, gauges)
-CANCEL_POLL_S = 0.02     # how often the senders are asked whether their client cancelled
+IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, stats snapshots)
+CANCEL_POLL_S = 0.02     # how often the responder asks the senders whether their client cancelled
 STATS_PERIOD_S = 0.1     # how often gauges and counters are published
 EXIT_GRACE_S = 1.0       # after a dead engine's error responses are sent, before this process ends
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -40,6 +45,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class _InFlight:
     sender: object
     stream: bool
+    client_id: str = ""                              # the client's request id (timeline only)
     texts: list[str] = field(default_factory=list)   # accumulated when not streaming
     ids: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -81,8 +87,13 @@ class TritonPythonModel:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._rejected = 0                       # bad requests not yet counted in the metrics
-        self._next_cancel_poll = self._next_stats = 0.0
+        self._next_cancel_poll = self._next_stats = 0.0   # the responder's and the engine thread's clocks
         self._stop = threading.Event()
+        self._timeline = Timeline.from_environment()
+        # (engine outputs, time handed over), or (None, EngineStats snapshot); None ends the responder
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._responder = threading.Thread(target=self._respond_loop, name="bunny-responder", daemon=True)
+        self._responder.start()
         self._thread = threading.Thread(target=self._loop, name="bunny-engine", daemon=True)
         self._thread.start()
         for line in self.engine.rank_summary():
@@ -114,8 +125,9 @@ class TritonPythonModel:
         except InvalidInput as e:
             return self._reject(sender, str(e))
         request_id = str(next(self._ids))
+        client_id = request.request_id() if self._timeline.enabled else ""
         with self._lock:
-            self._inflight[request_id] = _InFlight(sender, parsed.stream)
+            self._inflight[request_id] = _InFlight(sender, parsed.stream, client_id)
         try:
             self.engine.add_request(request_id, parsed.prompt, parsed.images, parsed.params, parsed.apply_chat_template)
         except Exception as e:
@@ -138,29 +150,62 @@ class TritonPythonModel:
         while not self._stop.is_set():
             try:
                 self.engine.check_alive()
-                self._poll_cancellations()
+                self._snapshot_stats()
                 if not self.engine.has_unfinished():
-                    self._publish_stats()
+                    self._timeline.flush()
                     self.engine.wait_for_work(IDLE_WAIT_S)
                     continue
+                t0 = time.perf_counter()
                 outputs = self.engine.step()   # isolates a failing request itself (engine.step docstring)
+                t1 = time.perf_counter()
+                self._timeline.record(ev="step", t0=t0, t1=t1, n=len(outputs))
             except EngineDeadError as e:
                 return self._go_down(str(e))
             except Exception as e:   # noqa: BLE001 - outside any one request: fail what is in flight
                 self.log.log_error(f"bunny: engine step failed: {traceback.format_exc()}")
                 outputs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                t1 = time.perf_counter()
                 time.sleep(0.01)
-            for out in outputs:
-                self._deliver(out)
-            self._publish_stats()
+            if outputs:
+                self._outbox.put((outputs, t1))
+
+    def _snapshot_stats(self) -> None:
+        """The engine's stats are read on the engine thread; the responder publishes the copy."""
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_PERIOD_S
+            self._outbox.put((None, dataclasses.replace(self.engine.stats())))
+
+    # ---- the responder thread ------------------------------------------------------------------------------
+    def _respond_loop(self) -> None:
+        """Engine outputs become responses, in the order the engine produced them; cancellations; metrics."""
+        while True:
+            try:
+                item = self._outbox.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                outputs, extra = item
+                if outputs is None:
+                    self._publish_stats(extra)
+                for out in outputs or ():
+                    self._deliver(out, extra)
+            self._poll_cancellations()
+
+    def _drain_responder(self) -> None:
+        """Let the responder send what the engine thread handed over, then end it (unload, a dead engine)."""
+        self._outbox.put(None)
+        self._responder.join(timeout=60)
 
     def _go_down(self, reason: str) -> None:
         """The engine can run no more: fail what is in flight, stop the engine's workers, end this process."""
         self._down = reason
         self.log.log_error(f"bunny: {reason}. The model is down: failing the requests in flight and ending this "
                            "instance's process (bunny-serve then unloads the model and exits 1); restart the server")
-        for out in self._fail_all(f"model unavailable: {reason}"):
-            self._deliver(out)
+        self._outbox.put((self._fail_all(f"model unavailable: {reason}"), time.perf_counter()))
+        self._drain_responder()
         try:
             self.engine.shutdown()
         except Exception:
@@ -200,13 +245,17 @@ class TritonPythonModel:
                 f.cancelled = True
                 self.engine.abort(rid)
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, out: RequestOutput, handed: float = 0.0) -> None:
         with self._lock:
             f = self._inflight.pop(out.request_id, None) if out.finished else self._inflight.get(out.request_id)
         if f is None:
             return
         try:
+            t0 = time.perf_counter()
             self._respond(f, out)
+            if self._timeline.enabled:
+                self._timeline.record(ev="send", rid=f.client_id, k=out.completion_tokens, handed=handed, t0=t0,
+                                      t1=time.perf_counter(), final=out.finished)
         except Exception as e:   # noqa: BLE001 - this request ends with an error; the loop goes on
             self.log.log_error(f"bunny: building a response failed: {traceback.format_exc()}")
             if not out.finished:
@@ -243,17 +292,13 @@ class TritonPythonModel:
         except Exception as e:   # e.g. the client went away; never let one request hurt the others
             self.log.log_warn(f"bunny: could not send a response: {e}")
 
-    def _publish_stats(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if now < self._next_stats and not force:
-            return
-        self._next_stats = now + STATS_PERIOD_S
+    def _publish_stats(self, stats) -> None:
         try:
             with self._lock:
                 rejected, self._rejected = self._rejected, 0
             if rejected:
                 self.metrics.on_finished("error", rejected)
-            self.metrics.on_stats(self.engine.stats())
+            self.metrics.on_stats(stats)
         except Exception:
             self.log.log_warn(f"bunny: publishing metrics failed: {traceback.format_exc()}")
 
@@ -261,6 +306,7 @@ class TritonPythonModel:
     def finalize(self):
         self._stop.set()
         self._thread.join(timeout=60)
+        self._drain_responder()
         with self._lock:
             left = list(self._inflight)
         for rid in left:
@@ -275,7 +321,8 @@ class TritonPythonModel:
             rest = [RequestOutput(rid, finished=True, finish_reason="cancelled") for rid in self._inflight]
         for out in rest:
             self._deliver(out)
-        self._publish_stats(force=True)
+        self._publish_stats(self.engine.stats())
+        self._timeline.flush()
         self.metrics.close()
         try:
             self.engine.shutdown()
