@@ -12,6 +12,7 @@ QUESTIONS = ["What is a rabbit?", "Describe the image.", "请描述这张图片�
 def make_engine(model_path, **kw):
     kw.setdefault("kv_cache_memory_bytes", 8 << 20)
     kw.setdefault("max_num_batched_tokens", 64)   # forces chunked prefill of image prompts
+    kw.setdefault("dtype", "float32")   # exact token comparisons; auto may pick bf16 on CPUs that have it natively
     return LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", **kw))
 
 

@@ -101,7 +101,9 @@ def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PA
     """bunny-serve on free ports (and the OpenAI API with `openai`; more bunny-serve flags in extra_args); the
     test-only fault hook is switched on (engine/fault_injection.py)."""
     grpc, http, metrics, openai_port = free_ports(4)
-    extra = ["--device", "cpu", *extra_args] + (["--openai-port", str(openai_port)] if openai else [])
+    # float32: tests compare tokens exactly; dtype auto may pick bf16 on CPUs that have it natively
+    extra = ["--device", "cpu", "--dtype", "float32", *extra_args]
+    extra += ["--openai-port", str(openai_port)] if openai else []
     cmd = serve_command(model_path, [grpc, http, metrics], params, extra_args=extra)
     log_file = open(log, "w")
     env = {**os.environ, fault_injection.ENV_VAR: "1"}

@@ -132,7 +132,7 @@ def model_path(checkpoint_factory):
 
 
 def _engine(model_path, backend, block_size):
-    return LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", attention_backend=backend,
+    return LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", dtype="float32", attention_backend=backend,
                                   block_size=block_size, kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=64))
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.server
 def engine(tiny_checkpoint):
     """The same engine in-process, to run requests one by one."""
     kw = {k: int(v) for k, v in SERVER_PARAMS.items() if k != "num_threads"}
-    return LLMEngine(EngineConfig(model_path=str(tiny_checkpoint), device="cpu", **kw))
+    return LLMEngine(EngineConfig(model_path=str(tiny_checkpoint), device="cpu", dtype="float32", **kw))
 
 
 def alone(engine, text, images=(), **params) -> tuple[str, list[int], str]:

@@ -29,7 +29,8 @@ def tight_server(tiny_checkpoint, tmp_path_factory):
 
 
 def one_by_one(model_path, requests) -> list[list[int]]:
-    engine = LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", kv_cache_memory_bytes=8 << 20))
+    engine = LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", dtype="float32",
+                                    kv_cache_memory_bytes=8 << 20))
     for i, (text, max_tokens) in enumerate(requests):
         engine.add_request(str(i), text, [], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     ids = {str(i): [] for i in range(len(requests))}

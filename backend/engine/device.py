@@ -1,11 +1,11 @@
 """What the engine's configuration means on the device it runs on: the one home of the per-device policy.
 
-`DevicePlan.resolve(config, placement)` picks the device (auto: npu > cuda > cpu), the dtype (float32 on the CPU,
-bfloat16 on accelerators), the KV block size (16, or 128 on the NPU), the prompt tokens a step may carry while
-streams decode (128 on the CPU, 2048 on accelerators), the attention backend (the device's own) and the CPU
-threads. After loading, `prepare_model` gives the weights the device's layout (packed linears on the CPU), and
-`graph_capture` says whether decode steps can be captured as CUDA graphs (device cuda with the Triton paged-decode
-kernel, one rank).
+`DevicePlan.resolve(config, placement)` picks the device (auto: npu > cuda > cpu), the dtype (auto: bfloat16 on
+accelerators and on CPUs that have it natively, else float32), the KV block size (16, or 128 on the NPU), the prompt
+tokens a step may carry while streams decode (128 on the CPU, 2048 on accelerators), the attention backend (the
+device's own) and the CPU threads. After loading, `prepare_model` gives the weights the device's layout (packed
+linears on the CPU where oneDNN takes the dtype), and `graph_capture` says whether decode steps can be captured as
+CUDA graphs (device cuda with the Triton paged-decode kernel, one rank).
 
 Several engines on one host (Triton instances, tensor-parallel ranks): an engine whose first device is d (its
 Placement) runs tensor-parallel rank r on device d + r; on the CPU they split the cores between them.
@@ -25,6 +25,7 @@ from bunny_backend.engine.decode_graphs import GraphCapture
 from bunny_backend.model.cpu_layout import use_cpu_linears
 from bunny_backend.model.loader import DTYPES
 from bunny_backend.ops import triton_paged_decode
+from bunny_backend.utils.cpu_features import CpuFeatures, detect
 
 log = logging.getLogger("bunny.engine")
 
@@ -54,10 +55,30 @@ def synchronize(device: torch.device) -> None:
         torch.npu.synchronize()   # type: ignore[attr-defined]
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, cpu: CpuFeatures | None = None) -> torch.dtype:
+    """`auto`: bfloat16 on accelerators, `cpu_auto_dtype` on the CPU. A half dtype the CPU's oneDNN cannot take
+    runs on the unpacked weight layout (model/cpu_layout.py): slower than float32, so it is said once here."""
+    if device.type != "cpu":
+        return torch.bfloat16 if name == "auto" else DTYPES[name]
+    cpu = cpu or detect()
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return DTYPES[name]
+        return cpu_auto_dtype(cpu)
+    dtype = DTYPES[name]
+    if not cpu.can_pack(dtype):
+        log.warning("bunny: dtype %s on this CPU (vector ISA %s, flags %s) runs on plain matmuls: oneDNN's %s "
+                    "kernels need AVX512BW (bf16) or AVX512-FP16/AMX-FP16 (fp16), so expect it to be slower than "
+                    "float32", name, cpu.isa, " ".join(sorted(cpu.flags)) or "unknown", name)
+    return dtype
+
+
+def cpu_auto_dtype(cpu: CpuFeatures) -> torch.dtype:
+    """bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX) and oneDNN packs it, else float32.
+
+    Measured on a 2-core AVX512-BF16 EPYC without AMX (`python -m bench.cpu_dtypes`, bench/NOTES.md "CPU dtypes"):
+    bf16 decode reads half the weight bytes and ran 1.7-2.3x float32's tokens/s at batch 1, 1.05-1.1x at batch 10,
+    with teacher-forced logits within the bf16 tolerance of the float32 reference (tests/test_cpu_dtype.py). Without
+    native bf16 oneDNN emulates it (AVX512BW) or cannot run it (AVX2), and float32 stays the choice."""
+    return torch.bfloat16 if cpu.native_bf16 and cpu.can_pack(torch.bfloat16) else torch.float32
 
 
 @dataclass(frozen=True, slots=True)
