@@ -57,8 +57,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def tree_peak_rss_bytes(root_pid: int) -> int:
-    """Sum of VmHWM (peak RSS) over `root_pid` and its living descendants (e.g. tritonserver and its stub)."""
+def descendants(root_pid: int) -> list[int]:
+    """`root_pid` and its living descendants (e.g. bunny-serve, tritonserver and its python stub)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -68,10 +68,18 @@ def tree_peak_rss_bytes(root_pid: int) -> int:
                 children.setdefault(ppid, []).append(int(entry))
             except (OSError, ValueError, IndexError):
                 continue
-    total, todo = 0, [root_pid]
+    out, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
+        out.append(pid)
         todo += children.get(pid, [])
+    return out
+
+
+def tree_peak_rss_bytes(root_pid: int) -> int:
+    """Sum of VmHWM (peak RSS) over `root_pid` and its living descendants."""
+    total = 0
+    for pid in descendants(root_pid):
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
@@ -80,6 +88,19 @@ def tree_peak_rss_bytes(root_pid: int) -> int:
         except OSError:
             continue
     return total
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """CPU seconds (user + system) used so far by `root_pid` and its living descendants."""
+    total = 0
+    for pid in descendants(root_pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_busy_seconds() -> float:
@@ -107,6 +128,8 @@ def machine_info() -> dict:
             info["mem_total_bytes"] = int(f.readline().split()[1]) * 1024
     except OSError:
         pass
+    from bunny_backend.utils.cpu_features import detect
+    info["cpu_features"] = detect().describe()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory

@@ -34,6 +34,7 @@ class ModelSpec:
     patch_size: int
     dtype: str                       # float32 | bfloat16
     tie_word_embeddings: bool = False
+    tokenizer: str = "demo"          # demo: the demo BPE (1536 tokens); qwen: Qwen's real vocabulary (bench/peer)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -58,7 +59,11 @@ BUNNY_2B = ModelSpec("2b", hidden_size=2048, num_layers=24, num_heads=16, num_kv
 # The cpu model with a ViT-B-sized tower (12 layers, 768 wide): for the same-image scenario (bench/scenarios.py).
 CPU_VITB = replace(CPU, name="cpu-vitb", vision_hidden=768, vision_layers=12, vision_heads=12,
                    vision_intermediate=3072)
-SPECS = {"cpu": CPU, "2b": BUNNY_2B, "cpu-vitb": CPU_VITB}
+# The peer comparison's model (issue #16): the cpu shape with Qwen's real vocabulary (151646 tokens, embedding and
+# lm_head padded to 151936), so vLLM and we tokenize and stream the same ids; lm_head makes it 1.03 GB per step.
+QWEN_VOCAB = replace(CPU, name="qwen", vocab_size=151936, tokenizer="qwen")
+QWEN_TOKENS = 151646
+SPECS = {"cpu": CPU, "2b": BUNNY_2B, "cpu-vitb": CPU_VITB, "qwen": QWEN_VOCAB}
 
 
 def ensure_checkpoint(spec: ModelSpec, cache_dir: Path = CACHE_DIR, log=print) -> Path:
@@ -73,9 +78,13 @@ def ensure_checkpoint(spec: ModelSpec, cache_dir: Path = CACHE_DIR, log=print) -
                      tie_word_embeddings=spec.tie_word_embeddings, vision_hidden=spec.vision_hidden,
                      vision_layers=spec.vision_layers, vision_heads=spec.vision_heads,
                      vision_intermediate=spec.vision_intermediate, image_size=spec.image_size,
-                     patch_size=spec.patch_size, dtype=spec.torch_dtype, max_position_embeddings=4096)
+                     patch_size=spec.patch_size, dtype=spec.torch_dtype, max_position_embeddings=4096,
+                     vocab_size=QWEN_TOKENS if spec.tokenizer == "qwen" else None)
     pad_vocab(out, spec.vocab_size)
     cfg = json.loads((out / "config.json").read_text())
+    if spec.tokenizer == "qwen":
+        from bench.peer.qwen_vocab import write_qwen_tokenizer
+        cfg["eos_token_id"] = write_qwen_tokenizer(out)
     cfg["bench_spec"] = asdict(spec)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

@@ -1,6 +1,8 @@
 """`./build.sh bench`: engine direct vs engine through Triton vs transformers generate, on one machine; then the
 serving-under-load scenarios (bench/scenarios.py: stall, arrivals, same image twice).
 
+`--peer vllm` runs the peer comparison instead (bench/peer/run.py: bunny-serve against vLLM CPU's server).
+
 Each system and scenario runs in its own worker process (`python -m bench.<worker>`), one after the other, so peak
 RSS is each one's own and none competes with another for the cores. `--baseline REV` also runs engine-direct and
 the stall and arrivals scenarios on git revision REV's engine, for before/after ratios from one run. Results:
@@ -205,7 +207,19 @@ def targets(model: dict) -> dict:
     return out
 
 
+PEERS = ("vllm",)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--peer" in argv:                     # ./build.sh bench --peer vllm [bench.peer.run's options]
+        i = argv.index("--peer")
+        peer = argv[i + 1] if i + 1 < len(argv) else ""
+        if peer not in PEERS:
+            print(f"--peer takes one of {PEERS}, got {peer!r}", file=sys.stderr)
+            return 2
+        from bench.peer import run as peer_run
+        return peer_run.main(argv[:i] + argv[i + 2:])
     args = parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     cuda = torch.cuda.is_available()

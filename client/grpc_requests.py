@@ -98,6 +98,7 @@ class Delta:
     finish_reason: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    request_id: str = ""
 
 
 def _first(result, name):
@@ -182,6 +183,7 @@ class BunnyStream:
             if result.get_response().id not in ("", request_id):
                 continue  # a late response of an earlier request
             delta = parse_response(result, t)
+            delta.request_id = request_id
             if delta.final:
                 self._in_flight = False
             yield delta
