@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--text", action="store_true", help="text-only requests (default: one image each)")
+    p.add_argument("--repository", type=Path, help="serve this model repository (e.g. a variant of model.py)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     spec = SPECS[args.model]
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     os.environ[ENV] = str(trace)
     params = {"kv_cache_memory_bytes": str(kv_cache_bytes(spec, work)), "max_num_seqs": str(max(16, args.batch)),
               "enable_prefix_caching": "false"}
-    server = Server(path, params, spec.dtype)
+    server = Server(path, params, spec.dtype,
+                    extra_args=["--repository", str(args.repository)] if args.repository else [])
     try:
         opts = RequestOptions(text=work.prompt, images=[] if args.text else [work.image], max_tokens=args.max_tokens,
                               ignore_eos=True, temperature=0.0, stream=True)
