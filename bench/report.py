@@ -65,6 +65,10 @@ def format_model(model: dict) -> str:
                      f"{roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> {roof['roofline_tok_s']:.1f} tok/s; "
                      f"engine batch-1 decode {roof.get('engine_batch1_decode_tok_s', 0):.1f} tok/s"
                      + (f" = {100 * frac:.0f}% of roofline" if frac else ""))
+        if roof.get("read_bandwidth_bytes_per_s"):
+            read = roof.get("fraction_of_read_bandwidth")
+            lines.append(f"    read bandwidth (sum of 1 GiB) {roof['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; batch-1 "
+                         f"decode reads weights at " + (f"{100 * read:.0f}% of it" if read else "-"))
     if "outputs_agree" in model:
         lines.append(f"    engine vs transformers greedy tokens, first request: {model['outputs_agree']}")
     lines += format_scenarios(model.get("scenarios", {}), model.get("baseline_commit"))

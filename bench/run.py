@@ -27,7 +27,7 @@ from bench.baseline import baseline_env
 from bench.repeat import alternate, median_of
 from bench.common import Workload, children_cpu_seconds, cpu_busy_seconds, machine_info, machine_name
 from bench.models import ROOT, SPECS, ModelSpec, describe, ensure_checkpoint, kv_bytes_per_token
-from bench.roofline import measure_bandwidth, roofline
+from bench.roofline import measure_bandwidth, measure_read_bandwidth, roofline
 from bench.scenarios import SCENARIOS, parse_knobs, run_scenarios, scenario_targets
 from bunny_client.perf_stats import parse_batch_sizes
 
@@ -158,7 +158,8 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log, baseline=None) -> d
     for name, runs in results.items():
         model["systems"][name] = {**median_of(runs), "repeats": len(runs)}
     engine = model["systems"].get("engine", {})
-    model["roofline"] = roofline(spec, bandwidth["bytes_per_s"], engine.get("batch1_decode_tok_s"))
+    model["roofline"] = roofline(spec, bandwidth["bytes_per_s"], engine.get("batch1_decode_tok_s"),
+                                 bandwidth.get("read", {}).get("bytes_per_s"))
     hf = model["systems"].get("transformers", {})
     if engine.get("first_request_ids") and hf.get("first_request_ids"):
         a, b = engine["first_request_ids"], hf["first_request_ids"]
@@ -201,6 +202,9 @@ def targets(model: dict) -> dict:
         out["engine tok/s >= baseline at every batch size"] = (min(ratios) >= 1.0, f"min {min(ratios):.2f}x, "
                                                                f"median {sorted(ratios)[len(ratios) // 2]:.2f}x")
     out.update(scenario_targets(model.get("scenarios", {})))
+    read = model["roofline"].get("fraction_of_read_bandwidth")
+    if read and not gpu:
+        out["batch-1 decode >= 80% of read bandwidth"] = (read >= 0.8, f"{100 * read:.0f}%")
     if "kv_steps_over_need_plus_one" in e:
         out["KV blocks <= live need + 1/seq"] = (e["kv_steps_over_need_plus_one"] == 0,
                                                  f"max excess {e['kv_excess_blocks_per_seq_max']:.2f} blocks/seq")
@@ -235,6 +239,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     info = machine_info()
     bandwidth = measure_bandwidth("cuda" if cuda else "cpu")
+    if not cuda:
+        bandwidth["read"] = measure_read_bandwidth("cpu")
     log(f"{machine_name(info)}: copy bandwidth {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (best of "
         f"{bandwidth['repeats']}), load average {info['loadavg'][0]:.1f}")
     with contextlib.ExitStack() as stack:

@@ -1,6 +1,6 @@
 """A streaming client for an OpenAI-compatible chat server (vLLM's), timed like `bunny-client perf`.
 
-Standard library only (http.client, one keep-alive connection per concurrent request), so it runs in our .venv.
+Standard library only (http.client, one connection per concurrent request), so it runs in our .venv.
 vLLM's `return_token_ids` extension puts each chunk's token ids in the stream: the tokens are counted, and the
 greedy ids compared with ours, from those.
 """

@@ -4,8 +4,10 @@ Both serve the `qwen` bench model (the cpu shape with Qwen's real vocabulary; be
 Triton gRPC (the perf client's streams), vLLM from .venv-peer as a Qwen2 folder for text requests and a LLaVA
 folder for image requests (bunny_backend.tools.export_hf). Same prompt, same square images (a distinct one per
 request, so no cache anywhere can reuse an encoded image), same dtype, cores, greedy and `ignore_eos` token counts;
-prefix caching off in both. One server runs at a time. Reported: tokens/s per batch size, text and image; TTFT with
-one image; whether the greedy ids agree; the CPU time other processes took meanwhile (`contention`).
+prefix caching off in both. The three servers are up together but only one works at a time: every measurement
+alternates between the systems, so the load other processes put on this shared machine falls on both alike and the
+ratios hold within one run. Reported: tokens/s per batch size, text and image; TTFT with one image; whether the
+greedy ids agree; the CPU share other processes took meanwhile (`contention`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 SETUP = Path(__file__).resolve().parent / "setup_vllm.sh"
 MAX_MODEL_LEN = 4096
 MAX_NUM_SEQS = 16
+KV_CACHE_GIB = 1        # vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE): room for 10 requests of ~300 tokens many times
 
 
 def square_image(index: int, size: int = 384) -> bytes:
@@ -109,104 +112,97 @@ class Vllm:
     name = "vllm"
 
     def __init__(self, server: VllmServer, prompt: str):
-        self.server, self.prompt, self.conns = server, prompt, []
+        self.server, self.prompt = server, prompt
 
     def round(self, n: int, images: list[bytes] | None, max_tokens: int):
-        while len(self.conns) < n:
-            self.conns.append(openai_stream.ChatConnection("127.0.0.1", self.server.port))
+        # fresh connections, opened before the clock starts: uvicorn closes a keep-alive connection idle for 5 s
+        conns = [openai_stream.ChatConnection("127.0.0.1", self.server.port) for _ in range(n)]
         bodies = [openai_stream.chat_body(self.prompt, images[i] if images else None, max_tokens) for i in range(n)]
-        return openai_stream.run_round(self.conns[:n], bodies)
+        try:
+            return openai_stream.run_round(conns, bodies)
+        finally:
+            for c in conns:
+                c.close()
 
     def close(self) -> None:
-        for c in self.conns:
-            c.close()
+        pass
 
 
-def sweep(system, args, images: Images | None, log) -> dict:
-    """Warm-up, TTFT with one image (image runs), then each batch size: the rows, first ids and any errors."""
-    kind = "image" if images else "text"
-    take = (lambda n: images.take(n)) if images else (lambda n: None)
-    errors: list[str] = []
-    system.round(1, take(1), 8)
-    out: dict = {}
-    if images:
-        ttfts = []
-        for _ in range(3):
-            _, timings, _, errs = system.round(1, take(1), 1)
-            errors += errs
-            ttfts += [t.ttft for t in timings if t.ttft is not None]
-        ttfts.sort()
-        out["ttft_1image_s"], out["ttft_1image_median_s"] = (ttfts[0], ttfts[len(ttfts) // 2]) if ttfts else (None, None)
-    rows, first_ids = [], None
-    for n in args.batch_sizes:
-        results = []
-        for _ in range(args.rounds):
-            wall, timings, ids, errs = system.round(n, take(n), args.max_tokens)
-            errors += errs
-            results.append((wall, timings))
-            if first_ids is None and n == min(args.batch_sizes) and ids:
-                first_ids = ids[0]
-        rows.append(summarize(n, results, len(errors)).as_dict())
-        r = rows[-1]
-        log(f"{system.name:11s} {kind:5s} batch {n:2d}: {r['output_tokens_per_s']:7.1f} tok/s  "
-            f"TTFT {r['ttft_mean_ms']:7.0f} ms  ITL {r['itl_mean_ms']:6.1f} ms")
-    out.update(rows=rows, first_request_ids=first_ids, errors=sorted(set(errors)))
+def interleaved(systems: dict[str, dict[str, object]], args, log) -> dict:
+    """Every measurement alternates between the systems (their order flipped each repeat), so load from other
+    processes falls on both alike: warm-up, TTFT with one image (best of 3), then per repeat, kind and batch size
+    one round each. Each round's images are drawn once and given to both systems."""
+    names = list(systems)
+    images = Images()
+    out = {name: {kind: {"errors": [], "rounds": {}} for kind in ("text", "image")} for name in names}
+    for name in names:
+        for kind, take in (("text", lambda n: None), ("image", images.take)):
+            systems[name][kind].round(1, take(1), 8)
+    ttfts: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(3):
+        image = images.take(1)
+        for name in names:
+            _, timings, _, errs = systems[name]["image"].round(1, image, 1)
+            out[name]["image"]["errors"] += errs
+            ttfts[name] += [t.ttft for t in timings if t.ttft is not None]
+    for name in names:
+        t = sorted(ttfts[name])
+        out[name]["image"]["ttft_1image_s"] = t[0] if t else None
+        out[name]["image"]["ttft_1image_median_s"] = t[len(t) // 2] if t else None
+    for rep in range(args.rounds):
+        order = names if rep % 2 == 0 else names[::-1]
+        for kind in ("text", "image"):
+            for n in args.batch_sizes:
+                batch_images = images.take(n) if kind == "image" else None
+                for name in order:
+                    wall, timings, ids, errs = systems[name][kind].round(n, batch_images, args.max_tokens)
+                    o = out[name][kind]
+                    o["errors"] += errs
+                    o["rounds"].setdefault(n, []).append((wall, timings))
+                    if rep == 0 and n == args.batch_sizes[0] and ids:   # the same request for both systems
+                        o["first_request_ids"] = ids[0]
+                    tok = sum(t.tokens for t in timings) / wall
+                    log(f"repeat {rep}: {name:11s} {kind:5s} batch {n:2d}: {tok:7.1f} tok/s")
+    for name in names:
+        for kind in ("text", "image"):
+            o = out[name][kind]
+            rounds = o.pop("rounds")
+            o["rows"] = [summarize(n, rounds[n], 0).as_dict() for n in sorted(rounds)]
+            o["errors"] = sorted(set(o["errors"]))
     return out
 
 
 class Phase:
-    """Wall time and the CPU share other processes took while one server ran (0: a quiet machine)."""
+    """Wall time and the CPU share other processes took meanwhile (0: a quiet machine)."""
 
-    def __init__(self, server_pid: int):
-        self.pid = server_pid
+    def __init__(self, pids: list[int]):
+        self.pids = pids
         self.t0, self.busy0 = time.perf_counter(), cpu_busy_seconds()
-        self.ours0 = tree_cpu_seconds(server_pid) + self._self_cpu()
+        self.ours0 = self._ours()
 
-    @staticmethod
-    def _self_cpu() -> float:
+    def _ours(self) -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
+        return sum(tree_cpu_seconds(p) for p in self.pids) + r.ru_utime + r.ru_stime
 
     def end(self) -> dict:
         wall = time.perf_counter() - self.t0
-        ours = tree_cpu_seconds(self.pid) + self._self_cpu() - self.ours0
+        ours = self._ours() - self.ours0
         foreign = cpu_busy_seconds() - self.busy0 - ours
         return {"wall_s": wall, "contention": max(0.0, foreign) / (wall * (os.cpu_count() or 1)),
-                "server_and_client_cpu_s": ours}
+                "servers_and_client_cpu_s": ours}
 
 
-def run_ours(path: Path, args, log) -> dict:
+def our_server(path: Path, args) -> Server:
     spec = SPECS["qwen"]
     per_seq = spec.num_image_tokens + 128 + args.max_tokens
     kv = int(1.25 * max(args.batch_sizes) * per_seq * kv_bytes_per_token(spec)) + (16 << 20)
     params = {"kv_cache_memory_bytes": str(kv), "max_num_seqs": str(MAX_NUM_SEQS), "enable_prefix_caching": "false",
               "num_threads": str(args.threads), "max_model_len": str(MAX_MODEL_LEN)}
-    server = Server(str(path), params, args.dtype)
-    phase = Phase(server.proc.pid)
-    system = Ours(server, args.prompt)
-    try:
-        result = {"text": sweep(system, args, None, log), "image": sweep(system, args, Images(), log)}
-    finally:
-        system.close()
-        result_phase = phase.end()
-        server.stop()
-    return {**result, **result_phase, "server_params": params}
+    return Server(str(path), params, args.dtype)
 
 
-def run_vllm(folder: Path, image: bool, args, log) -> dict:
-    kv_gib = 1
-    t0 = time.perf_counter()
-    server = VllmServer(folder, args.dtype, args.threads, MAX_NUM_SEQS, MAX_MODEL_LEN, kv_gib, image)
-    startup = time.perf_counter() - t0
-    phase = Phase(server.proc.pid)
-    system = Vllm(server, args.prompt)
-    try:
-        result = sweep(system, args, Images() if image else None, log)
-    finally:
-        system.close()
-        result_phase = phase.end()
-        server.stop()
-    return {**result, **result_phase, "startup_s": startup, "command": server.cmd, "kv_cache_gib": kv_gib}
+def vllm_server(folder: Path, image: bool, args) -> VllmServer:
+    return VllmServer(folder, args.dtype, args.threads, MAX_NUM_SEQS, MAX_MODEL_LEN, KV_CACHE_GIB, image)
 
 
 def exported(src: Path) -> tuple[Path, Path]:
@@ -250,12 +246,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="./build.sh bench --peer vllm", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", default="1,4,10")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="repeats of every measurement (default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=0, help="cores for each server (default: all)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--skip-ours", action="store_true")
-    p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     args.batch_sizes = parse_batch_sizes(args.batch_sizes)
@@ -276,15 +270,31 @@ def main(argv=None) -> int:
     result = {"machine": machine_name(info), "machine_info": info, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "model": {"checkpoint": str(path), "qwen2": str(qwen2), "llava": str(llava)}, "systems": {}}
-    if not args.skip_ours:
-        log("--- bunny-serve (Triton gRPC) ---")
-        result["systems"]["bunny-serve"] = run_ours(path, args, log)
-    if not args.skip_vllm:
-        log("--- vLLM CPU, text (Qwen2 folder) ---")
-        text = run_vllm(qwen2, False, args, log)
-        log("--- vLLM CPU, image (LLaVA folder) ---")
-        image = run_vllm(llava, True, args, log)
-        result["systems"]["vllm"] = {"text": text, "image": image}
+    servers, systems = [], {}
+    try:
+        log("starting bunny-serve, and vLLM on the Qwen2 and the LLaVA folders (idle while the other measures)")
+        t = time.perf_counter()
+        ours = our_server(path, args)
+        servers.append(ours)
+        systems["bunny-serve"] = {"text": Ours(ours, args.prompt), "image": Ours(ours, args.prompt)}
+        startup = {"bunny-serve": time.perf_counter() - t}
+        t = time.perf_counter()
+        text, image = vllm_server(qwen2, False, args), None
+        servers.append(text)
+        image = vllm_server(llava, True, args)
+        servers.append(image)
+        systems["vllm"] = {"text": Vllm(text, args.prompt), "image": Vllm(image, args.prompt)}
+        startup["vllm (both)"] = time.perf_counter() - t
+        phase = Phase([s.proc.pid for s in servers])
+        result["systems"] = interleaved(systems, args, log)
+        result.update(phase.end(), startup_s=startup, vllm_commands=[text.cmd, image.cmd],
+                      our_server_log=ours.log.name)
+    finally:
+        for pair in systems.values():
+            for system in pair.values():
+                system.close()
+        for server in servers:
+            server.stop()
     ours, vllm = result["systems"].get("bunny-serve", {}), result["systems"].get("vllm", {})
     result["greedy_ids"] = {k: agreement(ours.get(k, {}).get("first_request_ids"), vllm.get(k, {}).get("first_request_ids"))
                             for k in ("text", "image")}
@@ -312,9 +322,8 @@ def format_result(result: dict, batch_sizes: list[int]) -> str:
     a, b = ours.get("image", {}).get("ttft_1image_s"), vllm.get("image", {}).get("ttft_1image_s")
     lines.append(f"TTFT with one image (best of 3): bunny-serve {1e3 * (a or 0):.0f} ms, vLLM {1e3 * (b or 0):.0f} ms")
     lines.append(f"greedy ids: {result['greedy_ids']}")
-    cont = {"bunny-serve": ours.get("contention"), "vllm text": vllm.get("text", {}).get("contention"),
-            "vllm image": vllm.get("image", {}).get("contention")}
-    lines.append("contention: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in cont.items() if v is not None))
+    if result.get("contention") is not None:
+        lines.append(f"contention (other processes' share of the CPU meanwhile): {100 * result['contention']:.0f}%")
     for name, (met, value) in result["targets"].items():
         lines.append(f"  [{'met' if met else 'NOT met'}] {name}: {value}")
     return "\n".join(lines)

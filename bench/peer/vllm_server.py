@@ -24,7 +24,9 @@ def peer_env(threads: int, kv_cache_gib: int) -> dict[str, str]:
     cores = os.cpu_count() or 1
     n = threads or cores
     env.update({"VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}" if n > 1 else "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "OMP_NUM_THREADS": str(n)})
+                "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "OMP_NUM_THREADS": str(n),
+                # no busy polling between requests: the other system measures meanwhile, on the same two cores
+                "VLLM_SLEEP_WHEN_IDLE": "1"})
     return env
 
 

@@ -1,0 +1,100 @@
+"""The server's own overhead: Triton end-to-end against engine-direct, measured in alternation (issue #16).
+
+`./build.sh bench` runs engine-direct and Triton minutes apart, and on a machine that other processes share the
+load changes in between by more than the gap being measured. Here one bunny-serve and one in-process engine (same
+checkpoint, dtype, threads, KV cache, prefix caching off) take turns: a round of N requests at once through Triton
+(the perf client's gRPC streams, one image per request as in the bench), then the same round in-process, `--repeats` times, the order flipped each time.
+The idle one waits without using the CPU. Prints tokens/s of each round and the median ratio.
+
+`python -m bench.overhead [--model cpu] [--batch 10] [--max-tokens 64] [--repeats 4] [--repository DIR]`
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import Workload, cpu_busy_seconds, machine_info
+from bench.engine_direct import make_engine
+from bench.engine_direct import run_round as engine_round
+from bench.models import SPECS, ensure_checkpoint
+from bench.run import kv_cache_bytes
+from bench.triton_bench import Server
+from bunny_client.grpc_requests import BunnyStream, RequestOptions
+from bunny_client.perf import run_round as triton_round
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cpu", choices=sorted(SPECS))
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--repository", type=Path, help="serve this model repository (e.g. a variant of model.py)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    spec = SPECS[args.model]
+    path = str(ensure_checkpoint(spec))
+    work = Workload(batch_sizes=[args.batch], max_tokens=args.max_tokens, threads=args.threads)
+    kv = kv_cache_bytes(spec, work)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = {"kv_cache_memory_bytes": str(kv), "max_num_seqs": str(max(16, args.batch)),
+              "enable_prefix_caching": "false", "num_threads": str(args.threads)}
+    server = Server(path, params, spec.dtype,
+                    extra_args=["--repository", str(args.repository)] if args.repository else [])
+    engine = make_engine(path, work, kv, spec.dtype)
+    opts = RequestOptions(text=work.prompt, images=[work.image], max_tokens=args.max_tokens, ignore_eos=True,
+                          temperature=0.0, stream=True)
+    rows: list[dict] = []
+    busy0, t0 = cpu_busy_seconds(), time.perf_counter()
+    try:
+        conns = [BunnyStream(server.url) for _ in range(args.batch)]
+        triton_round(conns[:1], dataclasses.replace(opts, max_tokens=8))
+        _engine_round(engine, work, 1, 8, "warm")
+
+        for rep in range(args.repeats):
+            order = ("triton", "engine") if rep % 2 == 0 else ("engine", "triton")
+            row = {}
+            for system in order:
+                if system == "triton":
+                    wall, timings, errors = triton_round(conns, opts)
+                    if errors:
+                        raise RuntimeError(f"triton round failed: {errors[0]}; log {server.log.name}")
+                else:
+                    wall, timings = _engine_round(engine, work, args.batch, args.max_tokens, f"r{rep}")
+                row[system] = sum(t.tokens for t in timings) / wall
+            row["ratio"] = row["triton"] / row["engine"]
+            rows.append(row)
+            print(f"repeat {rep}: triton {row['triton']:7.1f} tok/s  engine {row['engine']:7.1f} tok/s  "
+                  f"triton/engine {100 * row['ratio']:.0f}%", flush=True)
+        for c in conns:
+            c.close()
+    finally:
+        server.stop()
+    wall = time.perf_counter() - t0
+    ratio = statistics.median(r["ratio"] for r in rows)
+    info = machine_info()
+    print(f"median triton/engine at batch {args.batch}: {100 * ratio:.0f}% ({info.get('cpu_model')}, "
+          f"machine busy {100 * (cpu_busy_seconds() - busy0) / (wall * info['cpu_count']):.0f}% of all cores, "
+          f"load average {info['loadavg'][0]:.1f})")
+    if args.out:
+        args.out.write_text(json.dumps({"machine_info": info, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "rows": rows, "median_ratio": ratio}, indent=1) + "\n")
+    return 0
+
+
+def _engine_round(engine, work: Workload, n: int, max_tokens: int, tag: str):
+    wall, timings, _ = engine_round(engine, work, n, max_tokens, None, tag)
+    return wall, timings
+
+
+if __name__ == "__main__":
+    sys.exit(main())
