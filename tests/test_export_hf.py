@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bunny_backend.io.prompt import build_prompt
+from bunny_backend.io.conversation import Message, build_prompt
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.model.loader import load_model
 from bunny_backend.tools.export_hf import export_llava, export_qwen2
@@ -30,7 +30,7 @@ def test_qwen2_folder_gives_our_logits_and_prompt(source, tmp_path):
     assert type(hf).__name__ == "Qwen2ForCausalLM"
     hf_tok = AutoTokenizer.from_pretrained(out)
     prompt = hf_tok.apply_chat_template([{"role": "user", "content": TEXT}], tokenize=False, add_generation_prompt=True)
-    assert prompt == build_prompt(TEXT, has_image=False)
+    assert prompt == build_prompt(TEXT, 0)
     ids = prompt_ids(tok, TEXT, False)
     assert hf_tok(prompt, add_special_tokens=False)["input_ids"] == ids
     with torch.inference_mode():
@@ -47,7 +47,7 @@ def test_llava_folder_gives_our_logits_prompt_and_pixels(source, tmp_path, test_
     image = test_images[0]                                   # astronaut, 512x512: square
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT}]}]
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert prompt == build_prompt(TEXT, has_image=True)
+    assert prompt == build_prompt(TEXT, 1)
     inputs = processor(text=prompt, images=Image.open(io.BytesIO(image)), return_tensors="pt")
     ids = prompt_ids(tok, TEXT, True)
     image_token = hf.config.image_token_id
@@ -57,3 +57,14 @@ def test_llava_folder_gives_our_logits_prompt_and_pixels(source, tmp_path, test_
     with torch.inference_mode():
         theirs = hf(input_ids=inputs["input_ids"], pixel_values=pixels).logits[0]
     torch.testing.assert_close(theirs, dense_logits(ours, ids, pixels), atol=1e-4, rtol=1e-4)
+
+
+def test_chat_template_renders_bunny_conversations(source, tmp_path):
+    from transformers import AutoTokenizer
+    path, _, _ = source
+    hf_tok = AutoTokenizer.from_pretrained(export_qwen2(path, tmp_path / "qwen2"))
+    turns = [("system", "You are terse."), ("user", "Hi."), ("assistant", "Hello."), ("user", "What is a rabbit?")]
+    for conversation in (turns, turns[1:]):
+        rendered = hf_tok.apply_chat_template([{"role": r, "content": c} for r, c in conversation], tokenize=False,
+                                              add_generation_prompt=True)
+        assert rendered == build_prompt([Message(r, c) for r, c in conversation], 0)

@@ -7,7 +7,7 @@
   selection (Bunny drops SigLIP's last layer and keeps every patch), and an `<image>` token added after the
   tokenizer's vocabulary.
 
-Both carry a chat template that renders Bunny's prompt (CONTRACT.md section 2) for one user message, and the
+Both carry a chat template that renders Bunny's prompt and conversations (CONTRACT.md section 2), and the
 LLaVA folder a SigLIP image processor with Bunny's resize and normalisation (equal to ours for square images).
 The benchmark uses them to run vLLM on the same weights (bench/peer/).
 """
@@ -21,30 +21,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bunny_backend.io.prompt import IMAGE_TOKEN, SYSTEM_PROMPT
-from bunny_backend.io.tokenizer import EOS_TOKEN, eos_token_id, load_tokenizer
+from bunny_backend.io.conversation import IMAGE_TOKEN, ROLE_NAMES, SEP, SEP2, SYSTEM_PROMPT
+from bunny_backend.io.tokenizer import EOS_TOKEN, eos_token_ids, load_tokenizer
 from bunny_backend.model.config import BunnyConfig
 from bunny_backend.model.loader import checkpoint_files, iter_tensors
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR = {"model.mm_projector.0.": "linear_1.", "model.mm_projector.2.": "linear_2."}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
-# One user message (string content, or OpenAI-style parts with images first) -> Bunny's prompt. A system message
-# replaces the default system text; earlier turns follow conv_bunny.
+# Bunny's conversation template (io/conversation.py) in Jinja: string contents, or OpenAI-style parts with the
+# images first (one `<image>\n` each, as build_prompt places images without placeholders); a system message
+# replaces the default system text.
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='" + SYSTEM_PROMPT.replace("'", "\\'") + "') -%}"
     "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}{%- endfor -%}"
-    "{{ ns.system }}"
+    "{{ ns.system }}{{ '" + SEP + "' }}"
     "{%- for m in messages if m['role'] != 'system' -%}"
-    "{%- if m['role'] == 'user' %} USER: {% else %} ASSISTANT: {% endif -%}"
+    "{{ '" + ROLE_NAMES["user"] + ": ' if m['role'] == 'user' else '" + ROLE_NAMES["assistant"] + ": ' }}"
     "{%- if m['content'] is string -%}{{ m['content'] }}"
     "{%- else -%}"
     "{%- for p in m['content'] if p['type'] in ('image', 'image_url') -%}{{ '" + IMAGE_TOKEN + "\\n' }}{%- endfor -%}"
     "{%- for p in m['content'] if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}"
     "{%- endif -%}"
-    "{%- if m['role'] == 'assistant' -%}" + EOS_TOKEN + "{%- endif -%}"
+    "{{ '" + SEP + "' if m['role'] == 'user' else '" + SEP2 + "' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %} ASSISTANT:{% endif -%}"
+    "{%- if add_generation_prompt -%}{{ '" + ROLE_NAMES["assistant"] + ":' }}{%- endif -%}"
 )
 
 
@@ -109,7 +110,7 @@ def export_qwen2(src: str | Path, out: str | Path) -> Path:
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw, cfg = _bunny_config(src)
-    eos_id = eos_token_id(load_tokenizer(src))
+    eos_id = eos_token_ids(src, load_tokenizer(src))[0]
     weights = {name: t for name, t in iter_tensors(checkpoint_files(src))
                if name.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))}
     _save(weights, out)
@@ -123,7 +124,7 @@ def export_llava(src: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     raw, cfg = _bunny_config(src)
     tokenizer = load_tokenizer(src)
-    eos_id = eos_token_id(tokenizer)
+    eos_id = eos_token_ids(src, tokenizer)[0]
     image_token_id = len(tokenizer)               # right after the tokenizer's last token
     if image_token_id >= cfg.text.vocab_size:
         raise ValueError(f"no room for an {IMAGE_TOKEN} token: the tokenizer has {image_token_id} tokens and the "

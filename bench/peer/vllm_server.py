@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.models import ROOT
-from bunny_backend.serve_launch import die_with_parent, free_ports, stop_process
+from bunny_backend.server.launch import die_with_parent, free_ports, stop_process
 
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 
