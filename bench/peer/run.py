@@ -12,6 +12,7 @@ greedy ids agree; the CPU share other processes took meanwhile (`contention`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from bench.models import CACHE_DIR, ROOT, SPECS, ensure_checkpoint, kv_bytes_per
 from bench.peer import openai_stream
 from bench.peer.vllm_server import VllmServer
 from bench.triton_bench import Server
-from bunny_backend.tools.export_hf import export_llava, export_qwen2
+from bunny_backend.tools import export_hf
 from bunny_client.captions import DEFAULT_PROMPT
 from bunny_client.grpc_requests import BunnyStream, RequestOptions
 from bunny_client.perf_stats import RequestTiming, parse_batch_sizes, summarize
@@ -206,13 +207,15 @@ def vllm_server(folder: Path, image: bool, args) -> VllmServer:
 
 
 def exported(src: Path) -> tuple[Path, Path]:
-    """The Qwen2 and LLaVA folders of the bench checkpoint (rebuilt when the checkpoint is newer)."""
+    """The Qwen2 and LLaVA folders of the bench checkpoint, rebuilt when the checkpoint or the exporter changed."""
     base = CACHE_DIR / "peer" / src.name
     qwen2, llava = base / "qwen2", base / "llava"
-    stamp = (src / "config.json").stat().st_mtime
-    for folder, export in ((qwen2, export_qwen2), (llava, export_llava)):
-        if not (folder / "config.json").is_file() or (folder / "config.json").stat().st_mtime < stamp:
+    want = f"{(src / 'config.json').stat().st_mtime} {hashlib.sha256(Path(export_hf.__file__).read_bytes()).hexdigest()}"
+    for folder, export in ((qwen2, export_hf.export_qwen2), (llava, export_hf.export_llava)):
+        stamp = folder / "bench-export-stamp"
+        if not stamp.is_file() or stamp.read_text() != want:
             export(src, folder)
+            stamp.write_text(want)
     return qwen2, llava
 
 
