@@ -3,8 +3,7 @@
 The client is `bunny_client.perf.benchmark` (the same code as `bunny-client perf`); the server's KV gauge is
 polled from the metrics endpoint while it runs; peak RSS is summed over the server's process tree.
 
-Run as a worker: `python -m bench.triton_bench MODEL_PATH WORKLOAD_JSON KV_BYTES DTYPE [REPOSITORY]` prints one
-BENCH_RESULT line.
+Run as a worker: `python -m bench.triton_bench MODEL_PATH WORKLOAD_JSON KV_BYTES DTYPE` prints one BENCH_RESULT line.
 """
 from __future__ import annotations
 
@@ -77,13 +76,13 @@ class GaugePoller(threading.Thread):
             self.join(5)
 
 
-def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, log=print, repository: str = "") -> dict:
+def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, log=print) -> dict:
     params = {"kv_cache_memory_bytes": str(kv_cache_bytes), "max_num_seqs": str(max(16, max(work.batch_sizes))),
               "enable_prefix_caching": str(work.prefix_caching).lower(), "num_threads": str(work.threads),
               "cuda_graphs": str(work.cuda_graphs).lower(),
               "attention_backend": "auto", "tensor_parallel_size": str(work.tensor_parallel_size)}
     t_start = time.perf_counter()
-    server = Server(model_path, params, dtype, extra_args=["--repository", repository] if repository else [])
+    server = Server(model_path, params, dtype)
     startup_s = time.perf_counter() - t_start
     poller = GaugePoller(server)
     try:
@@ -118,10 +117,8 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
 
 def main(argv: list[str]) -> None:
     model_path, work_json, kv_bytes, dtype = argv[0], argv[1], int(argv[2]), argv[3]
-    repository = argv[4] if len(argv) > 4 else ""
     work = Workload.from_json(work_json)
-    emit(benchmark(model_path, work, kv_bytes, dtype, log=lambda m: print(m, file=sys.stderr, flush=True),
-                   repository=repository))
+    emit(benchmark(model_path, work, kv_bytes, dtype, log=lambda m: print(m, file=sys.stderr, flush=True)))
 
 
 if __name__ == "__main__":

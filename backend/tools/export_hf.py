@@ -111,7 +111,7 @@ def export_qwen2(src: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     raw, cfg = _bunny_config(src)
     eos_id = eos_token_ids(src, load_tokenizer(src))[0]
-    weights = {name: t for name, t in iter_tensors(checkpoint_files(src))
+    weights = {name: t.read() for name, t in iter_tensors(checkpoint_files(src))
                if name.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))}
     _save(weights, out)
     _write_tokenizer(src, out, eos_id, [])
@@ -130,7 +130,10 @@ def export_llava(src: str | Path, out: str | Path) -> Path:
         raise ValueError(f"no room for an {IMAGE_TOKEN} token: the tokenizer has {image_token_id} tokens and the "
                          f"embedding {cfg.text.vocab_size} rows")
     weights: dict[str, torch.Tensor] = {}
-    for name, t in iter_tensors(checkpoint_files(src)):
+    for name, stored in iter_tensors(checkpoint_files(src)):
+        if not name.startswith(("model.", "lm_head.")):
+            continue
+        t = stored.read()
         if name.startswith(VISION_PREFIX):
             weights["model.vision_tower.vision_model." + name[len(VISION_PREFIX):]] = t
         elif name.startswith(tuple(PROJECTOR)):
