@@ -167,7 +167,8 @@ def test_one_mask_at_the_largest_size_counted_in_the_kv_plan(model_path, test_im
     with install_emulator():
         workspace = get_backend("npu", max_query_tokens=64).workspace_bytes(torch.float32)
         assert workspace == (2 * 64 * 64 + 128 * 128) * 4
-        engine = LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", attention_backend="npu",
+        engine = LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", dtype="float32",
+                                        attention_backend="npu",
                                         block_size=16, max_num_batched_tokens=64,
                                         kv_cache_memory_bytes=workspace + 40 * per_block + per_block // 2))
         assert engine.block_manager.num_blocks == 40

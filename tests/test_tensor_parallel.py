@@ -175,7 +175,8 @@ MEMORY_SCRIPT = r"""
 import json, sys
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
-engine = LLMEngine(EngineConfig(model_path=sys.argv[1], device="cpu", tensor_parallel_size=int(sys.argv[2]),
+engine = LLMEngine(EngineConfig(model_path=sys.argv[1], device="cpu", dtype="float32",
+                                tensor_parallel_size=int(sys.argv[2]),
                                 kv_cache_memory_bytes=1 << 20, max_num_batched_tokens=64))
 print(json.dumps(engine.memory_reports))
 engine.shutdown()
