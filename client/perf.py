@@ -8,11 +8,13 @@ token (mean, p90) and mean inter-token latency; writes perf.{txt,csv,json,png} i
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from .captions import DEFAULT_PROMPT
 from .grpc_requests import DEFAULT_URL, BunnyClientError, BunnyStream, RequestOptions
@@ -32,33 +34,42 @@ def synthetic_image(size: int = 384) -> bytes:
     return buf.getvalue()
 
 
-def _one(conn: BunnyStream, opts: RequestOptions, start: threading.Barrier, out: list, i: int) -> None:
-    start.wait()
-    timing = RequestTiming(sent=time.perf_counter(), first=None, last=None, tokens=0)
-    try:
-        for delta in conn.generate(opts):
-            if delta.ids:
-                timing.first = delta.t if timing.first is None else timing.first
-                timing.last = delta.t
-                timing.tokens += len(delta.ids)
-        out[i] = timing
-    except BunnyClientError as err:
-        out[i] = err
+def all_at_once(jobs: list[Callable[[], object]]) -> tuple[float, list]:
+    """Run each job on its own thread, all released together: wall seconds from the release until the last one
+    ends, and each job's result or the exception it raised."""
+    out: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs) + 1)
 
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            out[i] = jobs[i]()
+        except Exception as e:   # noqa: BLE001 - reported with the round
+            out[i] = e
 
-def run_round(conns: list[BunnyStream], opts: RequestOptions) -> tuple[float, list[RequestTiming], list[str]]:
-    """All requests at once; returns wall seconds, the timings of those that completed, and the errors."""
-    n = len(conns)
-    out: list = [None] * n
-    start = threading.Barrier(n + 1)
-    threads = [threading.Thread(target=_one, args=(c, opts, start, out, i), daemon=True) for i, c in enumerate(conns)]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(jobs))]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return time.perf_counter() - t0, out
+
+
+def _timed(conn: BunnyStream, opts: RequestOptions) -> RequestTiming:
+    timing = RequestTiming(sent=time.perf_counter(), first=None, last=None, tokens=0)
+    for delta in conn.generate(opts):
+        if delta.ids:
+            timing.first = delta.t if timing.first is None else timing.first
+            timing.last = delta.t
+            timing.tokens += len(delta.ids)
+    return timing
+
+
+def run_round(conns: list[BunnyStream], opts: RequestOptions) -> tuple[float, list[RequestTiming], list[str]]:
+    """All requests at once; returns wall seconds, the timings of those that completed, and the errors."""
+    wall, out = all_at_once([functools.partial(_timed, c, opts) for c in conns])
     return wall, [r for r in out if isinstance(r, RequestTiming)], [str(r) for r in out if not isinstance(r, RequestTiming)]
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import http.client
+import functools
 import json
-import threading
 import time
 
+from bunny_client.perf import all_at_once
 from bunny_client.perf_stats import RequestTiming
 
 MODEL_NAME = "bunny"
@@ -67,24 +68,6 @@ class ChatConnection:
 
 def run_round(conns: list[ChatConnection], bodies: list[bytes]):
     """One request per connection, all at once: (wall seconds, timings, ids of each request, errors)."""
-    n = len(bodies)
-    out: list = [None] * n
-    start = threading.Barrier(n + 1)
-
-    def one(i: int) -> None:
-        start.wait()
-        try:
-            out[i] = conns[i].stream(bodies[i])
-        except Exception as e:   # noqa: BLE001 - reported with the round
-            out[i] = e
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall, out = all_at_once([functools.partial(conn.stream, body) for conn, body in zip(conns, bodies)])
     done = [r for r in out if isinstance(r, tuple)]
     return wall, [t for t, _ in done], [ids for _, ids in done], [str(r) for r in out if not isinstance(r, tuple)]

@@ -12,6 +12,7 @@ greedy ids agree; the CPU share other processes took meanwhile (`contention`).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -19,7 +20,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from bench.triton_bench import Server
 from bunny_backend.tools import export_hf
 from bunny_client.captions import DEFAULT_PROMPT
 from bunny_client.grpc_requests import BunnyStream, RequestOptions
+from bunny_client.perf import all_at_once
 from bunny_client.perf_stats import RequestTiming, parse_batch_sizes, summarize
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -74,33 +75,20 @@ class Ours:
     def round(self, n: int, images: list[bytes] | None, max_tokens: int):
         while len(self.conns) < n:
             self.conns.append(BunnyStream(self.server.url))
-        out: list = [None] * n
-        start = threading.Barrier(n + 1)
 
-        def one(i: int) -> None:
+        def one(i: int):
             opts = RequestOptions(text=self.prompt, images=[images[i]] if images else [], max_tokens=max_tokens,
                                   ignore_eos=True, temperature=0.0, stream=True)
-            start.wait()
             timing, ids = RequestTiming(sent=time.perf_counter(), first=None, last=None, tokens=0), []
-            try:
-                for delta in self.conns[i].generate(opts):
-                    if delta.ids:
-                        timing.first = delta.t if timing.first is None else timing.first
-                        timing.last = delta.t
-                        timing.tokens += len(delta.ids)
-                        ids += delta.ids
-                out[i] = (timing, ids)
-            except Exception as e:   # noqa: BLE001
-                out[i] = e
+            for delta in self.conns[i].generate(opts):
+                if delta.ids:
+                    timing.first = delta.t if timing.first is None else timing.first
+                    timing.last = delta.t
+                    timing.tokens += len(delta.ids)
+                    ids += delta.ids
+            return timing, ids
 
-        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
-        for t in threads:
-            t.start()
-        start.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall, out = all_at_once([functools.partial(one, i) for i in range(n)])
         done = [r for r in out if isinstance(r, tuple)]
         return wall, [t for t, _ in done], [i for _, i in done], [str(r) for r in out if not isinstance(r, tuple)]
 
