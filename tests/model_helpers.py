@@ -64,3 +64,17 @@ def agreement(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     rel = float((got - want).norm() / want.norm())
     top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
     return rel, top1
+
+
+def teacher_forced(ref, other, tokenizer, questions, images, device="cpu", new_tokens=24):
+    """ref's greedy continuation of each (question, image) scored at every position by both models (other runs
+    on `device`): (other's logits, ref's logits), each concatenated over the prompts."""
+    got, want = [], []
+    for question, image in zip(questions, images):
+        ids = prompt_ids(tokenizer, question, image is not None)
+        pixels = pixels_of(image, ref.config.vision.image_size)
+        full = ids + dense_greedy(ref, ids, pixels, new_tokens)
+        want.append(dense_logits(ref, full, pixels))
+        with torch.device(device):
+            got.append(dense_logits(other, full, None if pixels is None else pixels.to(device)))
+    return torch.cat(got), torch.cat(want)

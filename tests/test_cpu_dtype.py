@@ -16,7 +16,7 @@ from bunny_backend.model.cpu_layout import OneDnnLinear, TransposedLinear, cpu_l
 from bunny_backend.model.loader import load_model
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
 from engine_helpers import QUESTIONS, make_engine
-from model_helpers import BF16_REL_ERR, TOP1_AGREEMENT, agreement, dense_greedy, dense_logits, pixels_of, prompt_ids
+from model_helpers import BF16_REL_ERR, TOP1_AGREEMENT, agreement, teacher_forced
 
 AVX2_ONLY = CpuFeatures(isa="AVX2", flags=frozenset({"avx2", "fma"}), onednn=True, onednn_bf16=False,
                         onednn_fp16=False)
@@ -105,13 +105,7 @@ def test_bf16_packed_model_tracks_fp32_reference(checkpoint_factory, test_images
     use_cpu_linears(bf16)
     assert isinstance(bf16.model.layers[0].mlp.down_proj, OneDnnLinear)
     tok = load_tokenizer(path)
-    got, want = [], []
-    for i, question in enumerate(QUESTIONS[:4]):
-        image = test_images[i] if i % 2 else None
-        ids = prompt_ids(tok, question, image is not None)
-        pixels = pixels_of(image, ref.config.vision.image_size)
-        full = ids + dense_greedy(ref, ids, pixels, 24)
-        want.append(dense_logits(ref, full, pixels))
-        got.append(dense_logits(bf16, full, pixels))
-    rel, top1 = agreement(torch.cat(got), torch.cat(want))
+    images = [test_images[i] if i % 2 else None for i in range(4)]
+    got, want = teacher_forced(ref, bf16, tok, QUESTIONS[:4], images)
+    rel, top1 = agreement(got, want)
     assert rel < BF16_REL_ERR and top1 >= TOP1_AGREEMENT, (rel, top1)

@@ -130,22 +130,15 @@ def test_bf16_cuda_logits_track_cpu_fp32(checkpoint_factory, test_images):
     """Teacher-forced: the fp32 CPU model's greedy continuations, scored at every position by both models."""
     from bunny_backend.io.tokenizer import load_tokenizer
     from engine_helpers import QUESTIONS
-    from model_helpers import dense_greedy, dense_logits, pixels_of, prompt_ids
+    from model_helpers import teacher_forced
 
     path = checkpoint_factory(seed=5, num_kv_heads=2)
     ref, gpu = _load(path, "cpu", torch.float32), _load(path, "cuda", torch.bfloat16)
     tok = load_tokenizer(str(path))
-    got, want = [], []
-    for i, question in enumerate(QUESTIONS[:4]):
-        image = test_images[i] if i % 2 else None
-        ids = prompt_ids(tok, question, image is not None)
-        pixels = pixels_of(image, ref.config.vision.image_size)
-        full = ids + dense_greedy(ref, ids, pixels, 24)
-        want.append(dense_logits(ref, full, pixels))
-        with torch.device("cuda"):
-            got.append(dense_logits(gpu, torch.tensor(full).tolist(), None if pixels is None else pixels.cuda()))
-    rel, top1 = agreement(torch.cat(got), torch.cat(want))
-    print(f"\nbf16 cuda vs fp32 cpu, teacher-forced over {sum(len(w) for w in want)} positions: "
+    images = [test_images[i] if i % 2 else None for i in range(4)]
+    got, want = teacher_forced(ref, gpu, tok, QUESTIONS[:4], images, device="cuda")
+    rel, top1 = agreement(got, want)
+    print(f"\nbf16 cuda vs fp32 cpu, teacher-forced over {len(want)} positions: "
           f"rel err {rel:.2e}, top-1 agreement {top1:.3f}")
     assert rel < BF16_REL_ERR and top1 >= TOP1_AGREEMENT
 
