@@ -38,7 +38,7 @@ def label(obj, attr: str, name: str) -> None:
 def instrument(engine) -> None:
     label(engine.scheduler, "schedule", "## schedule")
     label(engine.scheduler, "postprocess", "## postprocess")
-    label(engine.runner, "_prepare_decode", "## prepare_decode")
+    label(engine.runner, "_prepare", "## prepare inputs")
     label(engine.runner, "sampler", "## sampler")
     label(engine.model, "forward", "## model.forward (decoder)")
     label(engine.model, "compute_logits", "## lm_head")
