@@ -20,6 +20,10 @@ class EngineConfig:
     # chunked over several steps), so a long prompt delays each running stream's next token by one chunk, not by
     # its whole prefill. 0: the device's own (engine/device.py: 128 on cpu, 2048 on cuda/npu).
     max_prefill_tokens_while_decoding: int = 0
+    # While streams decode, a newcomer's prompt is spread over about this many steps (chunks of at least 32 tokens,
+    # at most the bound above), so a short prompt, too, costs each running stream a fraction of its prefill per
+    # token rather than one whole chunk. 0: the device's own (engine/device.py: 8 on cpu, 1 on cuda/npu).
+    prefill_chunks_while_decoding: int = 0
     max_images_per_encoder_batch: int = 4   # distinct images one step sends through the vision tower
     encoder_cache_bytes: int = 128 << 20    # image features kept by image content (LRU); 0: off
     max_model_len: int = 0          # 0: config.json's tokenizer_model_max_length, else max_position_embeddings
@@ -68,7 +72,7 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_output_tokens", "max_queued_requests",
-                     "max_prefill_tokens_while_decoding", "encoder_cache_bytes"):
+                     "max_prefill_tokens_while_decoding", "prefill_chunks_while_decoding", "encoder_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

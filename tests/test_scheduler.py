@@ -14,12 +14,13 @@ BS = 4
 
 
 def make_sched(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024,
-               max_prefill_tokens_while_decoding=0, max_images_per_encoder_batch=4, encoder_cache=()):
+               max_prefill_tokens_while_decoding=0, max_images_per_encoder_batch=4, encoder_cache=(),
+               prefill_chunks_while_decoding=1):
     cfg = EngineConfig(max_num_seqs=min(max_num_seqs, max_num_batched_tokens),
                        max_num_batched_tokens=max_num_batched_tokens,
                        max_images_per_encoder_batch=max_images_per_encoder_batch)
     return Scheduler(cfg, BlockManager(num_blocks, BS), max_model_len, encoder_cache,
-                     max_prefill_tokens_while_decoding)
+                     max_prefill_tokens_while_decoding, prefill_chunks_while_decoding)
 
 
 _next_token = iter(range(1000, 10**9))
@@ -122,6 +123,47 @@ def test_prefill_is_bounded_only_while_streams_decode():
         assert out.seqs[:2] == [a, b]   # the running streams get a token every step
     assert shapes == [(2, ["long"], 6), (2, ["long"], 6), (2, ["long"], 6), (2, ["long", "short"], 5)]
     assert short.num_cached_tokens == 3
+
+
+def prefill_chunks(sched, seq):
+    """The chunk sizes seq's prefill runs in, stepping the scheduler until it is done."""
+    sizes = []
+    while not seq.is_prefill_done:
+        out = step(sched)
+        sizes += [n for s, n in zip(out.seqs, out.num_new_tokens) if s is seq]
+    return sizes
+
+
+def test_a_prompt_beside_decodes_is_spread_over_the_configured_steps():
+    sched = make_sched(num_blocks=400, max_num_batched_tokens=1024, max_model_len=2048,
+                       max_prefill_tokens_while_decoding=128, prefill_chunks_while_decoding=4)
+    sched.add(alone := make_seq("alone", 200, first=5000))
+    assert prefill_chunks(sched, alone) == [200]           # nobody decodes: one step
+    sched.add(stream := make_seq("stream", 3))
+    step(sched)
+    assert stream.is_prefill_done
+    for n, want in ((200, [50] * 4),                        # a quarter each step
+                    (100, [32, 32, 32, 4]),                 # but never below MIN_CHUNK_BESIDE_DECODES
+                    (600, [128] * 4 + [88]),                # nor above max_prefill_tokens_while_decoding
+                    (20, [20])):
+        sched.add(seq := make_seq(f"p{n}", n, first=1000 * n))
+        assert prefill_chunks(sched, seq) == want
+        assert stream.status == SequenceStatus.RUNNING     # decoded beside it all along
+        sched.finish(seq, "stop")
+
+
+def test_a_preempted_prompt_spreads_its_recompute_afresh():
+    sched = make_sched(num_blocks=400, max_num_batched_tokens=1024, max_model_len=2048,
+                       max_prefill_tokens_while_decoding=128, prefill_chunks_while_decoding=4)
+    sched.add(stream := make_seq("stream", 3))
+    step(sched)
+    sched.add(seq := make_seq("seq", 200, first=100))
+    step(sched)
+    assert seq.num_cached_tokens == 50 and seq.prefill_chunk == 50
+    sched._preempt(seq)
+    assert seq.prefill_chunk == 0
+    # readmitted, its 12 sealed blocks (48 tokens) come from the prefix cache: the other 152 go in 4 chunks
+    assert prefill_chunks(sched, seq) == [38] * 4
 
 
 def test_preempts_latest_and_readmits_it_first():
@@ -275,9 +317,14 @@ def test_config_refuses_budgets_that_would_starve_a_stream():
         EngineConfig(max_images_per_encoder_batch=0)
     with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding must be >= 0"):
         EngineConfig(max_prefill_tokens_while_decoding=-1)
+    with pytest.raises(ValueError, match="prefill_chunks_while_decoding must be >= 0"):
+        EngineConfig(prefill_chunks_while_decoding=-1)
 
 
 def test_the_prefill_bound_is_the_devices_unless_set():
     assert DevicePlan.resolve(EngineConfig(device="cpu")).max_prefill_tokens_while_decoding == 128
     assert DevicePlan.resolve(EngineConfig(device="cpu", max_prefill_tokens_while_decoding=300)) \
         .max_prefill_tokens_while_decoding == 300
+    assert DevicePlan.resolve(EngineConfig(device="cpu")).prefill_chunks_while_decoding == 8
+    assert DevicePlan.resolve(EngineConfig(device="cpu", prefill_chunks_while_decoding=1)) \
+        .prefill_chunks_while_decoding == 1

@@ -101,6 +101,10 @@ class DevicePlan:
     # CPU a step's cost grows with every prompt token, so chunks stay small (bench/NOTES.md, "Serving under load");
     # on accelerators a step of a few thousand prompt tokens costs little more than a decode step.
     max_prefill_tokens_while_decoding: int
+    # Steps a newcomer's prompt is spread over while streams decode (EngineConfig 0: the device's own). On the CPU
+    # a chunk's cost is its tokens', so even a 200-token image prompt in one step triples the streams' next gap;
+    # spread over 8 steps it adds an eighth of its prefill to each (bench/NOTES.md, "Serving under load").
+    prefill_chunks_while_decoding: int
     attention_backend: str     # torch, cuda or npu (ops.attention.get_backend)
     cuda_graphs: bool          # asked for (ignored off CUDA); graph_capture() says whether it can be done
     tensor_parallel_size: int = 1
@@ -120,6 +124,8 @@ class DevicePlan:
                    block_size=config.block_size or (128 if device.type == "npu" else 16),
                    max_prefill_tokens_while_decoding=(config.max_prefill_tokens_while_decoding
                                                       or (128 if device.type == "cpu" else 2048)),
+                   prefill_chunks_while_decoding=(config.prefill_chunks_while_decoding
+                                                  or (8 if device.type == "cpu" else 1)),
                    attention_backend=backend, cuda_graphs=config.cuda_graphs,
                    tensor_parallel_size=config.tensor_parallel_size, num_threads=threads)
 

@@ -93,7 +93,7 @@ class LLMEngine:
         self.encoder = EncoderRunner(self.model, EncoderCache(config.encoder_cache_bytes), self.device)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.encoder.cache,
-                                   plan.max_prefill_tokens_while_decoding)
+                                   plan.max_prefill_tokens_while_decoding, plan.prefill_chunks_while_decoding)
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
                                       self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests

@@ -9,7 +9,10 @@ Policy (after vLLM v1): one token budget per step (max_num_batched_tokens), one 
   their blocks), then waiting sequences are admitted FIFO while the number of running sequences, the budget and
   the free blocks allow (not in a step that preempted). A prompt longer than what is left is chunked: it gets
   what is left, and continues next step. While the step carries decodes, its prefill tokens are also bounded by
-  max_prefill_tokens_while_decoding, so running streams are never stalled by a whole long prompt.
+  max_prefill_tokens_while_decoding, so running streams are never stalled by a whole long prompt, and each prompt
+  is spread over about prefill_chunks_while_decoding steps: its chunk size (at least MIN_CHUNK_BESIDE_DECODES
+  tokens) is fixed from what is left of it at the first step it shares with decodes, so short prompts, too, add
+  only a fraction of their prefill to the running streams' next gap.
 - Images: a chunk that reaches an image without features needs the vision tower first (engine/encoder_runner.py
   runs it before the forward). At most max_images_per_encoder_batch distinct images not in the encoder cache are
   encoded per step; a chunk that would need one more stops just before that image.
@@ -35,6 +38,9 @@ from dataclasses import dataclass, field
 from bunny_backend.engine.block_manager import BlockManager
 from bunny_backend.engine.sequence import ImageSpan, Sequence, SequenceStatus
 
+# Smaller chunks beside decodes would cost more in per-step work than they spare the running streams.
+MIN_CHUNK_BESIDE_DECODES = 32
+
 
 @dataclass
 class SchedulerOutput:
@@ -57,18 +63,21 @@ class SchedulerOutput:
 class _Budget:
     tokens: int                       # tokens this step may still carry
     images: int                       # distinct images this step may still encode
+    beside_decodes: bool = False      # the step decodes running streams: prompts go in their spread-out chunks
     hashes: set[bytes] = field(default_factory=set)   # the images already counted this step
 
 
 class Scheduler:
     def __init__(self, config, block_manager: BlockManager, max_model_len: int, encoder_cache=(),
-                 max_prefill_tokens_while_decoding: int = 0):
+                 max_prefill_tokens_while_decoding: int = 0, prefill_chunks_while_decoding: int = 1):
         """config: an EngineConfig (max_num_seqs, max_num_batched_tokens, max_images_per_encoder_batch).
-        encoder_cache: what `content_hash in encoder_cache` asks (EncoderCache). max_prefill_tokens_while_decoding:
-        as resolved for the device (DevicePlan); 0: no bound beyond max_num_batched_tokens."""
+        encoder_cache: what `content_hash in encoder_cache` asks (EncoderCache). max_prefill_tokens_while_decoding
+        and prefill_chunks_while_decoding: as resolved for the device (DevicePlan); 0 and 1: no bound beyond
+        max_num_batched_tokens, no spreading."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding or config.max_num_batched_tokens
+        self.prefill_chunks_while_decoding = max(1, prefill_chunks_while_decoding)
         self.max_images_per_encoder_batch = config.max_images_per_encoder_batch
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -119,6 +128,7 @@ class Scheduler:
             preempted = self._schedule_decodes(out, budget)
             if out.num_decodes:
                 budget.tokens = min(budget.tokens, self.max_prefill_tokens_while_decoding)
+                budget.beside_decodes = True
             self._schedule_prefills(out, budget, admit=not preempted)
         out.needs_sample = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)]
         return out
@@ -164,6 +174,11 @@ class Scheduler:
         """The next prefill chunk of seq within the budget; it stops before an image the budget cannot encode."""
         start = seq.num_cached_tokens
         n = min(seq.num_tokens - start, budget.tokens)
+        if budget.beside_decodes:
+            if not seq.prefill_chunk:
+                spread = -(-(seq.num_tokens - start) // self.prefill_chunks_while_decoding)
+                seq.prefill_chunk = max(MIN_CHUNK_BESIDE_DECODES, spread)
+            n = min(n, seq.prefill_chunk)
         reached = []
         for img in seq.images:
             if img.offset >= start + n:
@@ -221,6 +236,7 @@ class Scheduler:
             self.running.remove(seq)
             self.block_manager.free(seq)
             seq.status = SequenceStatus.WAITING
+            seq.prefill_chunk = 0
             seq.num_quarantines += 1
             if not seq.suspect:
                 seq.suspect = True
@@ -231,6 +247,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.prefill_chunk = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

@@ -58,6 +58,7 @@ class Sequence:
         self.num_cached_tokens = 0        # prefill progress; see the module docstring
         self.num_prefix_hit_tokens = 0    # of those, taken from the prefix cache at the last allocation
         self.num_sealed_blocks = 0        # leading blocks whose hash the block manager has computed
+        self.prefill_chunk = 0            # prompt tokens per step beside running decodes; 0: not fixed yet (Scheduler)
 
         # Failure isolation (Scheduler.quarantine): after a failed batch, a suspect runs alone until it has done
         # its recompute prefill and one decode step; quarantined counts how often that happened.
