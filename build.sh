@@ -73,7 +73,20 @@ setup_demo() {
   fi
 }
 
-setup() { setup_venv; setup_triton; setup_client_extras; setup_demo; }
+setup_kernels() {
+  # Prebuild the C++ CPU kernels (backend/ops/cpu_kernels.py) so that the first server start does not compile them.
+  # Never fatal: without them the portable attention runs.
+  local stamp="$ROOT/build/torch_extensions/.setup-stamp" want why
+  want="$(cat backend/ops/csrc/* backend/ops/cpu_kernels.py "$VENV/.bunny-stamp" <(grep -m1 -E '^(flags|Features)' /proc/cpuinfo) 2>/dev/null | sha256sum | cut -c1-16)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  if why="$("$PY" -m bunny_backend.ops.cpu_kernels 2>&1)"; then
+    echo "$want" > "$stamp"
+  else
+    log "the C++ CPU kernels did not build (the portable attention runs instead): $(printf '%s' "$why" | head -c 300)"
+  fi
+}
+
+setup() { setup_venv; setup_triton; setup_client_extras; setup_demo; setup_kernels; }
 
 cmd="${1:-run}"; shift || true
 case "$cmd" in
