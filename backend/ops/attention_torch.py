@@ -1,9 +1,11 @@
-"""Portable paged attention in plain PyTorch (CPU, or any device torch supports)."""
+"""Portable paged attention in plain PyTorch (CPU, or any device torch supports). Decode on the CPU runs our C++
+kernel (cpu_kernels.paged_decode: reads K/V in place through the block tables) where it could be built."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from bunny_backend.ops import cpu_kernels
 from bunny_backend.utils.context import ForwardContext
 
 
@@ -55,6 +57,12 @@ class TorchAttentionBackend:
         return out
 
     def decode(self, q, k_cache, v_cache, ctx: ForwardContext, scale):
+        if q.device.type == "cpu" and (kernel := cpu_kernels.paged_decode()) is not None:
+            return kernel(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+        return self.decode_gathered(q, k_cache, v_cache, ctx, scale)
+
+    def decode_gathered(self, q, k_cache, v_cache, ctx: ForwardContext, scale):
+        """The portable decode: gather each sequence's blocks, then one padded SDPA over the batch."""
         block_size = k_cache.shape[1]
         tables = ctx.block_tables.long().clamp_min(0).flatten()   # [B*M]
         b = ctx.block_tables.shape[0]
