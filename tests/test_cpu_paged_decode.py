@@ -15,7 +15,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture
-def kernel():
+def kernel(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)   # the backend tests below mean the kernel
     reason = cpu_kernels.load("paged_decode")
     if reason is not None:
         pytest.skip(f"the CPU paged decode kernel could not be built here: {reason}")
@@ -133,6 +134,7 @@ def fresh_loader(monkeypatch, tmp_path):
     """cpu_kernels.load as in a new process, its builds going to tmp_path. The real kernel is loaded first (where
     it builds): torch's JIT builder would otherwise rebuild it under a new name after seeing another folder."""
     cpu_kernels.load("paged_decode")
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
     monkeypatch.setattr(cpu_kernels, "_REASONS", {})
     monkeypatch.setattr(cpu_kernels, "build_dir", lambda: tmp_path)
 
