@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 
 from bunny_client.captions import DEFAULT_PROMPT
@@ -109,6 +110,21 @@ def cpu_busy_seconds() -> float:
         fields = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(max_busy: float = 0.1, window_s: float = 0.25, timeout_s: float = 20.0) -> float:
+    """Wait until the machine is quiet: all cores together busy at most `max_busy` of a `window_s` window (or
+    timeout_s passed). Returns the seconds waited. A server may keep its cores busy after its last response
+    (vLLM CPU's worker polls its message queue at 100% of a core for 1-2 s), which would otherwise be charged to
+    whatever is measured next."""
+    t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
+    while time.perf_counter() - t0 < timeout_s:
+        busy0 = cpu_busy_seconds()
+        time.sleep(window_s)
+        if (cpu_busy_seconds() - busy0) / (window_s * cores) <= max_busy:
+            break
+    return time.perf_counter() - t0
 
 
 def children_cpu_seconds() -> float:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cpu_busy_seconds, machine_info, machine_name, tree_cpu_seconds
+from bench.common import cpu_busy_seconds, machine_info, machine_name, settle, tree_cpu_seconds
 from bench.models import CACHE_DIR, ROOT, SPECS, ensure_checkpoint, kv_bytes_per_token
 from bench.peer import openai_stream
 from bench.peer.vllm_server import VllmServer
@@ -120,17 +120,21 @@ class Vllm:
 def interleaved(systems: dict[str, dict[str, object]], args, log) -> dict:
     """Every measurement alternates between the systems (their order flipped each repeat), so load from other
     processes falls on both alike: warm-up, TTFT with one image (best of 3), then per repeat, kind and batch size
-    one round each. Each round's images are drawn once and given to both systems."""
+    one round each. Each round's images are drawn once and given to both systems. Every round starts on a quiet
+    machine (bench.common.settle): vLLM's worker keeps a core busy for 1-2 s after its last response, which
+    would otherwise slow whichever round comes next."""
     names = list(systems)
     images = Images()
     out = {name: {kind: {"errors": [], "rounds": {}} for kind in ("text", "image")} for name in names}
     for name in names:
         for kind, take in (("text", lambda n: None), ("image", images.take)):
+            settle()
             systems[name][kind].round(1, take(1), 8)
     ttfts: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(3):
         image = images.take(1)
         for name in names:
+            settle()
             _, timings, _, errs = systems[name]["image"].round(1, image, 1)
             out[name]["image"]["errors"] += errs
             ttfts[name] += [t.ttft for t in timings if t.ttft is not None]
@@ -144,6 +148,7 @@ def interleaved(systems: dict[str, dict[str, object]], args, log) -> dict:
             for n in args.batch_sizes:
                 batch_images = images.take(n) if kind == "image" else None
                 for name in order:
+                    settle()
                     wall, timings, ids, errs = systems[name][kind].round(n, batch_images, args.max_tokens)
                     o = out[name][kind]
                     o["errors"] += errs
