@@ -80,7 +80,7 @@ class TritonPythonModel:
         if not self.config.model_path:
             raise ValueError("parameter model_path is empty: set it in config.pbtxt or start with bunny-serve --model-path")
         self.log = pb_utils.Logger
-        self.engine = LLMEngine(self.config, placement(args, model_config, self.config.tensor_parallel_size))
+        self.engine = self._start_engine_thread(placement(args, model_config, self.config.tensor_parallel_size))
         self.metrics = BunnyMetrics(pb_utils, args.get("model_name", "bunny"), args.get("model_instance_name", ""))
         self._down: str | None = None            # why the engine can run no more
         self._inflight: dict[str, _InFlight] = {}
@@ -94,11 +94,35 @@ class TritonPythonModel:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._responder = threading.Thread(target=self._respond_loop, name="bunny-responder", daemon=True)
         self._responder.start()
-        self._thread = threading.Thread(target=self._loop, name="bunny-engine", daemon=True)
-        self._thread.start()
+        self._engine_go.set()
         for line in self.engine.rank_summary():
             self.log.log_info(f"bunny: {line}")
         self.log.log_info(f"bunny: engine ready ({self.config.to_dict()})")
+
+    def _start_engine_thread(self, where) -> LLMEngine:
+        """Build the engine on the thread that will step it, so that one thread alone runs torch's parallel ops:
+        libgomp gives each thread that starts parallel regions a worker pool of its own, and once the pools hold
+        more threads than there are cores it stops spinning between regions (a small elementwise op: 39 us with
+        one pool, 99-131 us beside a second; bench/NOTES.md)."""
+        built, ready, self._engine_go = {}, threading.Event(), threading.Event()
+
+        def run() -> None:
+            try:
+                built["engine"] = LLMEngine(self.config, where)
+            except BaseException as e:   # noqa: BLE001 - raised again by initialize
+                built["error"] = e
+                return
+            finally:
+                ready.set()
+            self._engine_go.wait()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="bunny-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if "error" in built:
+            raise built["error"]
+        return built["engine"]
 
     # ---- requests in (Triton's thread) ---------------------------------------------------------------------
     def execute(self, requests):
