@@ -79,38 +79,34 @@ def _ms(seconds) -> str:
     return f"{1000 * seconds:.0f} ms" if seconds is not None else "-"
 
 
+def _stall_line(r: dict) -> str:
+    return (f"long prompt ({r['long_prompt_tokens']} tokens) {_ms(r['long_prompt_latency_s'])}; "
+            f"{r['num_streams']} streams' gaps median {_ms(r['gap_median_s'])}, p99 {_ms(r['gap_p99_s'])}, "
+            f"longest {_ms(r['gap_max_s'])} ({100 * r['gap_max_over_latency']:.0f}% of the prompt's latency); "
+            f"steady decode {_ms(r['steady_itl_median_s'])}")
+
+
+def _arrivals_line(r: dict) -> str:
+    return (f"{r['requests']} image requests at {r['rate_per_s']}/s: TTFT p50 {_ms(r['ttft_p50_s'])}, "
+            f"p99 {_ms(r['ttft_p99_s'])}; inter-token p50 {_ms(r['itl_p50_s'])}, p99 {_ms(r['itl_p99_s'])} "
+            f"({r['itl_p99_over_p50']:.1f}x), max {_ms(r['itl_max_s'])}; {r['output_tokens_per_s']:.0f} tok/s")
+
+
+def _same_image_line(r: dict) -> str:
+    on, off = r["cache_on"]["ttft_s"], r["cache_off"]["ttft_s"]
+    parts = [f"{name} {_ms(on[name])} vs {_ms(off[name])} without ({r['speedup'][name]:.1f}x)" for name in r["speedup"]]
+    return f"first request {_ms(on['first'])}; second request TTFT with the encoder cache: " + "; ".join(parts)
+
+
 def format_scenarios(scenarios: dict, baseline_commit: str | None) -> list[str]:
     """One line per scenario run (labels: after, before = the baseline revision, extra models)."""
     if not scenarios:
         return []
     lines = ["", "serving under load (engine in-process)" + (f"; before = {baseline_commit[:10]}" if baseline_commit
                                                               else "")]
-    for label, r in scenarios.get("stall", {}).items():
-        if "error" in r:
-            lines.append(f"  stall ({label}): {r['error']}")
-            continue
-        lines.append(f"  stall ({label}): long prompt ({r['long_prompt_tokens']} tokens) "
-                     f"{_ms(r['long_prompt_latency_s'])}; "
-                     f"{r['num_streams']} streams' gaps median {_ms(r['gap_median_s'])}, p99 {_ms(r['gap_p99_s'])}, "
-                     f"longest {_ms(r['gap_max_s'])} ({100 * r['gap_max_over_latency']:.0f}% of the prompt's latency); "
-                     f"steady decode {_ms(r['steady_itl_median_s'])}")
-    for label, r in scenarios.get("arrivals", {}).items():
-        if "error" in r:
-            lines.append(f"  arrivals ({label}): {r['error']}")
-            continue
-        lines.append(f"  arrivals ({label}): {r['requests']} image requests at {r['rate_per_s']}/s: TTFT p50 "
-                     f"{_ms(r['ttft_p50_s'])}, p99 {_ms(r['ttft_p99_s'])}; inter-token p50 {_ms(r['itl_p50_s'])}, "
-                     f"p99 {_ms(r['itl_p99_s'])} ({r['itl_p99_over_p50']:.1f}x), max {_ms(r['itl_max_s'])}; "
-                     f"{r['output_tokens_per_s']:.0f} tok/s")
-    for label, r in scenarios.get("same-image", {}).items():
-        if "error" in r:
-            lines.append(f"  same image ({label}): {r['error']}")
-            continue
-        on, off = r["cache_on"]["ttft_s"], r["cache_off"]["ttft_s"]
-        parts = [f"{name} {_ms(on[name])} vs {_ms(off[name])} without ({r['speedup'][name]:.1f}x)"
-                 for name in r["speedup"]]
-        lines.append(f"  same image ({label}): first request {_ms(on['first'])}; second request TTFT with the "
-                     f"encoder cache: " + "; ".join(parts))
+    for kind, line in (("stall", _stall_line), ("arrivals", _arrivals_line), ("same-image", _same_image_line)):
+        for label, r in scenarios.get(kind, {}).items():
+            lines.append(f"  {kind.replace('-', ' ')} ({label}): " + (r["error"] if "error" in r else line(r)))
     return lines
 
 

@@ -98,7 +98,7 @@ def preprocess_image(img: Image.Image, image_size: int, max_pixels: int = MAX_PI
     square = expand_to_square(img.convert("RGB") if img.mode != "RGB" else img)
     resized = square.resize((image_size, image_size), Image.Resampling.BICUBIC)
     # numpy, not torch: this runs on the server's request thread, which is to stay out of torch's thread pools
-    # (model_repository/bunny/1/model.py, _start_engine_thread)
+    # (stub/engine_thread.py)
     arr = (np.asarray(resized, dtype=np.float32) / 255.0 - np.float32(MEAN)) / np.float32(STD)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 

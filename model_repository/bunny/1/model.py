@@ -29,6 +29,7 @@ import triton_python_backend_utils as pb_utils
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, RequestOutput, ServerBusyError
+from bunny_backend.stub.engine_thread import start_engine_thread
 from bunny_backend.stub.instance import placement
 from bunny_backend.stub.metrics import BunnyMetrics
 from bunny_backend.stub.request_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
@@ -80,7 +81,10 @@ class TritonPythonModel:
         if not self.config.model_path:
             raise ValueError("parameter model_path is empty: set it in config.pbtxt or start with bunny-serve --model-path")
         self.log = pb_utils.Logger
-        self.engine = self._start_engine_thread(placement(args, model_config, self.config.tensor_parallel_size))
+        where = placement(args, model_config, self.config.tensor_parallel_size)
+        # built on the thread that steps it (stub/engine_thread.py says why); it starts looping at _engine_go
+        self.engine, self._thread, self._engine_go = start_engine_thread(lambda: LLMEngine(self.config, where),
+                                                                         self._loop)
         self.metrics = BunnyMetrics(pb_utils, args.get("model_name", "bunny"), args.get("model_instance_name", ""))
         self._down: str | None = None            # why the engine can run no more
         self._inflight: dict[str, _InFlight] = {}
@@ -98,31 +102,6 @@ class TritonPythonModel:
         for line in self.engine.rank_summary():
             self.log.log_info(f"bunny: {line}")
         self.log.log_info(f"bunny: engine ready ({self.config.to_dict()})")
-
-    def _start_engine_thread(self, where) -> LLMEngine:
-        """Build the engine on the thread that will step it, so that one thread alone runs torch's parallel ops:
-        libgomp gives each thread that starts parallel regions a worker pool of its own, and once the pools hold
-        more threads than there are cores it stops spinning between regions (a small elementwise op: 39 us with
-        one pool, 99-131 us beside a second; bench/NOTES.md)."""
-        built, ready, self._engine_go = {}, threading.Event(), threading.Event()
-
-        def run() -> None:
-            try:
-                built["engine"] = LLMEngine(self.config, where)
-            except BaseException as e:   # noqa: BLE001 - raised again by initialize
-                built["error"] = e
-                return
-            finally:
-                ready.set()
-            self._engine_go.wait()
-            self._loop()
-
-        self._thread = threading.Thread(target=run, name="bunny-engine", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if "error" in built:
-            raise built["error"]
-        return built["engine"]
 
     # ---- requests in (Triton's thread) ---------------------------------------------------------------------
     def execute(self, requests):
