@@ -155,6 +155,7 @@ class FakeEngine:
         self.fail_next_step = False
         self.step_delay = 0.001
         self.refuse_delay = 0.0   # how long add_request takes to refuse a "bad" request
+        self.accept_delay = 0.0   # how long add_request takes to accept one (decoding images, tokenizing)
         self.st = EngineStats(kv_blocks_total=64)
         self.dead: str | None = None      # check_alive() raises EngineDeadError with it
         self.shut_down = False
@@ -167,6 +168,7 @@ class FakeEngine:
             raise ServerBusyError("server busy: 9 requests in flight")
         if text == "crash":
             raise KeyError("unexpected")
+        time.sleep(self.accept_delay)
         with self.lock:
             self.requests[request_id] = {"params": params, "n": 0, "prompt": len(text.split())}
             self.wake.notify_all()

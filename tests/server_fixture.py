@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 import urllib.request
@@ -77,6 +78,14 @@ class BunnyServer:
             if not any(values.values()) or time.monotonic() > deadline:
                 return values
             time.sleep(0.1)
+
+    def thread_stacks(self) -> str:
+        """Every thread's Python stack in the model's stub (it dumps them to the log on SIGUSR1), for a test that
+        found the server stuck."""
+        before = len(self.log_text())
+        os.kill(self.stub_pid(), signal.SIGUSR1)
+        time.sleep(1.0)
+        return self.log_text()[before:]
 
     def stub_pid(self) -> int:
         """The pid of the model's python stub (tritonserver's child, itself bunny-serve's child)."""

@@ -1,6 +1,7 @@
 """Engine level: continuous batching over the paged cache gives the reference's greedy outputs."""
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -86,6 +87,17 @@ def test_abort_mid_prefill_and_mid_decode_frees_blocks(model_path, test_images):
     assert any(o.request_id == "d" and o.finish_reason == "cancelled" for o in final)
     assert not engine.has_unfinished()
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_an_abort_of_an_unknown_request_is_dropped_and_the_idle_engine_waits_again(model_path):
+    engine = make_engine(model_path)
+    engine.abort("finished-a-moment-ago")
+    assert engine.has_unfinished()
+    assert engine.step() == []
+    assert not engine.has_unfinished()
+    t0 = time.monotonic()
+    engine.wait_for_work(0.3)
+    assert time.monotonic() - t0 > 0.2
 
 
 def test_seeded_sampling_reproducible_alone_and_in_batch(model_path, test_images):

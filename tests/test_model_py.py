@@ -164,6 +164,20 @@ def test_cancelled_request_is_aborted_and_still_gets_a_final(model):
     assert outputs(other.sender.wait().finals[0])["finish_reason"] == [b"length"]
 
 
+def test_a_request_cancelled_while_the_engine_accepts_it_is_still_aborted(model, monkeypatch):
+    """The engine drops an abort for a request it does not know yet: the adapter asks only once it does."""
+    monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_POLL_S", 0.0)
+    other = run(model, text_input=text("y"), max_tokens=np.array([100000], np.int32))   # the engine keeps stepping
+    model.engine.accept_delay = 0.2
+    req = Request(text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
+    req.sender.cancelled = True
+    assert model.execute([req]) is None
+    req.sender.wait()
+    assert [outputs(r)["finish_reason"] for r in req.sender.finals] == [[b"cancelled"]]
+    other.sender.cancelled = True
+    other.sender.wait()
+
+
 def test_no_sender_is_asked_about_cancellation_after_its_final(model, monkeypatch):
     """execute() refuses a request it had registered while the engine thread asks the senders in flight."""
     monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_POLL_S", 0.0)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,30 @@ def test_stubs_left_behind_by_the_server_are_killed(tmp_path):
         for p in (mine, theirs):
             p.kill()
             p.wait()
+
+
+def test_a_tritonserver_that_crashes_makes_bunny_serve_exit_1(tiny_checkpoint, tmp_path):
+    """Triton 2.51 can itself abort when a stub dies mid-request, before the watchdog sees the stub gone: a server
+    killed by a signal is a model that died while serving (exit 1, as above), and its stubs go with it."""
+    server = start_server(tiny_checkpoint, tmp_path / "server.log")
+    try:
+        (tritonserver,) = wait_for(lambda: watchdog.child_pids(server.proc.pid, "tritonserver"), 10,
+                                   "no tritonserver under bunny-serve")
+        stubs = wait_for(lambda: watchdog.child_pids(tritonserver, watchdog.STUB_NAME), 10,
+                         "no Python stub under tritonserver")
+        os.kill(tritonserver, signal.SIGKILL)
+        rc = server.proc.wait(timeout=BOUND_S)
+    finally:
+        stop_process(server.proc)
+    log = server.log_text()
+    assert rc == 1, log[-3000:]
+    assert "tritonserver was killed by signal 9" in log
+    wait_for(lambda: not any(running(pid) for pid in stubs), 10, "a stub outlived its server")
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"

@@ -103,5 +103,6 @@ def test_cancellation_storm_leaves_the_others_untouched(bunny_server):
     cancelled = bunny_server.metric("bunny_requests_total", finish_reason="cancelled") - cancelled_before
     record("cancellation storm", streams=len(storm), cancelled_by_client=by_test, cancelled_on_server=int(cancelled),
            witnesses_unchanged=len(stormy), after=idle)
-    assert not any(idle.values()), f"not idle after the storm: {idle}"
+    assert not any(idle.values()), f"not idle after the storm: {idle}, {cancelled:.0f} cancelled on the server\n" \
+                                   f"{bunny_server.thread_stacks()}"
     assert 0 < by_test and cancelled <= by_test

@@ -144,8 +144,10 @@ class LLMEngine:
                 self._wakeup.wait(timeout)
 
     def has_unfinished(self) -> bool:
+        """Requests in flight, or aborts not yet taken in (else wait_for_work would return at once, forever, after
+        an abort of a request that had just finished)."""
         with self._lock:
-            return bool(self._requests)
+            return bool(self._requests or self._aborts)
 
     # ---- the loop (engine thread) --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

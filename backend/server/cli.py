@@ -249,10 +249,13 @@ def serve_triton(args: argparse.Namespace) -> int:
             return 0 if rc in (0, -signal.SIGTERM) else rc
         lines = error_lines(tail)
         what = "the model failed to load" if any("failed to load" in l for l in tail) else "the server stopped"
-        print(f"bunny-serve: tritonserver exited with status {rc}; {what}:", file=sys.stderr)
+        # Killed by a signal: a crash (Triton 2.51 itself can abort when a stub dies with a request in flight,
+        # before the watchdog sees the stub gone). Exit 1, as for any model that died while serving.
+        ended = f"was killed by signal {-rc} ({signal.strsignal(-rc)})" if rc < 0 else f"exited with status {rc}"
+        print(f"bunny-serve: tritonserver {ended}; {what}:", file=sys.stderr)
         for line in lines:
             print(f"  {line}", file=sys.stderr)
-        return rc or 1
+        return 1 if rc < 0 else rc or 1
 
 
 def main(argv=None) -> int:

@@ -15,10 +15,12 @@ gets an error and this process ends, so that bunny-serve's watchdog unloads the 
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import itertools
 import json
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -49,6 +51,7 @@ class _InFlight:
     client_id: str = ""                              # the client's request id (timeline only)
     texts: list[str] = field(default_factory=list)   # accumulated when not streaming
     ids: list[int] = field(default_factory=list)
+    accepted: bool = False   # the engine has it: an abort before that would find no request and be lost
     cancelled: bool = False
 
 
@@ -73,6 +76,7 @@ def _check_numpy() -> None:
 class TritonPythonModel:
     def initialize(self, args):
         _check_numpy()
+        faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1 <stub pid>`: each thread's stack, logged
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("the bunny model must be decoupled (model_transaction_policy { decoupled: true })")
@@ -142,6 +146,11 @@ class TritonPythonModel:
                 return self._reject(sender, str(e))
             self.log.log_error(f"bunny: add_request failed: {traceback.format_exc()}")
             self._reject(sender, f"internal error: {type(e).__name__}: {e}", "INTERNAL")
+            return
+        with self._lock:
+            f = self._inflight.get(request_id)
+            if f is not None:
+                f.accepted = True
 
     def _reject(self, sender, message: str, code_name: str = "INVALID_ARG") -> None:
         with self._lock:
@@ -233,7 +242,7 @@ class TritonPythonModel:
             return
         self._next_cancel_poll = now + CANCEL_POLL_S
         with self._lock:
-            live = [rid for rid, f in self._inflight.items() if not f.cancelled]
+            live = [rid for rid, f in self._inflight.items() if f.accepted and not f.cancelled]
         for rid in live:
             # Under the lock and only while in flight: Triton frees a sender's response factory once its final
             # response is sent (execute() may reject a request in the meantime), and asking a freed one whether
