@@ -12,7 +12,8 @@ from bunny_backend.engine import device
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.model import cpu_layout
-from bunny_backend.model.cpu_layout import OneDnnLinear, TransposedLinear, cpu_linear_class, use_cpu_linears
+from bunny_backend.model.cpu_layout import OneDnnLinear, PanelLinear, TransposedLinear, cpu_linear_class, use_cpu_linears
+from bunny_backend.ops import cpu_kernels
 from bunny_backend.model.loader import load_model
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
 from engine_helpers import QUESTIONS, make_engine
@@ -65,7 +66,8 @@ def test_bf16_without_onednn_bf16_is_said_once(caplog):
 
 @pytest.fixture
 def avx2_machine(monkeypatch):
-    """This process behaves as on an AVX2-only CPU: capabilities say so, and oneDNN's bf16 reorder raises."""
+    """This process behaves as on an AVX2-only CPU: capabilities say so, oneDNN's bf16 reorder raises, and the
+    panel kernel (built for AVX-512 only) takes no dtype."""
     real = OneDnnLinear.__init__
 
     def reorder(self, linear):
@@ -77,6 +79,7 @@ def avx2_machine(monkeypatch):
     monkeypatch.setattr(OneDnnLinear, "__init__", reorder)
     monkeypatch.setattr(cpu_layout, "detect", lambda: AVX2_ONLY)
     monkeypatch.setattr(device, "detect", lambda: AVX2_ONLY)
+    monkeypatch.setattr(cpu_kernels, "panel_linear", lambda dtype: None)
 
 
 def test_bf16_engine_runs_on_an_avx2_cpu(avx2_machine, checkpoint_factory):
@@ -103,7 +106,8 @@ def test_bf16_packed_model_tracks_fp32_reference(checkpoint_factory, test_images
     ref = load_model(path)
     bf16 = load_model(path, dtype=torch.bfloat16)
     use_cpu_linears(bf16)
-    assert isinstance(bf16.model.layers[0].mlp.down_proj, OneDnnLinear)
+    best = PanelLinear if cpu_kernels.panel_linear(torch.bfloat16) else OneDnnLinear
+    assert isinstance(bf16.model.layers[0].mlp.down_proj, best) and isinstance(bf16.lm_head, best)
     tok = load_tokenizer(path)
     images = [test_images[i] if i % 2 else None for i in range(4)]
     got, want = teacher_forced(ref, bf16, tok, QUESTIONS[:4], images)

@@ -1,18 +1,22 @@
-"""CPU weight layout for the decoder's projections.
+"""CPU weight layout for the decoder's projections and an untied LM head.
 
 Measured on the 2-core AVX-512 machines (bench/NOTES.md): fp32 `F.linear` streams a [5632, 1024] weight at
-~21 GB/s for one row and only ~10 GB/s for 2-10 rows (MKL's small-M GEMM), while oneDNN with the weight prepacked
-once (`mkldnn._reorder_linear_weight`) streams it at ~40-55 GB/s for every row count from 1 to 16, and is 2x faster
-on 300-row prefills too. Where oneDNN cannot take the weight's dtype on this CPU (no oneDNN, or bf16 without
-AVX512BW: its bf16 reorder raises inside oneDNN there; utils/cpu_features.py), a contiguous [in, out] weight
-(`x @ W_t`) still beats `F.linear` for single rows. Layers are converted one at a time after loading, so weights
-are never held twice.
+~21 GB/s for one row and only ~10 GB/s for 2-10 rows (MKL's small-M GEMM). oneDNN with the weight prepacked once
+(`mkldnn._reorder_linear_weight`) streams a cache-resident one at ~40-55 GB/s for 1-16 rows and is 2x faster on
+300-row prefills, but reads a whole model's weights from DRAM at only 22-28 GB/s for a few rows. Our column-panel
+kernel (PanelLinear, ops/csrc/panel_linear.cpp) reads them at 38-44 GB/s and keeps level with oneDNN from 10 to
+730 rows, so it is the first choice wherever it builds (AVX-512; bf16 also needs AVX512-BF16). Next comes oneDNN,
+where it takes the weight's dtype on this CPU (not without oneDNN, nor bf16 without AVX512BW: its bf16 reorder
+raises inside oneDNN there; utils/cpu_features.py); last a contiguous [in, out] weight (`x @ W_t`), which still
+beats `F.linear` for single rows. Layers are converted one at a time after loading, so weights are never held
+twice.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from bunny_backend.ops import cpu_kernels
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
 
 
@@ -50,17 +54,46 @@ class TransposedLinear(_CpuLinear):
         return torch.addmm(self.bias, x, self.weight_t)
 
 
+class PanelLinear(_CpuLinear):
+    """The weight packed into column panels for our C++ kernel (ops/csrc/panel_linear.cpp): it streams the weight
+    at close to the read bandwidth for a decode step's few rows and keeps level with oneDNN on prefills."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        self._kernel = cpu_kernels.panel_linear(linear.weight.dtype)
+        if self._kernel is None:
+            raise ValueError(f"no panel kernel for {linear.weight.dtype} on this CPU")
+        self.panels = torch.ops.bunny.pack_panels(linear.weight.detach())
+        self.bias_f32 = None if self.bias is None else self.bias.detach().float()
+
+    @staticmethod
+    def takes(linear: nn.Linear) -> bool:
+        dtype = linear.weight.dtype
+        return (dtype == torch.float32 or linear.in_features % 2 == 0) and cpu_kernels.panel_linear(dtype) is not None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel(x, self.panels, self.out_features, self.bias_f32)
+
+
+def cpu_layout(linear: nn.Linear, cpu: CpuFeatures | None = None) -> _CpuLinear:
+    """Column panels where our kernel takes the weight, else oneDNN's packing or the transposed layout."""
+    if PanelLinear.takes(linear):
+        return PanelLinear(linear)
+    return cpu_linear_class(linear.weight.dtype, cpu)(linear)
+
+
 def cpu_linear_class(dtype: torch.dtype = torch.float32, cpu: CpuFeatures | None = None) -> type[_CpuLinear]:
     """oneDNN-packed where this CPU's oneDNN takes the dtype, else the transposed layout."""
     return OneDnnLinear if (cpu or detect()).can_pack(dtype) else TransposedLinear
 
 
 def use_cpu_linears(model: nn.Module, cls: type[_CpuLinear] | None = None) -> None:
-    """Swap the decoder's projections (and an untied LM head) for the CPU layout, in place."""
-    cls = cls or cpu_linear_class(model.model.embed_tokens.weight.dtype)
+    """Swap the decoder's projections (and an untied LM head) for the CPU layout (cpu_layout, or `cls`), in
+    place."""
+    convert = cls or cpu_layout
     for layer in model.model.layers:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-            setattr(parent, name, cls(getattr(parent, name)))
+            setattr(parent, name, convert(getattr(parent, name)))
     if not model.config.text.tie_word_embeddings:
-        model.lm_head = cls(model.lm_head)
+        model.lm_head = convert(model.lm_head)

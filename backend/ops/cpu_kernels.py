@@ -1,6 +1,7 @@
 """Our C++ CPU kernels (csrc/), compiled on first use with torch's JIT extension builder, for this machine's CPU.
 
-`paged_decode()` gives the paged decode-attention op, or None where it cannot be built (no compiler, no ninja, a
+`paged_decode()` gives the paged decode-attention op and `panel_linear(dtype)` the few-rows linear over packed
+column panels (the LM head), or None where they cannot be built (no compiler, no ninja, a
 failed compile: one warning says why) or BUNNY_CPU_KERNELS=0 asks for the portable path; callers then keep the
 portable code. The build goes to build/torch_extensions in a checkout (git ignores build/), else to torch's default
 folder, in a subfolder per torch version and CPU (the code is compiled with -march=native); a file lock lets
@@ -121,9 +122,23 @@ def paged_decode() -> Callable | None:
     return torch.ops.bunny.paged_decode
 
 
+def panel_linear(dtype: torch.dtype) -> Callable | None:
+    """torch.ops.bunny.panel_linear(x [M, K], panels, out_features) -> [M, out_features] in x's dtype, over
+    torch.ops.bunny.pack_panels(w [out_features, K]) (csrc/panel_linear.cpp), or None where it cannot be built or
+    this CPU's build does not take `dtype` (it needs AVX-512, and AVX512-BF16 for bfloat16)."""
+    if os.environ.get(ENV_VAR) == "0" or load("panel_linear") is not None:
+        return None
+    taken = torch.ops.bunny.panel_linear_dtypes().split(",")
+    return torch.ops.bunny.panel_linear if str(dtype).removeprefix("torch.") in taken else None
+
+
+KERNELS = ("paged_decode", "panel_linear")
+
+
 def main() -> int:
     try:
-        build("paged_decode", build_dir())
+        for name in KERNELS:
+            build(name, build_dir())
     except KernelUnavailable as e:
         print(e, file=sys.stderr)
         return 1
