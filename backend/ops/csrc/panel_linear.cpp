@@ -26,8 +26,23 @@
 namespace {
 
 constexpr int64_t kPanel = 32;
+// How far ahead each panel's stream is prefetched into L2: with many rows a panel's bytes are consumed slowly
+// enough that the hardware prefetcher falls behind (LM head at 10 rows: 22.5 -> 18-19 ms in fp32, 10.6 -> 9.8 in
+// bf16; 16 and 64 k-steps ahead did worse than 32).
+constexpr int64_t kPrefetchBytes = 4096;
 
 #if defined(__AVX512F__)
+
+// Prefetch the two cache lines of one k-step of each of NP panels, kPrefetchBytes ahead (never faults past the
+// end: a prefetch is a hint).
+template <int NP, typename T>
+inline void prefetch_ahead(const T* at, int64_t panel_stride) {
+  for (int p = 0; p < NP; ++p) {
+    const char* a = reinterpret_cast<const char*>(at + p * panel_stride) + kPrefetchBytes;
+    _mm_prefetch(a, _MM_HINT_T1);
+    _mm_prefetch(a + 64, _MM_HINT_T1);
+  }
+}
 
 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
@@ -56,6 +71,7 @@ void kernel_f32(const float* x, int64_t K, const float* w, const float* bias, fl
   __m512 acc[C][2 * NP];
   init<C, NP>(acc, bias, ncols);
   for (int64_t k = 0; k < K; ++k) {
+    prefetch_ahead<NP>(w + k * kPanel, K * kPanel);
     __m512 wv[2 * NP];
     for (int p = 0; p < NP; ++p)
       for (int h = 0; h < 2; ++h) wv[2 * p + h] = _mm512_loadu_ps(w + p * K * kPanel + k * kPanel + 16 * h);
@@ -74,6 +90,7 @@ void kernel_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* b
   __m512 acc[C][2 * NP];
   init<C, NP>(acc, bias, ncols);
   for (int64_t k = 0; k < K; k += 2) {
+    prefetch_ahead<NP>(w + k * kPanel, K * kPanel);
     __m512bh wv[2 * NP];
     for (int p = 0; p < NP; ++p)
       for (int h = 0; h < 2; ++h)
