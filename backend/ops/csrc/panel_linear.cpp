@@ -184,8 +184,9 @@ std::string panel_linear_dtypes() {
 
 at::Tensor pack_panels(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "pack_panels: w must be [out_features, in_features]");
-  TORCH_CHECK(takes(w.scalar_type()), "pack_panels: this build takes ", panel_linear_dtypes(), ", not ",
-              w.scalar_type());
+  const std::string taken = panel_linear_dtypes();
+  TORCH_CHECK(takes(w.scalar_type()), "pack_panels: this build takes ",
+              taken.empty() ? "no dtype (it needs AVX-512)" : taken, ", not ", w.scalar_type());
   const int64_t N = w.size(0), K = w.size(1), np = (N + kPanel - 1) / kPanel, full = N / kPanel, rest = N % kPanel;
   if (w.scalar_type() == at::kFloat) {   // [np][K][32]
     at::Tensor out = at::zeros({np, K, kPanel}, w.options());
