@@ -98,6 +98,15 @@ class BunnyServer:
         return self.log.read_text(errors="replace")
 
 
+def alive(pid: int) -> bool:
+    """A process that exists and is neither a zombie nor dead."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

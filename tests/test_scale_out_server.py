@@ -8,14 +8,13 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from bunny_backend.server import watchdog
 from grpc_helpers import TEXTS, inputs_of, joined, send
 from reliability_report import record
-from server_fixture import start_server, stop_process, wait_for
+from server_fixture import alive, start_server, stop_process, wait_for
 
 pytestmark = pytest.mark.server
 BOUND_S = 30.0
@@ -53,14 +52,6 @@ def instances_server(tiny_checkpoint, tmp_path_factory):
                           extra_args=("--instances", "2"))
     yield server
     assert stop_process(server.proc) == 0, server.log_text()[-3000:]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in "ZX"
 
 
 def descendants(pid: int) -> set[int]:

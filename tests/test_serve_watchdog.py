@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from bunny_backend.server import watchdog
 from grpc_helpers import inputs_of, send
 from reliability_report import record
-from server_fixture import start_server, stop_process, wait_for
+from server_fixture import alive, start_server, stop_process, wait_for
 
 pytestmark = pytest.mark.server
 BOUND_S = 30.0   # from the kill to not-ready, to bunny-serve's exit and to the client's error
@@ -46,13 +45,19 @@ def test_proc_helpers_tell_live_children_from_zombies():
     assert watchdog.is_dead(child.pid, os.getpid())   # reaped: gone
 
 
+def server_and_stubs(server) -> tuple[int, set[int]]:
+    """The pids of bunny-serve's tritonserver and of its Python stubs."""
+    (tritonserver,) = wait_for(lambda: watchdog.child_pids(server.proc.pid, "tritonserver"), 10,
+                               "no tritonserver under bunny-serve")
+    stubs = wait_for(lambda: watchdog.child_pids(tritonserver, watchdog.STUB_NAME), 10,
+                     "no Python stub under tritonserver")
+    return tritonserver, stubs
+
+
 def test_a_dead_stub_unloads_the_model_and_stops_the_server(tiny_checkpoint, tmp_path):
     server = start_server(tiny_checkpoint, tmp_path / "server.log")
     try:
-        (tritonserver,) = wait_for(lambda: watchdog.child_pids(server.proc.pid, "tritonserver"), 10,
-                                   "no tritonserver under bunny-serve")
-        stubs = wait_for(lambda: watchdog.child_pids(tritonserver, watchdog.STUB_NAME), 10,
-                         "no Python stub under tritonserver")
+        tritonserver, stubs = server_and_stubs(server)
         with ThreadPoolExecutor(1) as pool:
             def timed_send():
                 result = send(server.url, inputs_of("Tell me a story.", stream=True, max_tokens=1900, ignore_eos=True),
@@ -117,10 +122,7 @@ def test_a_tritonserver_that_crashes_makes_bunny_serve_exit_1(tiny_checkpoint, t
     killed by a signal is a model that died while serving (exit 1, as above), and its stubs go with it."""
     server = start_server(tiny_checkpoint, tmp_path / "server.log")
     try:
-        (tritonserver,) = wait_for(lambda: watchdog.child_pids(server.proc.pid, "tritonserver"), 10,
-                                   "no tritonserver under bunny-serve")
-        stubs = wait_for(lambda: watchdog.child_pids(tritonserver, watchdog.STUB_NAME), 10,
-                         "no Python stub under tritonserver")
+        tritonserver, stubs = server_and_stubs(server)
         os.kill(tritonserver, signal.SIGKILL)
         rc = server.proc.wait(timeout=BOUND_S)
     finally:
@@ -128,12 +130,5 @@ def test_a_tritonserver_that_crashes_makes_bunny_serve_exit_1(tiny_checkpoint, t
     log = server.log_text()
     assert rc == 1, log[-3000:]
     assert "tritonserver was killed by signal 9" in log
-    wait_for(lambda: not any(running(pid) for pid in stubs), 10, "a stub outlived its server")
+    wait_for(lambda: not any(alive(pid) for pid in stubs), 10, "a stub outlived its server")
 
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in "ZX"
