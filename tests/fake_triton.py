@@ -156,6 +156,7 @@ class FakeEngine:
         self.step_delay = 0.001
         self.refuse_delay = 0.0   # how long add_request takes to refuse a "bad" request
         self.accept_delay = 0.0   # how long add_request takes to accept one (decoding images, tokenizing)
+        self.hold_aborts = False  # leave aborts untaken, the requests running (an engine behind on its aborts)
         self.st = EngineStats(kv_blocks_total=64)
         self.dead: str | None = None      # check_alive() raises EngineDeadError with it
         self.shut_down = False
@@ -204,7 +205,7 @@ class FakeEngine:
             raise RuntimeError("boom")
         outs = []
         with self.lock:
-            aborts, self.aborts = self.aborts, []
+            aborts, self.aborts = ([], self.aborts) if self.hold_aborts else (self.aborts, [])
             for rid in aborts:
                 r = self.requests.pop(rid, None)
                 if r is not None:

@@ -178,6 +178,23 @@ def test_a_request_cancelled_while_the_engine_accepts_it_is_still_aborted(model,
     other.sender.wait()
 
 
+def test_a_cancelled_stream_gets_no_more_tokens_only_its_final(model):
+    """Tokens the engine makes before it takes the abort in go nowhere: sending each to a client that is gone would
+    hold up everyone else's responses (and the metrics behind them)."""
+    model.engine.hold_aborts = True
+    req = run(model, text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
+    wait_for(lambda: len(req.sender.responses) >= 3, 10, "no tokens streamed")
+    req.sender.cancelled = True
+    wait_for(lambda: all(f.cancelled for f in model._inflight.values()), 10, "the cancellation was not seen")
+    time.sleep(0.05)   # the engine goes on making tokens for it
+    sent = len(req.sender.responses)
+    time.sleep(0.1)
+    assert len(req.sender.responses) == sent
+    model.engine.hold_aborts = False
+    req.sender.wait()
+    assert [outputs(r)["finish_reason"] for r in req.sender.finals] == [[b"cancelled"]]
+
+
 def test_no_sender_is_asked_about_cancellation_after_its_final(model, monkeypatch):
     """execute() refuses a request it had registered while the engine thread asks the senders in flight."""
     monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_POLL_S", 0.0)

@@ -260,8 +260,8 @@ class TritonPythonModel:
     def _deliver(self, out: RequestOutput, handed: float = 0.0) -> None:
         with self._lock:
             f = self._inflight.pop(out.request_id, None) if out.finished else self._inflight.get(out.request_id)
-        if f is None:
-            return
+        if f is None or (f.cancelled and not out.finished):
+            return   # its client is gone: only the final response, once the engine has taken the abort in
         try:
             t0 = time.perf_counter()
             self._respond(f, out)
