@@ -90,14 +90,19 @@ def test_a_dead_stub_unloads_the_model_and_stops_the_server(tiny_checkpoint, tmp
     finally:
         stop_process(server.proc)
     log = server.log_text()
+    # Either bunny-serve's watchdog saw the stub gone and stopped tritonserver, or tritonserver aborted first: a
+    # stub killed while it holds one of the python backend's shared-memory locks makes Triton 2.51 throw
+    # boost::interprocess::lock_exception with nobody to catch it (seen in CI). Both end with exit 1.
+    watched = f"stub process (pid {stub}) died" in log and "after its Python stub died" in log
+    aborted = "tritonserver was killed by signal" in log
     record("stub killed", readiness_after_kill=seen, not_ready_after_s=round(not_ready_s, 1),
-           bunny_serve_exit=rc, exited_after_s=round(exited_s, 1), stream_error_after_s=round(ended - killed, 1),
+           ended_by="watchdog" if watched else "tritonserver aborted" if aborted else "?", bunny_serve_exit=rc,
+           exited_after_s=round(exited_s, 1), stream_error_after_s=round(ended - killed, 1),
            stream_error=repr(err)[:60])
     assert rc == 1, log[-3000:]
-    assert f"stub process (pid {stub}) died" in log
+    assert watched or aborted, log[-3000:]
     assert responses and not responses[-1]["final"] and err is not None, (len(responses), err)
     assert ended - killed < BOUND_S
-    assert "Stopping tritonserver" in log and "after its Python stub died" in log
 
 
 def test_stubs_left_behind_by_the_server_are_killed(tmp_path):
