@@ -22,6 +22,12 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+// bf16 also stores its outputs as bf16 (16 at a time, masked), which takes AVX512BW and VL besides AVX512-BF16.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define BUNNY_PANEL_BF16 1
+#else
+#define BUNNY_PANEL_BF16 0
+#endif
 
 namespace {
 
@@ -56,6 +62,19 @@ inline void store(__m512 (&acc)[C][2 * NP], float* y, int64_t ldy, int64_t ncols
   }
 }
 
+#if BUNNY_PANEL_BF16
+// Rounded to nearest even, as torch's float -> bfloat16 conversion: written straight to the bf16 output, with no
+// float32 buffer and conversion pass after the call.
+template <int C, int NP>
+inline void store(__m512 (&acc)[C][2 * NP], uint16_t* y, int64_t ldy, int64_t ncols) {
+  for (int j = 0; j < 2 * NP; ++j) {
+    const __mmask16 mask = tail_mask(ncols - 16 * j);
+    for (int c = 0; c < C; ++c)
+      _mm256_mask_storeu_epi16(y + c * ldy + 16 * j, mask, (__m256i)_mm512_cvtneps_pbh(acc[c][j]));
+  }
+}
+#endif
+
 // The accumulators start at the bias (or 0) of their columns.
 template <int C, int NP>
 inline void init(__m512 (&acc)[C][2 * NP], const float* bias, int64_t ncols) {
@@ -65,7 +84,8 @@ inline void init(__m512 (&acc)[C][2 * NP], const float* bias, int64_t ncols) {
   }
 }
 
-// C rows of x against NP consecutive panels starting at w (each panel K * 32 values); bias: this block's columns.
+// C rows of x against NP consecutive panels starting at w (each panel K * 32 values); bias: this block's columns;
+// y: the output in the weights' dtype.
 template <int C, int NP>
 void kernel_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy, int64_t ncols) {
   __m512 acc[C][2 * NP];
@@ -83,9 +103,9 @@ void kernel_f32(const float* x, int64_t K, const float* w, const float* bias, fl
   store<C, NP>(acc, y, ldy, ncols);
 }
 
-#if defined(__AVX512BF16__)
+#if BUNNY_PANEL_BF16
 template <int C, int NP>
-void kernel_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
+void kernel_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, uint16_t* y, int64_t ldy,
                  int64_t ncols) {
   __m512 acc[C][2 * NP];
   init<C, NP>(acc, bias, ncols);
@@ -107,7 +127,7 @@ void kernel_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* b
 #endif
 
 template <typename T>
-using KernelFn = void (*)(const T*, int64_t, const T*, const float*, float*, int64_t, int64_t);
+using KernelFn = void (*)(const T*, int64_t, const T*, const float*, T*, int64_t, int64_t);
 
 // The kernel for `rows` rows (1..C).
 template <typename T, int NP, int C, template <typename, int, int> class Kernel>
@@ -130,10 +150,10 @@ struct Dispatch<float, C, NP> {
   }
 };
 
-#if defined(__AVX512BF16__)
+#if BUNNY_PANEL_BF16
 template <int C, int NP>
 struct Dispatch<uint16_t, C, NP> {
-  static void run(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
+  static void run(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, uint16_t* y, int64_t ldy,
                   int64_t ncols) {
     kernel_bf16<C, NP>(x, K, w, bias, y, ldy, ncols);
   }
@@ -144,7 +164,7 @@ constexpr int kRowsOnePanel = 12;
 constexpr int kRowsTwoPanels = 6;
 
 template <typename T>
-void run(const T* x, const T* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t num_panels) {
+void run(const T* x, const T* w, const float* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t num_panels) {
   const int NP = M <= kRowsOnePanel ? 1 : 2;
   const int64_t rows_per_block = NP == 1 ? kRowsOnePanel : kRowsTwoPanels;
   const int64_t units = (num_panels + NP - 1) / NP;
@@ -167,7 +187,7 @@ void run(const T* x, const T* w, const float* bias, float* y, int64_t M, int64_t
 bool takes(at::ScalarType dtype) {
 #if defined(__AVX512F__)
   if (dtype == at::kFloat) return true;
-#if defined(__AVX512BF16__)
+#if BUNNY_PANEL_BF16
   if (dtype == at::kBFloat16) return true;
 #endif
 #endif
@@ -218,23 +238,23 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
     b = bias->to(at::kFloat).contiguous();
   }
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({M, N}, x.options().dtype(panels.scalar_type()));
 #if defined(__AVX512F__)
   if (M > 0) {
     if (panels.scalar_type() == at::kFloat) {
       const at::Tensor xc = x.to(at::kFloat).contiguous();
       run<float>(xc.data_ptr<float>(), panels.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K, num_panels);
     } else {
-#if defined(__AVX512BF16__)
+#if BUNNY_PANEL_BF16
       const at::Tensor xc = x.to(at::kBFloat16).contiguous();
       run<uint16_t>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
-                    reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()), bp, y.data_ptr<float>(), M,
-                    N, K, num_panels);
+                    reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()), bp,
+                    reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), M, N, K, num_panels);
 #endif
     }
   }
 #endif
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 }  // namespace
