@@ -1,7 +1,7 @@
 """Our C++ CPU kernels (csrc/), compiled on first use with torch's JIT extension builder, for this machine's CPU.
 
-`paged_decode()` gives the paged decode-attention op and `panel_linear(dtype)` the few-rows linear over packed
-column panels (the LM head), or None where they cannot be built (no compiler, no ninja, a
+`paged_decode()` gives the paged decode-attention op and `panel_linear(dtype)` the linear over weights packed in
+column panels (the decoder's projections, the LM head), or None where they cannot be built (no compiler, no ninja, a
 failed compile: one warning says why) or BUNNY_CPU_KERNELS=0 asks for the portable path; callers then keep the
 portable code. The build goes to build/torch_extensions in a checkout (git ignores build/), else to torch's default
 folder, in a subfolder per torch version and CPU (the code is compiled with -march=native); a file lock lets

@@ -10,7 +10,7 @@
 //
 // Rows are taken 12 at a time against one panel (24 accumulators); from 13 rows on, 6 at a time against two
 // panels (24 accumulators, half the weight loads per FMA). Built only where the compiler targets AVX-512
-// (-march=native); bf16 also needs AVX512-BF16. panel_linear_dtypes() says what this build takes.
+// (-march=native); bf16 also needs AVX512-BF16 (and BW, VL). panel_linear_dtypes() says what this build takes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -87,7 +87,7 @@ inline void init(__m512 (&acc)[C][2 * NP], const float* bias, int64_t ncols) {
 // C rows of x against NP consecutive panels starting at w (each panel K * 32 values); bias: this block's columns;
 // y: the output in the weights' dtype.
 template <int C, int NP>
-void kernel_f32(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy, int64_t ncols) {
+void kernel(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy, int64_t ncols) {
   __m512 acc[C][2 * NP];
   init<C, NP>(acc, bias, ncols);
   for (int64_t k = 0; k < K; ++k) {
@@ -105,8 +105,8 @@ void kernel_f32(const float* x, int64_t K, const float* w, const float* bias, fl
 
 #if BUNNY_PANEL_BF16
 template <int C, int NP>
-void kernel_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, uint16_t* y, int64_t ldy,
-                 int64_t ncols) {
+void kernel(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, uint16_t* y, int64_t ldy,
+            int64_t ncols) {
   __m512 acc[C][2 * NP];
   init<C, NP>(acc, bias, ncols);
   for (int64_t k = 0; k < K; k += 2) {
@@ -129,36 +129,15 @@ void kernel_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const float* b
 template <typename T>
 using KernelFn = void (*)(const T*, int64_t, const T*, const float*, T*, int64_t, int64_t);
 
-// The kernel for `rows` rows (1..C).
-template <typename T, int NP, int C, template <typename, int, int> class Kernel>
-KernelFn<T> pick_impl(int rows) {
+// The kernel (the overload for T) for `rows` rows, 1..C.
+template <typename T, int NP, int C>
+KernelFn<T> pick(int rows) {
   if constexpr (C == 0) {
     return nullptr;
   } else {
-    return rows == C ? &Kernel<T, C, NP>::run : pick_impl<T, NP, C - 1, Kernel>(rows);
+    return rows == C ? static_cast<KernelFn<T>>(&kernel<C, NP>) : pick<T, NP, C - 1>(rows);
   }
 }
-
-template <typename T, int C, int NP>
-struct Dispatch;
-
-template <int C, int NP>
-struct Dispatch<float, C, NP> {
-  static void run(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
-                  int64_t ncols) {
-    kernel_f32<C, NP>(x, K, w, bias, y, ldy, ncols);
-  }
-};
-
-#if BUNNY_PANEL_BF16
-template <int C, int NP>
-struct Dispatch<uint16_t, C, NP> {
-  static void run(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, uint16_t* y, int64_t ldy,
-                  int64_t ncols) {
-    kernel_bf16<C, NP>(x, K, w, bias, y, ldy, ncols);
-  }
-};
-#endif
 
 constexpr int kRowsOnePanel = 12;
 constexpr int kRowsTwoPanels = 6;
@@ -174,8 +153,7 @@ void run(const T* x, const T* w, const float* bias, T* y, int64_t M, int64_t N, 
       const int64_t n0 = p * kPanel, ncols = std::min(np * kPanel, N - n0);
       for (int64_t m = 0; m < M; m += rows_per_block) {
         const int rows = static_cast<int>(std::min(rows_per_block, M - m));
-        KernelFn<T> fn = np == 2 ? pick_impl<T, 2, kRowsTwoPanels, Dispatch>(rows)
-                                 : pick_impl<T, 1, kRowsOnePanel, Dispatch>(rows);
+        KernelFn<T> fn = np == 2 ? pick<T, 2, kRowsTwoPanels>(rows) : pick<T, 1, kRowsOnePanel>(rows);
         fn(x + m * K, K, w + p * K * kPanel, bias ? bias + n0 : nullptr, y + m * N + n0, N, ncols);
       }
     }
