@@ -79,6 +79,7 @@ def main(argv=None) -> int:
         return worker(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cpu", choices=sorted(SPECS))
+    p.add_argument("--dtype", help="the servers' dtype (default: the bench model's own)")
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=4)
@@ -94,9 +95,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     params = {"kv_cache_memory_bytes": str(kv), "max_num_seqs": str(max(16, args.batch)),
               "enable_prefix_caching": "false", "num_threads": str(args.threads)}
-    server = Server(path, params, spec.dtype,
+    server = Server(path, params, (args.dtype or spec.dtype),
                     extra_args=["--repository", str(args.repository)] if args.repository else [])
-    engine = EngineWorker(path, work, kv, spec.dtype)
+    engine = EngineWorker(path, work, kv, (args.dtype or spec.dtype))
     opts = RequestOptions(text=work.prompt, images=[work.image], max_tokens=args.max_tokens, ignore_eos=True,
                           temperature=0.0, stream=True)
     rows: list[dict] = []

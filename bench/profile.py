@@ -1,6 +1,6 @@
 """Where engine decode time goes: torch.profiler over decode steps at batch 1 and 10, top ops by self CPU time.
 
-    python -m bench.profile [--model cpu|2b] [--batch-sizes 1,10] [--steps 24] [--rows 20] [--trace DIR]
+    python -m bench.profile [--model cpu|2b] [--dtype D] [--batch-sizes 1,10] [--steps 24] [--rows 20] [--trace DIR]
 
 The engine's phases (schedule, prepare inputs, model forward, lm_head, sampler, postprocess, detokenize) are
 wrapped in `record_function` labels, so the table shows them beside the aten ops; the gap between the steps' wall
@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dtype", help="the engine's dtype (default: the bench model's own)")
     p.add_argument("--trace", help="folder for chrome traces (one per batch size)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="decode eagerly on CUDA (graphs are the default)")
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     spec = SPECS[args.model]
     sizes = parse_batch_sizes(args.batch_sizes)
     work = Workload(batch_sizes=sizes, max_tokens=args.steps + 16, cuda_graphs=args.cuda_graphs)
-    engine = make_engine(str(ensure_checkpoint(spec)), work, kv_cache_bytes(spec, work), spec.dtype)
+    engine = make_engine(str(ensure_checkpoint(spec)), work, kv_cache_bytes(spec, work), args.dtype or spec.dtype)
     instrument(engine)
     print(f"{spec.name} model, {engine.device}, {engine.dtype}, {torch.get_num_threads()} threads, "
           f"decode graphs {'on' if engine.runner.graphs is not None else 'off'}")

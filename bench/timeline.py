@@ -92,6 +92,7 @@ def analyse(events: list[dict], arrivals: list[tuple[str, int, float]], batch: i
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.timeline", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cpu", choices=sorted(SPECS))
+    p.add_argument("--dtype", help="the servers' dtype (default: the bench model's own)")
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--text", action="store_true", help="text-only requests (default: one image each)")
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     os.environ[ENV] = str(trace)
     params = {"kv_cache_memory_bytes": str(kv_cache_bytes(spec, work)), "max_num_seqs": str(max(16, args.batch)),
               "enable_prefix_caching": "false"}
-    server = Server(path, params, spec.dtype,
+    server = Server(path, params, (args.dtype or spec.dtype),
                     extra_args=["--repository", str(args.repository)] if args.repository else [])
     try:
         opts = RequestOptions(text=work.prompt, images=[] if args.text else [work.image], max_tokens=args.max_tokens,

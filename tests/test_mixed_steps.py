@@ -73,8 +73,9 @@ def test_a_long_prompt_never_stalls_the_running_streams(model_path):
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     for i in range(3):
         engine.add_request(f"s{i}", QUESTIONS[i], [], params)
-    while engine.scheduler.waiting or not all(s.is_prefill_done for s in engine.scheduler.running):
-        engine.step()
+    started = set()
+    while len(started) < 3:   # the streams are streaming when the long prompt comes (a burst is not spread)
+        started |= {o.request_id for o in engine.step() if o.delta_token_ids}
     engine.add_request("long", "word " * 200, [], SamplingParams(max_tokens=2))
     got_first = False
     steps = 0

@@ -152,6 +152,31 @@ def test_a_prompt_beside_decodes_is_spread_over_the_configured_steps():
         sched.finish(seq, "stop")
 
 
+def test_a_burst_that_came_before_any_stream_started_is_not_spread():
+    """The first request of a burst starts alone; the rest arrived before its first token, so nobody was
+    streaming when they came: they go in whole (the step's budget allowing), the later arrival is spread."""
+    sched = make_sched(num_blocks=400, max_num_batched_tokens=1024, max_model_len=2048,
+                       max_prefill_tokens_while_decoding=128, prefill_chunks_while_decoding=4)
+    first = make_seq("first", 3)
+    first.arrival_time = 0.0
+    sched.add(first)
+    step(sched)
+    first.first_token_time = 1.0                      # as the engine stamps it
+    burst = [make_seq(f"b{i}", 200, first=1000 * (i + 1)) for i in range(3)]
+    late = make_seq("late", 200, first=9000)
+    for i, seq in enumerate(burst):
+        seq.arrival_time = 0.1 + i / 100              # sent with the first, queued behind its prefill
+        sched.add(seq)
+    late.arrival_time = 1.5                           # after the first's stream began
+    sched.add(late)
+    out = step(sched)
+    assert out.num_decodes == 1 and out.seqs[0] is first
+    assert dict(zip((s.request_id for s in out.seqs[1:]), out.num_new_tokens[1:])) == {
+        "b0": 200, "b1": 200, "b2": 200, "late": 50}
+    sched.add(unknown := make_seq("unknown", 200, first=20000))   # no arrival time: spread, as before
+    assert prefill_chunks(sched, unknown)[0] == 50
+
+
 def test_a_preempted_prompt_spreads_its_recompute_afresh():
     sched = make_sched(num_blocks=400, max_num_batched_tokens=1024, max_model_len=2048,
                        max_prefill_tokens_while_decoding=128, prefill_chunks_while_decoding=4)

@@ -211,6 +211,7 @@ class LLMEngine:
         out = RequestOutput(seq.request_id, prompt_tokens=seq.num_prompt_tokens)
         if first:
             out.ttft_s = now - seq.arrival_time
+            seq.first_token_time = now
         else:
             out.inter_token_latencies_s.append(now - seq.last_token_time)
         seq.last_token_time = now

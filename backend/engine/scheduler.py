@@ -8,11 +8,14 @@ Policy (after vLLM v1): one token budget per step (max_num_batched_tokens), one 
 - Then prefill chunks fill what is left: running sequences whose prefill is unfinished continue first (they keep
   their blocks), then waiting sequences are admitted FIFO while the number of running sequences, the budget and
   the free blocks allow (not in a step that preempted). A prompt longer than what is left is chunked: it gets
-  what is left, and continues next step. While the step carries decodes, its prefill tokens are also bounded by
-  max_prefill_tokens_while_decoding, so running streams are never stalled by a whole long prompt, and each prompt
-  is spread over about prefill_chunks_while_decoding steps: its chunk size (at least MIN_CHUNK_BESIDE_DECODES
-  tokens) is fixed from what is left of it at the first step it shares with decodes, so short prompts, too, add
-  only a fraction of their prefill to the running streams' next gap.
+  what is left, and continues next step. While the step carries decodes of streams that were already streaming when
+  a prompt arrived, that prompt's tokens are also bounded by max_prefill_tokens_while_decoding (all such prompts
+  together), so running streams are never stalled by a whole long prompt, and each prompt is spread over about
+  prefill_chunks_while_decoding steps: its chunk size (at least MIN_CHUNK_BESIDE_DECODES tokens) is fixed from
+  what is left of it at the first step it shares with decodes, so short prompts, too, add only a fraction of their
+  prefill to the running streams' next gap. Prompts that arrived before any of the decoding streams had its first
+  token (a burst of requests sent together, whose first one started alone) are not spread: nobody was streaming
+  when they came, and spreading them would only stagger the burst's finish times.
 - Images: a chunk that reaches an image without features needs the vision tower first (engine/encoder_runner.py
   runs it before the forward). At most max_images_per_encoder_batch distinct images not in the encoder cache are
   encoded per step; a chunk that would need one more stops just before that image.
@@ -64,6 +67,8 @@ class _Budget:
     tokens: int                       # tokens this step may still carry
     images: int                       # distinct images this step may still encode
     beside_decodes: bool = False      # the step decodes running streams: prompts go in their spread-out chunks
+    streaming_since: float | None = None   # the earliest first token of those streams (None: unknown)
+    spread_tokens: int = 0            # tokens the spread-out prompts may still add to this step
     hashes: set[bytes] = field(default_factory=set)   # the images already counted this step
 
 
@@ -127,8 +132,10 @@ class Scheduler:
             budget = _Budget(self.max_num_batched_tokens, self.max_images_per_encoder_batch)
             preempted = self._schedule_decodes(out, budget)
             if out.num_decodes:
-                budget.tokens = min(budget.tokens, self.max_prefill_tokens_while_decoding)
                 budget.beside_decodes = True
+                budget.spread_tokens = self.max_prefill_tokens_while_decoding
+                firsts = [s.first_token_time for s in out.seqs]
+                budget.streaming_since = None if None in firsts else min(firsts)
             self._schedule_prefills(out, budget, admit=not preempted)
         out.needs_sample = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)]
         return out
@@ -165,6 +172,8 @@ class Scheduler:
             self._add_chunk(out, seq, budget)
         while admit and self.waiting and budget.tokens > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if budget.beside_decodes and budget.spread_tokens <= 0 and not self._arrived_before_streaming(seq, budget):
+                break
             if not self.block_manager.can_allocate(seq):
                 break
             self._admit(seq)
@@ -174,11 +183,12 @@ class Scheduler:
         """The next prefill chunk of seq within the budget; it stops before an image the budget cannot encode."""
         start = seq.num_cached_tokens
         n = min(seq.num_tokens - start, budget.tokens)
-        if budget.beside_decodes:
+        spread = budget.beside_decodes and not self._arrived_before_streaming(seq, budget)
+        if spread:
             if not seq.prefill_chunk:
-                spread = -(-(seq.num_tokens - start) // self.prefill_chunks_while_decoding)
-                seq.prefill_chunk = max(MIN_CHUNK_BESIDE_DECODES, spread)
-            n = min(n, seq.prefill_chunk)
+                per_step = -(-(seq.num_tokens - start) // self.prefill_chunks_while_decoding)
+                seq.prefill_chunk = max(MIN_CHUNK_BESIDE_DECODES, per_step)
+            n = min(n, seq.prefill_chunk, budget.spread_tokens)
         reached = []
         for img in seq.images:
             if img.offset >= start + n:
@@ -199,6 +209,14 @@ class Scheduler:
         out.num_new_tokens.append(n)
         out.images += reached
         budget.tokens -= n
+        if spread:
+            budget.spread_tokens -= n
+
+    @staticmethod
+    def _arrived_before_streaming(seq: Sequence, budget: _Budget) -> bool:
+        """Whether seq came before any stream decoding this step had its first token (times unknown: no)."""
+        return (seq.arrival_time is not None and budget.streaming_since is not None
+                and seq.arrival_time <= budget.streaming_since)
 
     def _admit(self, seq: Sequence) -> None:
         """From waiting to running, with blocks for its prompt (the caller checked can_allocate)."""

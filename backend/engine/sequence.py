@@ -74,6 +74,7 @@ class Sequence:
 
         # Set by the engine (time.monotonic() or whatever clock it uses consistently).
         self.arrival_time = arrival_time
+        self.first_token_time: float | None = None
         self.last_token_time: float | None = None
 
     def __repr__(self) -> str:

@@ -9,16 +9,28 @@ from bunny_backend.utils.context import get_context
 
 
 class RMSNorm(nn.Module):
+    """`ops`: torch.ops.bunny where the fused CPU kernels run it (set by model/cpu_layout.py), else None."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's next value and its normalised form."""
+        if self.ops is not None:
+            return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self.forward(residual), residual
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):

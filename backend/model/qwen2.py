@@ -27,12 +27,17 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)                      # row-parallel
         self.o_proj.checkpoint_shards = shards.o_proj()
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.ops = None   # torch.ops.bunny where the fused CPU kernels run the rotary (model/cpu_layout.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.ops is not None:
+            q, k = self.ops.rotary_qk(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         return self.tp.all_reduce(self.o_proj(self.attn(q, k, v).reshape(-1, self.q_size)))
 
 
@@ -45,10 +50,16 @@ class Qwen2MLP(nn.Module):
         self.gate_up_proj.checkpoint_shards = shards.gate_up()
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)          # row-parallel
         self.down_proj.checkpoint_shards = shards.down_proj()
+        self.ops = None   # torch.ops.bunny where the fused CPU kernels run SiLU(gate) * up (model/cpu_layout.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        gate_up = self.gate_up_proj(x)
+        if self.ops is not None:
+            hidden = self.ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        return self.tp.all_reduce(self.down_proj(hidden))
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -76,9 +87,17 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for the first layer, with residual None);
+        residual: the stream before it. Returns this layer's MLP output and the stream before it, so each
+        residual add happens inside the next norm (one pass over the rows, fused on the CPU)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, cos, sin), residual)
+        return self.mlp(h), residual
 
 
 class Qwen2Model(nn.Module):
@@ -93,7 +112,7 @@ class Qwen2Model(nn.Module):
 
     def decode_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
-        x = inputs_embeds
+        x, residual = inputs_embeds, None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin)
+        return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)

@@ -1,7 +1,8 @@
 """Our C++ CPU kernels (csrc/), compiled on first use with torch's JIT extension builder, for this machine's CPU.
 
-`paged_decode()` gives the paged decode-attention op and `panel_linear(dtype)` the linear over weights packed in
-column panels (the decoder's projections, the LM head), or None where they cannot be built (no compiler, no ninja, a
+`paged_decode()` gives the paged decode-attention op, `panel_linear(dtype)` the linear over weights packed in
+column panels (the decoder's projections, the LM head) and `decoder_ops()` the fused RMSNorm, rotary and SiLU-mul,
+or None where they cannot be built (no compiler, no ninja, a
 failed compile: one warning says why) or BUNNY_CPU_KERNELS=0 asks for the portable path; callers then keep the
 portable code. The build goes to build/torch_extensions in a checkout (git ignores build/), else to torch's default
 folder, in a subfolder per torch version and CPU (the code is compiled with -march=native); a file lock lets
@@ -132,7 +133,15 @@ def panel_linear(dtype: torch.dtype) -> Callable | None:
     return torch.ops.bunny.panel_linear if str(dtype).removeprefix("torch.") in taken else None
 
 
-KERNELS = ("paged_decode", "panel_linear")
+def decoder_ops():
+    """torch.ops.bunny, holding the decoder's fused elementwise ops (csrc/decoder_ops.cpp: rms_norm, add_rms_norm,
+    rotary_qk, silu_mul; float32 and bfloat16), or None (see the module docstring)."""
+    if os.environ.get(ENV_VAR) == "0" or load("decoder_ops") is not None:
+        return None
+    return torch.ops.bunny
+
+
+KERNELS = ("paged_decode", "panel_linear", "decoder_ops")
 
 
 def main() -> int:
