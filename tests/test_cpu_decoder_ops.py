@@ -99,6 +99,26 @@ def test_strided_rows(ops, dtype):
     assert ops.rms_norm(x[:0], norm.weight, EPS).shape == (0, 64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,vocab", [(1, 7), (3, 40000), (10, 151936)])
+def test_argmax_rows_is_torch_argmax(ops, dtype, rows, vocab):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    assert torch.equal(ops.argmax_rows(logits), logits.float().argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(logits[:, : vocab // 2 + 1]), logits[:, : vocab // 2 + 1].float().argmax(-1))
+
+
+def test_argmax_rows_ties_nan_and_infinities_as_torch(ops):
+    logits = torch.zeros(5, 70000)
+    logits[1, [9, 60000]] = 2.0                        # a tie across the threads' chunks: the first
+    logits[2, [50, 65000]] = float("nan")              # NaN counts as the largest, the first one
+    logits[2, 10] = float("inf")
+    logits[3] = -float("inf")
+    logits[4, 69999] = float("inf")
+    for dtype in DTYPES:
+        x = logits.to(dtype)
+        assert ops.argmax_rows(x).tolist() == x.float().argmax(dim=-1).tolist() == [0, 9, 50, 0, 69999]
+
+
 def test_refusals_name_the_problem(ops):
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match=r"rms_norm: expects a 2-D tensor"):
@@ -113,6 +133,8 @@ def test_refusals_name_the_problem(ops):
         ops.silu_mul(torch.ones(2, 7))
     with pytest.raises(RuntimeError, match=r"rotary_qk: qkv has 40 features, fewer than q, k and v need \(48\)"):
         ops.rotary_qk(torch.ones(2, 40), torch.ones(2, 8), torch.ones(2, 8), 4, 1, 8)
+    with pytest.raises(RuntimeError, match=r"argmax_rows: rows must not be empty"):
+        ops.argmax_rows(torch.ones(2, 0))
     with pytest.raises(RuntimeError, match=r"rotary_qk: cos and sin must be \[2, 8\]"):
         ops.rotary_qk(torch.ones(2, 48), torch.ones(2, 4), torch.ones(2, 4), 4, 1, 8)
 

@@ -135,7 +135,7 @@ def panel_linear(dtype: torch.dtype) -> Callable | None:
 
 def decoder_ops():
     """torch.ops.bunny, holding the decoder's fused elementwise ops (csrc/decoder_ops.cpp: rms_norm, add_rms_norm,
-    rotary_qk, silu_mul; float32 and bfloat16), or None (see the module docstring)."""
+    rotary_qk, silu_mul) and the greedy argmax_rows, float32 and bfloat16, or None (see the module docstring)."""
     if os.environ.get(ENV_VAR) == "0" or load("decoder_ops") is not None:
         return None
     return torch.ops.bunny

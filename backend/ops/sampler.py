@@ -12,8 +12,18 @@ from typing import Protocol
 
 import torch
 
+from bunny_backend.ops import cpu_kernels
+
 # Top-p is first tried on this many most likely tokens; a nucleus that does not fit falls back to a full sort.
 _CANDIDATES = 1024
+
+
+def _cpu_argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """Greedy tokens from CPU logits by our fused op (bf16 read as is, rows split over the threads), else None."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) or not logits.shape[-1]:
+        return None
+    ops = cpu_kernels.decoder_ops()
+    return None if ops is None else ops.argmax_rows(logits)
 
 
 class RowParams(Protocol):
@@ -67,12 +77,14 @@ class Sampler:
                              f"{len(prev_token_ids)} token lists")
         device = logits.device
         penalties = [p.repetition_penalty for p in params]
+        greedy = [p.greedy for p in params]
         if any(p != 1.0 for p in penalties):
             logits = apply_repetition_penalty_(logits.to(torch.float32, copy=True), penalties, prev_token_ids)
+        elif all(greedy) and (tokens := _cpu_argmax(logits)) is not None:
+            return tokens
         else:
             logits = logits.float()
 
-        greedy = [p.greedy for p in params]
         if all(greedy):
             return logits.argmax(dim=-1)
 

@@ -1,6 +1,6 @@
 // The decoder's elementwise work, fused: RMSNorm (alone and after the residual add), rotary embedding of q and k
 // straight out of the fused qkv projection, and SiLU(gate) * up. Each replaces 4-12 ATen ops and their
-// temporaries per call. Built and loaded by ops/cpu_kernels.py.
+// temporaries per call. Also the greedy sampler's argmax over the logits. Built and loaded by ops/cpu_kernels.py.
 //
 // Results are those of the PyTorch code they replace (model/layers.py, model/qwen2.py), rounding included: where
 // that code rounds an intermediate to bfloat16 (the residual sum, the normalised row before the weight, x * cos,
@@ -33,6 +33,12 @@ inline uint16_t narrow(float f) {
   std::memcpy(&u, &f, 4);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);   // NaN stays NaN
+}
+
+inline uint32_t is_nan(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x7fffffffu) > 0x7f800000u;
 }
 
 // Element access for the two storage types: float passes through, bfloat16 goes through its bits.
@@ -222,6 +228,58 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
+// Greedy tokens: the index of each row's largest value, the first one on ties, a NaN counting as the largest (as
+// torch.argmax). Reads bfloat16 logits as they are: torch's bf16 argmax is ~4x slower than its float32 one, which
+// itself runs on one thread.
+template <typename S>
+void argmax_impl(const at::Tensor& x, int64_t* out) {
+  const int64_t rows = x.size(0), n = x.size(1), xs = x.stride(0);
+  const auto* xp = in<S>(x);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16384));
+  const int64_t width = (n + chunks - 1) / chunks;
+  std::vector<float> best(rows * chunks);
+  std::vector<int64_t> where(rows * chunks);
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / chunks, i0 = item % chunks * width, i1 = std::min(n, i0 + width);
+      const auto* row = xp + r * xs;
+      // Two passes that vectorise: the largest value and whether a NaN is there, then the first index holding it.
+      // (NaN is tested on the bits: -ffast-math lets the compiler assume there is none.)
+      float m = -INFINITY;
+      uint32_t nan = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = S::load(row, i);
+        m = v > m ? v : m;
+        nan |= is_nan(v);
+      }
+      int64_t at = i0;
+      if (nan) {
+        while (!is_nan(S::load(row, at))) ++at;
+        m = NAN;
+      } else {
+        while (at < i1 - 1 && S::load(row, at) != m) ++at;
+      }
+      best[item] = m;
+      where[item] = at;
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t c = r * chunks;
+    for (int64_t j = c + 1; j < (r + 1) * chunks && !is_nan(best[c]); ++j)
+      if (best[j] > best[c] || is_nan(best[j])) c = j;
+    out[r] = where[c];
+  }
+}
+
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  check_rows(logits, "argmax_rows");
+  TORCH_CHECK(logits.size(1) > 0, "argmax_rows: rows must not be empty");
+  auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  if (logits.scalar_type() == at::kFloat) argmax_impl<F32>(logits, out.data_ptr<int64_t>());
+  else argmax_impl<BF16>(logits, out.data_ptr<int64_t>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bunny, m) {
@@ -230,6 +288,7 @@ TORCH_LIBRARY_FRAGMENT(bunny, m) {
   m.def("rotary_qk(Tensor qkv, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int head_dim) "
         "-> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bunny, CPU, m) {
@@ -237,4 +296,5 @@ TORCH_LIBRARY_IMPL(bunny, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_qk", &rotary_qk);
   m.impl("silu_mul", &silu_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }
