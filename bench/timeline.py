@@ -1,6 +1,7 @@
 """Where the Triton path's time goes: a per-token timeline on both sides of the wire (issue #16).
 
-Starts bunny-serve with BUNNY_TIMELINE (backend/stub/timeline.py: engine step start/end, each response's hand-over
+Starts bunny-serve with BUNNY_TIMELINE (backend/stub/timeline.py: each request's arrival in execute() and its
+acceptance by the engine (image decoding, tokenization), engine step start/end, each response's hand-over
 to the responder thread, `sender.send` start and end), sends N streaming requests at once from the perf client's
 streams, and stamps each token's arrival at the client. Joined on (request id, token count), every token gets:
 engine step end -> send start (responder queue) -> send end (Triton's IPC) -> client callback (gRPC frontend, wire,
@@ -83,7 +84,8 @@ def analyse(events: list[dict], arrivals: list[tuple[str, int, float]], batch: i
     send_per_step: dict[float, float] = {}
     for e in sends.values():
         send_per_step[e["handed"]] = send_per_step.get(e["handed"], 0.0) + (e["t1"] - e["t0"])
-    return {"engine_step": _ms([s["t1"] - s["t0"] for s in full]), "between_steps": _ms(gaps),
+    accepts = [e["t1"] - e["t0"] for e in events if e["ev"] == "accept"]
+    return {"accept": _ms(accepts), "engine_step": _ms([s["t1"] - s["t0"] for s in full]), "between_steps": _ms(gaps),
             "engine_step_period": _ms(periods), "responder_queue_wait": _ms(queue_wait), "send": _ms(send_s),
             "sends_per_step_total": _ms(list(send_per_step.values())), "send_end_to_client": _ms(to_client),
             "client_inter_token": _ms(client_itl), "steps": len(steps), "tokens_matched": len(to_client)}
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     events = [json.loads(line) for line in trace.read_text().splitlines()]
     result = {"machine_info": machine_info(), "model": args.model, "batch": args.batch,
               "max_tokens": args.max_tokens, "image": not args.text, **analyse(events, arrivals, args.batch)}
-    for key in ("engine_step", "between_steps", "engine_step_period", "responder_queue_wait", "send",
+    for key in ("accept", "engine_step", "between_steps", "engine_step_period", "responder_queue_wait", "send",
                 "sends_per_step_total", "send_end_to_client", "client_inter_token"):
         r = result[key]
         if r:

@@ -1,7 +1,8 @@
 """A timeline of the Triton adapter's work, for finding where time goes between the engine and the client.
 
 Off unless the environment variable BUNNY_TIMELINE names a file (the bench sets it on bunny-serve; Triton's python
-stub inherits it). Then each engine step (start, end, outputs) and each response (when the engine thread handed it
+stub inherits it). Then each request's acceptance (arrival in execute(), return of engine.add_request), each
+engine step (start, end, outputs) and each response (when the engine thread handed it
 over, when `sender.send` began and returned, the client's request id and the token count) is kept in memory and
 appended to that file as JSON lines whenever the engine goes idle and at unload. Times are `time.perf_counter()`,
 CLOCK_MONOTONIC on Linux, so they line up with a client's on the same machine (bench/timeline.py).

@@ -119,6 +119,7 @@ class TritonPythonModel:
         return None
 
     def _submit(self, request, sender) -> None:
+        t_arrive = time.perf_counter()
         if self._down:
             return self._reject(sender, f"model unavailable: {self._down}", "UNAVAILABLE")
         if not self._thread.is_alive():
@@ -151,6 +152,7 @@ class TritonPythonModel:
             f = self._inflight.get(request_id)
             if f is not None:
                 f.accepted = True
+        self._timeline.record(ev="accept", rid=client_id, t0=t_arrive, t1=time.perf_counter())
 
     def _reject(self, sender, message: str, code_name: str = "INVALID_ARG") -> None:
         with self._lock:
