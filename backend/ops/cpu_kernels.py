@@ -141,7 +141,16 @@ def decoder_ops():
     return torch.ops.bunny
 
 
-KERNELS = ("paged_decode", "panel_linear", "decoder_ops")
+def causal_attention(head_dim: int) -> Callable | None:
+    """torch.ops.bunny.causal_attention(q [L, H, D], k, v [L, Hkv, D], scale) -> [L, H, D]: causal self-attention of
+    one fresh prompt (csrc/causal_attention.cpp), or None where it cannot be built or takes no such head_dim."""
+    if os.environ.get(ENV_VAR) == "0" or load("causal_attention") is not None:
+        return None
+    taken = torch.ops.bunny.causal_attention_head_dims().split(",")
+    return torch.ops.bunny.causal_attention if str(head_dim) in taken else None
+
+
+KERNELS = ("paged_decode", "panel_linear", "decoder_ops", "causal_attention")
 
 
 def main() -> int:
