@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bunny_backend.ops import cpu_kernels
-from bunny_backend.ops.attention_torch import TorchAttentionBackend
+from bunny_backend.ops.attention_torch import TorchAttentionBackend, _cpu_causal_attention
 from bunny_backend.utils.context import ForwardContext
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -76,3 +76,10 @@ def test_the_portable_backend_runs_fresh_prompts_on_it(kernel, monkeypatch):
     assert calls == [(7, 4, 16), (12, 4, 16)]
     for s, e in ((0, 7), (7, 19)):
         torch.testing.assert_close(out[s:e].double(), oracle(q[s:e], k[s:e], v[s:e], 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_layouts_it_does_not_take_keep_sdpa(kernel):
+    q, k, v = qkv_views(9, 4, 4, 16, torch.float32, seed=5)
+    assert _cpu_causal_attention(q, k, v) is kernel
+    assert _cpu_causal_attention(q, k, torch.randn(9, 16, 4).transpose(1, 2)) is None   # heads not contiguous
+    assert _cpu_causal_attention(q.half(), k.half(), v.half()) is None

@@ -18,9 +18,12 @@ def _sdpa(q, k, v, scale, mask=None, causal=False):
     return out.squeeze(0).transpose(0, 1)
 
 
-def _cpu_causal_attention(q: torch.Tensor):
-    """Our C++ causal attention for fresh prompts (cpu_kernels.causal_attention) where it takes q, else None."""
+def _cpu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Our C++ causal attention for fresh prompts (cpu_kernels.causal_attention) where it takes these tensors (CPU,
+    float32 or bfloat16, each row's heads contiguous), else None."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if any(t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] for t in (q, k, v)):
         return None
     return cpu_kernels.causal_attention(q.shape[-1])
 
@@ -48,7 +51,7 @@ class TorchAttentionBackend:
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale):
         out = torch.empty_like(q)
-        fresh = _cpu_causal_attention(q)
+        fresh = _cpu_causal_attention(q, k, v)
         q_start = 0
         for i, (len_q, len_k) in enumerate(zip(ctx.seqlens_q, ctx.seqlens_k)):
             qi = q[q_start:q_start + len_q]
