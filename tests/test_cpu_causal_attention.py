@@ -9,16 +9,14 @@ import torch
 from bunny_backend.ops import cpu_kernels
 from bunny_backend.ops.attention_torch import TorchAttentionBackend, _cpu_causal_attention
 from bunny_backend.utils.context import ForwardContext
+from cpu_kernel_helpers import require_kernel
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
-    reason = cpu_kernels.load("causal_attention")
-    if reason is not None:
-        pytest.skip(f"the causal attention kernel could not be built here: {reason}")
+    require_kernel(monkeypatch, "causal_attention")
     return torch.ops.bunny.causal_attention
 
 

@@ -11,6 +11,7 @@ from bunny_backend.model.loader import load_model
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.ops import cpu_kernels
 from bunny_backend.tools.reference import ReferenceBunny
+from cpu_kernel_helpers import require_kernel
 from model_helpers import dense_greedy, dense_logits, pixels_of, prompt_ids
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -19,10 +20,7 @@ EPS = 1e-6
 
 @pytest.fixture
 def ops(monkeypatch):
-    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
-    reason = cpu_kernels.load("decoder_ops")
-    if reason is not None:
-        pytest.skip(f"the decoder ops could not be built here: {reason}")
+    require_kernel(monkeypatch, "decoder_ops")
     return cpu_kernels.decoder_ops()
 
 

@@ -10,16 +10,14 @@ from bunny_backend.ops import cpu_kernels
 from bunny_backend.ops.attention import attend
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
 from attention_helpers import MIXED_SPANS, paged_step
+from cpu_kernel_helpers import require_kernel
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)   # the backend tests below mean the kernel
-    reason = cpu_kernels.load("paged_decode")
-    if reason is not None:
-        pytest.skip(f"the CPU paged decode kernel could not be built here: {reason}")
+    require_kernel(monkeypatch, "paged_decode")   # the backend tests below mean the kernel
     return torch.ops.bunny.paged_decode
 
 

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "softmax.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -109,17 +111,8 @@ void attend_block(const T* q, int64_t qs, const float* kt, int64_t ld_kt, const 
     }
     for (int64_t r = 0; r < nr; ++r) {   // softmax over keys 0..i (the rest of the row is masked out)
       float* s = scores + r * width;
-      const int64_t n = r0 + r + 1;
-      float m = s[0];
-      for (int64_t j = 1; j < n; ++j) m = std::max(m, s[j]);
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = std::exp(s[j] - m);
-        sum += s[j];
-      }
-      const float inv = 1.f / sum;
-      for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-      for (int64_t j = n; j < keys; ++j) s[j] = 0.f;
+      bunny::softmax(s, r0 + r + 1);
+      std::fill(s + r0 + r + 1, s + keys, 0.f);
     }
     if (nr < kRows)
       for (int64_t r = nr; r < kRows; ++r) std::fill(scores + r * width, scores + r * width + keys, 0.f);

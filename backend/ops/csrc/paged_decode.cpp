@@ -13,6 +13,8 @@
 #include <cmath>
 #include <vector>
 
+#include "softmax.h"
+
 namespace {
 
 template <typename T>
@@ -25,19 +27,6 @@ inline float dot(const float* q, const T* k, int64_t n) {
 template <typename T>
 inline void add_scaled(float* acc, float a, const T* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += a * static_cast<float>(v[i]);
-}
-
-// In place: s = exp(s - max) / sum.
-inline void softmax(float* s, int64_t n) {
-  float m = s[0];
-  for (int64_t t = 1; t < n; ++t) m = std::max(m, s[t]);
-  float sum = 0.f;
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = std::exp(s[t] - m);
-    sum += s[t];
-  }
-  const float inv = 1.f / sum;
-  for (int64_t t = 0; t < n; ++t) s[t] *= inv;
 }
 
 // q: [B, H, D] float32; out: [B, H, D] float32, written here.
@@ -75,7 +64,7 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
         for (int64_t i = 0; i < n; ++i, k += token_stride)
           for (int64_t j = 0; j < nq; ++j) scores[j * len + t0 + i] = dot(qb + j * D, k + j / G * D, D) * sc;
       }
-      for (int64_t j = 0; j < nq; ++j) softmax(&scores[j * len], len);
+      for (int64_t j = 0; j < nq; ++j) bunny::softmax(&scores[j * len], len);
       std::fill(ob, ob + nq * D, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {   // weighted sum of V, same walk
         const T* v = vp + table[t0 / block_size] * block_stride + h0 * D;
