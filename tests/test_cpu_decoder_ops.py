@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.model.cpu_layout import use_fused_cpu_ops
 from bunny_backend.model.layers import RMSNorm, apply_rotary, rotary_cos_sin
 from bunny_backend.model.loader import load_model
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.ops import cpu_kernels
+from bunny_backend.ops.sampler import Sampler
 from bunny_backend.tools.reference import ReferenceBunny
 from cpu_kernel_helpers import require_kernel
 from model_helpers import dense_greedy, dense_logits, pixels_of, prompt_ids
@@ -115,6 +117,16 @@ def test_argmax_rows_ties_nan_and_infinities_as_torch(ops):
     for dtype in DTYPES:
         x = logits.to(dtype)
         assert ops.argmax_rows(x).tolist() == x.float().argmax(dim=-1).tolist() == [0, 9, 50, 0, 69999]
+
+
+def test_an_all_greedy_cpu_batch_is_sampled_by_argmax_rows(ops, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "decoder_ops", lambda: calls.append(1) or ops)
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    greedy = Sampler()(logits, [SamplingParams()] * 3, [None] * 3, [[]] * 3)
+    assert calls == [1] and torch.equal(greedy, logits.float().argmax(-1))
+    Sampler()(logits, [SamplingParams(temperature=0.7)] * 3, [torch.Generator()] * 3, [[]] * 3)
+    assert calls == [1]   # a sampled batch takes the float32 path
 
 
 def test_refusals_name_the_problem(ops):

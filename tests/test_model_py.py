@@ -108,6 +108,8 @@ def test_timeline_records_steps_and_sends(monkeypatch, tmp_path):
     assert len(steps) >= 3 and all(e["t0"] <= e["t1"] for e in steps)
     assert [(e["rid"], e["k"], e["final"]) for e in sends] == [(req.id, 1, False), (req.id, 2, False), (req.id, 3, True)]
     assert all(e["handed"] <= e["t0"] <= e["t1"] for e in sends)
+    accepts = [e for e in events if e["ev"] == "accept"]
+    assert [e["rid"] for e in accepts] == [req.id] and accepts[0]["t0"] <= accepts[0]["t1"] <= sends[0]["t0"]
 
 
 @pytest.mark.parametrize("inputs, needle", [
