@@ -87,15 +87,20 @@ BAD = [
 
 def test_bad_requests_get_errors_while_a_good_one_completes(bunny_server, test_images):
     with ThreadPoolExecutor(1) as pool:
-        good = pool.submit(send, bunny_server.url,   # long enough to outlast the bad requests
+        good = pool.submit(send, bunny_server.url,   # long enough to outlast the first bad request
                            inputs_of(TEXTS[3], [test_images[2]], stream=True, max_tokens=1500, ignore_eos=True))
+        running_at_first_refusal = None
         for kw, needle in BAD:
             kw = dict(kw)
             if "images" in kw:
                 kw["images"] = [x.encode() if isinstance(x, str) else x for x in kw["images"]]
             responses, err = send(bunny_server.url, inputs_of(**kw))
             assert responses == [] and err is not None and needle in err, (kw, err)
-        assert not good.done(), "the good request should still be running while the bad ones are refused"
+            if running_at_first_refusal is None:
+                running_at_first_refusal = not good.done()
+        # Only the first refusal is timed against the good stream: how many of the rest land before its 1500th
+        # token depends on the machine's speed, not on the server's behaviour.
+        assert running_at_first_refusal, "the good request should still be running while bad ones are refused"
         responses, err = good.result()
     assert err is None and responses[-1]["completion"] == 1500 and len(joined(responses)[1]) == 1500
 
