@@ -51,6 +51,7 @@ class Sender:
         self.cancelled = False
         self.done = threading.Event()
         self.asked_after_final = 0
+        self.asks = 0
         self.ask_delay_s = 0.0
         self.gate: threading.Event | None = None   # when set, send() waits for it (a slow trip to the server)
 
@@ -63,6 +64,7 @@ class Sender:
             self.done.set()
 
     def is_cancelled(self):
+        self.asks += 1
         if self.done.is_set():
             self.asked_after_final += 1
         time.sleep(self.ask_delay_s)
@@ -95,12 +97,14 @@ class Request:
 class Metric:
     def __init__(self, labels, buckets=None):
         self.labels, self.buckets, self.value, self.observations = labels, buckets, 0.0, []
+        self.sets = 0
 
     def increment(self, v):
         self.value += v
 
     def set(self, v):
         self.value = v
+        self.sets += 1
 
     def observe(self, v):
         self.observations.append(v)

@@ -212,6 +212,30 @@ def test_no_sender_is_asked_about_cancellation_after_its_final(model, monkeypatc
     assert [r.sender.asked_after_final for r in refused] == [0] * len(refused)
 
 
+def test_each_poll_asks_a_few_senders_in_turn(model):
+    """is_cancelled() is a round trip to the server process: a poll asks CANCEL_CHECKS_PER_POLL senders and the
+    next poll the next ones, so every request is asked in turn and a cancellation is seen at any load."""
+    per_poll = sys.modules["bunny_model_under_test"].CANCEL_CHECKS_PER_POLL
+    poll, model._poll_cancellations = model._poll_cancellations, lambda: None   # the responder's polls stop
+    reqs = [run(model, text_input=text(f"r{i}"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
+            for i in range(2 * per_poll + 1)]
+    wait_for(lambda: len(model._inflight) == len(reqs) and all(f.accepted for f in model._inflight.values()), 10,
+             "the requests were not accepted")
+    before = [r.sender.asks for r in reqs]
+    for _ in range(len(reqs)):
+        model._next_cancel_poll = 0.0
+        asks = sum(r.sender.asks for r in reqs)
+        poll()
+        assert sum(r.sender.asks for r in reqs) - asks == per_poll
+    assert [r.sender.asks - b for r, b in zip(reqs, before)] == [per_poll] * len(reqs)
+    reqs[-1].sender.cancelled = True
+    for _ in range(len(reqs)):
+        model._next_cancel_poll = 0.0
+        poll()
+    reqs[-1].sender.wait()
+    assert [outputs(r)["finish_reason"] for r in reqs[-1].sender.finals] == [[b"cancelled"]]
+
+
 def test_engine_exception_fails_in_flight_requests_and_keeps_serving(model):
     model.engine.step_delay = 0.01
     a = run(model, text_input=text("a"), max_tokens=np.array([100000], np.int32))
@@ -249,6 +273,29 @@ def test_metrics_move(model):
     assert fams["bunny_time_to_first_token_seconds"].metrics[0].observations == [0.01]
     assert len(fams["bunny_inter_token_latency_seconds"].metrics[0].observations) == 4
     assert fams["bunny_kv_blocks_total"].metrics[0].value == 64
+
+
+def test_a_final_response_comes_after_the_counters_it_implies(model, monkeypatch):
+    """A client that reads /metrics once its request has ended finds that request's tokens counted."""
+    monkeypatch.setattr(sys.modules["bunny_model_under_test"], "STATS_PERIOD_S", 1000.0)
+    time.sleep(0.3)   # the periodic publication already scheduled has passed; the next is far off
+    run(model, text_input=text("a b c"), max_tokens=np.array([5], np.int32)).sender.wait()
+    assert MetricFamily.families["bunny_generation_tokens_total"].metrics[0].value == 5
+
+
+def test_gauges_are_set_only_when_they_change():
+    """Every set is a round trip to the server process."""
+    from bunny_backend.engine.outputs import EngineStats
+    from bunny_backend.stub.metrics import BunnyMetrics
+    metrics = BunnyMetrics(fake_triton.make_pb_utils(), instance="bunny_gauges")
+    stats = EngineStats()
+    stats.num_running, stats.kv_blocks_total = 3, 64
+    for _ in range(3):
+        metrics.on_stats(stats)
+    stats.num_running = 4
+    metrics.on_stats(stats)
+    assert (metrics.gauges["num_running"].value, metrics.gauges["num_running"].sets) == (4, 2)
+    assert (metrics.gauges["kv_blocks_total"].value, metrics.gauges["kv_blocks_total"].sets) == (64, 1)
 
 
 def test_encoder_metrics_follow_the_engine(model):

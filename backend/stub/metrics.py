@@ -57,6 +57,7 @@ class BunnyMetrics:
         self.itl = family("bunny_inter_token_latency_seconds", "Time between consecutive tokens of a request",
                           MF.HISTOGRAM).Metric(labels=labels, buckets=ITL_BUCKETS)
         self._last = {attr: 0 for attr in self.counters}
+        self._gauge_values: dict[str, float] = {}
 
     def on_output(self, out: RequestOutput) -> None:
         if out.ttft_s is not None:
@@ -74,8 +75,11 @@ class BunnyMetrics:
             if value > self._last[attr]:
                 metric.increment(value - self._last[attr])
                 self._last[attr] = value
-        for attr, metric in self.gauges.items():
-            metric.set(getattr(stats, attr))
+        for attr, metric in self.gauges.items():   # each set is a round trip to the server: only on a change
+            value = getattr(stats, attr)
+            if value != self._gauge_values.get(attr):
+                metric.set(value)
+                self._gauge_values[attr] = value
 
     def close(self) -> None:
         """Drop the metrics before their families (the python backend's required order)."""
