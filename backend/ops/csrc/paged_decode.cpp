@@ -29,6 +29,18 @@ inline void add_scaled(float* acc, float a, const T* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += a * static_cast<float>(v[i]);
 }
 
+// Asks for the rows of a block's first n tokens (span bytes each, token_stride elements apart) to be brought into
+// the cache. Blocks sit anywhere in the cache, and an item reads only its heads' part of each row, so the hardware
+// prefetcher cannot run ahead: without this, decode attention waited on memory latency, not bandwidth (cold
+// caches, 4 sequences of 300 tokens: 555 us a layer, at 9 GB/s).
+template <typename T>
+inline void prefetch_block(const T* first, int64_t n, int64_t token_stride, int64_t span) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* row = reinterpret_cast<const char*>(first + i * token_stride);
+    for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
 // q: [B, H, D] float32; out: [B, H, D] float32, written here.
 template <typename T>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -58,9 +70,19 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
       const int32_t* table = tables + b * max_blocks;
       const float* qb = qp + (b * H + h0 * G) * D;
       float* ob = op + (b * H + h0 * G) * D;
+      const int64_t span = nq / G * D * static_cast<int64_t>(sizeof(T));   // bytes of a row this item reads
+      // the block that starts at token t1 (if any) of cache c, asked for while the one before it is read
+      auto prefetch_next = [&](const T* c, int64_t t1) {
+        if (t1 < len)
+          prefetch_block(c + table[t1 / block_size] * block_stride + h0 * D, std::min(block_size, len - t1),
+                         token_stride, span);
+      };
+      prefetch_next(kp, 0);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {   // scores, one block at a time
         const T* k = kp + table[t0 / block_size] * block_stride + h0 * D;
         const int64_t n = std::min(block_size, len - t0);
+        prefetch_next(kp, t0 + block_size);
+        if (t0 + block_size >= len) prefetch_next(vp, 0);
         for (int64_t i = 0; i < n; ++i, k += token_stride)
           for (int64_t j = 0; j < nq; ++j) scores[j * len + t0 + i] = dot(qb + j * D, k + j / G * D, D) * sc;
       }
@@ -69,6 +91,7 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {   // weighted sum of V, same walk
         const T* v = vp + table[t0 / block_size] * block_stride + h0 * D;
         const int64_t n = std::min(block_size, len - t0);
+        prefetch_next(vp, t0 + block_size);
         for (int64_t i = 0; i < n; ++i, v += token_stride)
           for (int64_t j = 0; j < nq; ++j) add_scaled(ob + j * D, scores[j * len + t0 + i], v + j / G * D, D);
       }
