@@ -29,6 +29,12 @@ def test_address_and_server_args_are_passed_on():
     assert cmd[-2:] == ["--grpc-use-ssl=true", "--grpc-server-cert=c.pem"]
 
 
+def test_the_engine_processes_get_huge_pages_unless_told_otherwise():
+    """torch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: it has to be in the stub's environment."""
+    assert tritonserver.server_env({"PATH": "/usr/bin"})["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert tritonserver.server_env({"PATH": "/usr/bin", "THP_MEM_ALLOC_ENABLE": "0"})["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
 def test_probes_reach_a_wildcard_address_on_loopback():
     assert tritonserver.Ports(http=9).http_url == "http://127.0.0.1:9"
     assert tritonserver.Ports(http=9, address="0.0.0.0").http_url == "http://127.0.0.1:9"

@@ -14,6 +14,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from bunny_backend.utils.huge_pages import with_huge_pages
+
 ROOT = Path(__file__).resolve().parents[2]             # the checkout (backend/ is installed editable)
 MODEL_REPOSITORY = ROOT / "model_repository"
 BACKEND_DIR = ROOT / "build" / "triton" / "backends"
@@ -76,7 +78,7 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = ":".join(dict.fromkeys(path))
     env.pop("PYTHONHOME", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+    return with_huge_pages(env)   # the model's stub processes run the engine
 
 
 def server_command(repository: Path, ports: Ports, *, log_verbose: int = 0, exit_timeout_s: int = 20,
