@@ -1,6 +1,7 @@
 """Portable paged attention in plain PyTorch (CPU, or any device torch supports). On the CPU, where they could be
 built, decode runs our C++ kernel (cpu_kernels.paged_decode: reads K/V in place through the block tables) and a
-fresh prompt's causal attention runs cpu_kernels.causal_attention (1.3-2x torch's CPU flash attention)."""
+prompt's causal attention runs cpu_kernels.causal_attention (1.3-2x torch's CPU flash attention; after a cached
+prefix, 2x torch's masked SDPA), fresh or continuing."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ def _sdpa(q, k, v, scale, mask=None, causal=False):
 
 
 def _cpu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Our C++ causal attention for fresh prompts (cpu_kernels.causal_attention) where it takes these tensors (CPU,
+    """Our C++ causal attention for prompts (cpu_kernels.causal_attention) where it takes these tensors (CPU,
     float32 or bfloat16, each row's heads contiguous), else None."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
         return None
@@ -62,10 +63,13 @@ class TorchAttentionBackend:
             else:
                 table = ctx.block_tables[i]
                 ki, vi = gather_blocks(k_cache, table, len_k), gather_blocks(v_cache, table, len_k)
-                # query row r sits at absolute position len_k - len_q + r
-                q_pos = torch.arange(len_k - len_q, len_k, device=q.device).unsqueeze(1)
-                mask = q_pos >= torch.arange(len_k, device=q.device).unsqueeze(0)
-                out[q_start:q_start + len_q] = _sdpa(qi, ki, vi, scale, mask=mask)
+                if fresh is not None:   # after a cached prefix: the kernel places q's rows at the end
+                    out[q_start:q_start + len_q] = fresh(qi, ki, vi, scale)
+                else:
+                    # query row r sits at absolute position len_k - len_q + r
+                    q_pos = torch.arange(len_k - len_q, len_k, device=q.device).unsqueeze(1)
+                    mask = q_pos >= torch.arange(len_k, device=q.device).unsqueeze(0)
+                    out[q_start:q_start + len_q] = _sdpa(qi, ki, vi, scale, mask=mask)
             q_start += len_q
         return out
 

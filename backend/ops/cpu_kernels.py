@@ -142,8 +142,9 @@ def decoder_ops():
 
 
 def causal_attention(head_dim: int) -> Callable | None:
-    """torch.ops.bunny.causal_attention(q [L, H, D], k, v [L, Hkv, D], scale) -> [L, H, D]: causal self-attention of
-    one fresh prompt (csrc/causal_attention.cpp), or None where it cannot be built or takes no such head_dim."""
+    """torch.ops.bunny.causal_attention(q [L, H, D], k, v [Lk, Hkv, D], scale) -> [L, H, D]: causal attention of a
+    prompt's last L rows over its first Lk >= L (csrc/causal_attention.cpp), or None where it cannot be built or
+    takes no such head_dim."""
     if os.environ.get(ENV_VAR) == "0" or load("causal_attention") is not None:
         return None
     taken = torch.ops.bunny.causal_attention_head_dims().split(",")

@@ -1,6 +1,8 @@
-// Causal self-attention of one fresh prompt (no cached prefix) on the CPU: q [L, H, D] attends over k, v [L, Hkv, D]
-// of the same L tokens, row i over rows 0..i. Built and loaded by ops/cpu_kernels.py; the portable attention
-// backend calls it for prefills (ops/attention_torch.py) where it builds and D is one it was compiled for.
+// Causal attention of one prompt's new rows on the CPU: q [L, H, D] attends over k, v [Lk, Hkv, D], Lk >= L: the
+// sequence's first Lk tokens, of which q holds the last L (Lk == L: a fresh prompt; more: a prompt continuing after
+// a cached prefix, a chunk of a long one or a prefix-cache hit). Query row i sits at position Lk - L + i and sees
+// keys 0..Lk - L + i. Built and loaded by ops/cpu_kernels.py; the portable attention backend calls it for prefills
+// (ops/attention_torch.py) where it builds and D is one it was compiled for.
 //
 // Why: torch's CPU flash attention ran at 65-85 GFLOP/s on these shapes (2.2 ms a layer for a 210-token image
 // prompt in bf16, 13 ms at 730 tokens). Here each kv head's keys are converted once to float32 [D][L] and its
@@ -94,16 +96,17 @@ inline void weighted_values(const float* p, int64_t width, const float* vf, int6
 #endif
 }
 
+// Query rows i0..i1-1 of one head; row i sees keys 0..off+i.
 template <int D, typename T>
-void attend_block(const T* q, int64_t qs, const float* kt, int64_t ld_kt, const float* vf, int64_t i0, int64_t i1,
-                  float scale, float* scores, T* out, int64_t os) {
-  const int64_t width = i1;   // keys 0..i1-1 serve every row of the block
+void attend_block(const T* q, int64_t qs, const float* kt, int64_t ld_kt, const float* vf, int64_t off, int64_t i0,
+                  int64_t i1, float scale, float* scores, T* out, int64_t os) {
+  const int64_t width = off + i1;   // keys 0..off+i1-1 serve every row of the block
   for (int64_t r0 = i0; r0 < i1; r0 += kRows) {
     const int64_t nr = std::min(kRows, i1 - r0);
     float qf[kRows][D];
     for (int64_t r = 0; r < kRows; ++r)
       for (int d = 0; d < D; ++d) qf[r][d] = r < nr ? to_f(q[(r0 + r) * qs + d]) * scale : 0.f;
-    const int64_t keys = r0 + nr;   // the last row of this block sees keys 0..r0+nr-1
+    const int64_t keys = off + r0 + nr;   // the last row of these sees keys 0..off+r0+nr-1
     for (int64_t j0 = 0; j0 < keys; j0 += kKeys) {
       float acc[kRows][kKeys];
       scores_block<D>(qf, kt + j0, ld_kt, acc);
@@ -111,10 +114,10 @@ void attend_block(const T* q, int64_t qs, const float* kt, int64_t ld_kt, const 
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t j = 0; j < nj; ++j) scores[r * width + j0 + j] = acc[r][j];
     }
-    for (int64_t r = 0; r < nr; ++r) {   // softmax over keys 0..i (the rest of the row is masked out)
+    for (int64_t r = 0; r < nr; ++r) {   // softmax over keys 0..off+i (the rest of the row is masked out)
       float* s = scores + r * width;
-      bunny::softmax(s, r0 + r + 1);
-      std::fill(s + r0 + r + 1, s + keys, 0.f);
+      bunny::softmax(s, off + r0 + r + 1);
+      std::fill(s + off + r0 + r + 1, s + keys, 0.f);
     }
     for (int64_t r = nr; r < kRows; ++r) std::fill(scores + r * width, scores + r * width + keys, 0.f);
     float o[kRows][D];
@@ -126,7 +129,7 @@ void attend_block(const T* q, int64_t qs, const float* kt, int64_t ld_kt, const 
 
 template <int D, typename T>
 void causal_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out) {
-  const int64_t L = q.size(0), H = q.size(1), Hkv = k.size(1), G = H / Hkv;
+  const int64_t L = q.size(0), Lk = k.size(0), off = Lk - L, H = q.size(1), Hkv = k.size(1), G = H / Hkv;
   const int64_t blocks = (L + kBlockRows - 1) / kBlockRows;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -134,17 +137,17 @@ void causal_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   T* op = out.data_ptr<T>();
   const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0), os = out.stride(0);
   // Keys as float32 [Hkv][D][ld] (transposed: a pass over D reads 64 keys' scores at once) and values as float32
-  // [Hkv][L][D], once for every query head and block that reads them.
-  const int64_t ld = (L + kKeys - 1) / kKeys * kKeys;
-  std::vector<float> kt(Hkv * D * ld, 0.f), vf(Hkv * L * D);
+  // [Hkv][Lk][D], once for every query head and block that reads them.
+  const int64_t ld = (Lk + kKeys - 1) / kKeys * kKeys;
+  std::vector<float> kt(Hkv * D * ld, 0.f), vf(Hkv * Lk * D);
   at::parallel_for(0, Hkv, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      for (int64_t j = 0; j < L; ++j) {
+      for (int64_t j = 0; j < Lk; ++j) {
         const T* kr = kp + j * ks + g * D;
         const T* vr = vp + j * vs + g * D;
         for (int d = 0; d < D; ++d) {
           kt[(g * D + d) * ld + j] = to_f(kr[d]);
-          vf[(g * L + j) * D + d] = to_f(vr[d]);
+          vf[(g * Lk + j) * D + d] = to_f(vr[d]);
         }
       }
   });
@@ -153,11 +156,11 @@ void causal_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const int64_t items = H * blocks;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(kRows * L);
+    std::vector<float> scores(kRows * Lk);
     for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int64_t b = blocks - 1 - item / H, h = item % H, g = h / G;
       const int64_t i0 = b * kBlockRows, i1 = std::min(L, i0 + kBlockRows);
-      attend_block<D, T>(qp + h * D, qs, kt.data() + g * D * ld, ld, vf.data() + g * L * D, i0, i1,
+      attend_block<D, T>(qp + h * D, qs, kt.data() + g * D * ld, ld, vf.data() + g * Lk * D, off, i0, i1,
                          static_cast<float>(scale), scores.data(), op + h * D, os);
     }
   });
@@ -184,8 +187,8 @@ std::string causal_attention_head_dims() {
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "causal_attention: q, k and v must be [L, heads, D]");
   const int64_t L = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == L && k.size(2) == D, "causal_attention: k and v must be [", L,
-              ", Hkv, ", D, "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= L && k.size(2) == D, "causal_attention: k and v must be [Lk, ",
+              "Hkv, ", D, "] with Lk >= ", L, " (q's rows), got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "causal_attention: ", H, " query heads are not a multiple of ", Hkv,
               " kv heads");
   TORCH_CHECK(std::find(std::begin(kHeadDims), std::end(kHeadDims), D) != std::end(kHeadDims),
