@@ -138,10 +138,17 @@ void causal_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0), os = out.stride(0);
   // Keys as float32 [Hkv][D][ld] (transposed: a pass over D reads 64 keys' scores at once) and values as float32
   // [Hkv][Lk][D], once for every query head and block that reads them.
+  // The buffers stay with the calling thread between calls: fresh multi-MB ones would be new pages every call (at
+  // 239 tokens, their page faults were 7% of the call). Key columns past Lk are read, never used: zeroed.
   const int64_t ld = (Lk + kKeys - 1) / kKeys * kKeys;
-  std::vector<float> kt(Hkv * D * ld, 0.f), vf(Hkv * Lk * D);
+  static thread_local std::vector<float> kt_buffer, vf_buffer;   // the lambdas below use the caller's, not theirs
+  if (kt_buffer.size() < static_cast<size_t>(Hkv * D * ld)) kt_buffer.resize(Hkv * D * ld);
+  if (vf_buffer.size() < static_cast<size_t>(Hkv * Lk * D)) vf_buffer.resize(Hkv * Lk * D);
+  float* const kt = kt_buffer.data();
+  float* const vf = vf_buffer.data();
   at::parallel_for(0, Hkv, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int d = 0; d < D; ++d) std::fill(kt + (g * D + d) * ld + Lk, kt + (g * D + d + 1) * ld, 0.f);
       for (int64_t j = 0; j < Lk; ++j) {
         const T* kr = kp + j * ks + g * D;
         const T* vr = vp + j * vs + g * D;
@@ -150,6 +157,7 @@ void causal_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
           vf[(g * Lk + j) * D + d] = to_f(vr[d]);
         }
       }
+    }
   });
   // Items taken from a shared counter in order of decreasing work (late query blocks see more keys), so the
   // threads finish together.
@@ -160,7 +168,7 @@ void causal_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int64_t b = blocks - 1 - item / H, h = item % H, g = h / G;
       const int64_t i0 = b * kBlockRows, i1 = std::min(L, i0 + kBlockRows);
-      attend_block<D, T>(qp + h * D, qs, kt.data() + g * D * ld, ld, vf.data() + g * Lk * D, off, i0, i1,
+      attend_block<D, T>(qp + h * D, qs, kt + g * D * ld, ld, vf + g * Lk * D, off, i0, i1,
                          static_cast<float>(scale), scores.data(), op + h * D, os);
     }
   });
