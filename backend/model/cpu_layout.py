@@ -88,8 +88,8 @@ def cpu_linear_class(dtype: torch.dtype = torch.float32, cpu: CpuFeatures | None
 
 
 def use_cpu_linears(model: nn.Module, cls: type[_CpuLinear] | None = None) -> None:
-    """Swap the decoder's projections (and an untied LM head) for the CPU layout (cpu_layout, or `cls`), in
-    place."""
+    """Swap the decoder's projections (and an untied LM head), the vision tower's and the projector's linears for
+    the CPU layout (cpu_layout, or `cls`), in place."""
     convert = cls or cpu_layout
     for layer in model.model.layers:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
@@ -97,6 +97,17 @@ def use_cpu_linears(model: nn.Module, cls: type[_CpuLinear] | None = None) -> No
             setattr(parent, name, convert(getattr(parent, name)))
     if not model.config.text.tie_word_embeddings:
         model.lm_head = convert(model.lm_head)
+    for name in ("vision_tower", "mm_projector"):   # on the tensor-parallel driver only
+        if (part := getattr(model.model, name, None)) is not None:
+            _convert_linears(part, convert)
+
+
+def _convert_linears(module: nn.Module, convert) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, convert(child))
+        else:
+            _convert_linears(child, convert)
 
 
 def use_fused_cpu_ops(model: nn.Module) -> None:
