@@ -5,9 +5,10 @@
 // Compiled with -O3 -ffast-math -march=native: fast-math lets the compiler reorder the float sums of the dot
 // products and softmax (so they vectorise) and call the vector expf; accumulation is float32 whatever the dtype.
 //
-// Two item kernels, one walk: with AVX-512, float32 or bfloat16 caches and D a multiple of 32, register-blocked
-// loops (16 keys' dot products reduced together, the output accumulated 16 keys at a time in registers); else
-// plain loops the compiler vectorises. The walk prefetches the blocks it reads next (kAhead).
+// Two kernels: with AVX-512 and D a multiple of 32, register-blocked loops (16 keys' dot products reduced together,
+// the output accumulated 16 keys at a time in registers, the blocks read next asked for kAhead blocks ahead) for
+// bfloat16, and for float32 at small batches; else plain loops the compiler vectorises (paged_decode_impl says
+// where each was measured faster).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,13 +29,13 @@
 namespace {
 
 // Asks for the rows of a block's first n tokens (span bytes each, token_stride elements apart) to be brought into
-// L2. Blocks sit anywhere in the cache, so the hardware prefetcher cannot run ahead from one block into the next
-// (cold caches, 4 sequences of 300 tokens: 555 us a layer at 9 GB/s without any prefetch).
-template <typename T>
+// L2 (Locality 2) or L1 (3). Blocks sit anywhere in the cache, so the hardware prefetcher cannot run ahead from one
+// block into the next (cold caches, 4 sequences of 300 tokens: 555 us a layer at 9 GB/s without any prefetch).
+template <int Locality = 2, typename T>
 inline void prefetch_rows(const T* first, int64_t n, int64_t token_stride, int64_t span) {
   for (int64_t i = 0; i < n; ++i) {
     const char* row = reinterpret_cast<const char*>(first + i * token_stride);
-    for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(row + b, 0, 2);
+    for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(row + b, 0, Locality);
   }
 }
 
@@ -77,44 +78,6 @@ struct Item {
   }
   int64_t span() const { return nq / G * D * static_cast<int64_t>(sizeof(T)); }   // bytes of a row it reads
 };
-
-// ---- the portable item kernel ----
-
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += q[i] * static_cast<float>(k[i]);
-  return s;
-}
-
-template <typename T>
-inline void add_scaled(float* acc, float a, const T* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += a * static_cast<float>(v[i]);
-}
-
-// scores: [nq, len]
-template <typename T>
-void attend_portable(const Item<T>& it, float* scores) {
-  const int64_t len = it.len, nq = it.nq, D = it.D;
-  for (int values = 0; values < 2; ++values) {
-    if (values) {
-      for (int64_t j = 0; j < nq; ++j) bunny::softmax(&scores[j * len], len);
-      std::fill(it.out, it.out + nq * D, 0.f);
-    }
-    for (int64_t t0 = 0; t0 < len; t0 += it.block_size) {
-      const T* rows = it.block(values ? it.v : it.k, t0);
-      const Next<T> next = it.ahead(values * it.blocks() + t0 / it.block_size + kAhead);
-      prefetch_rows(next.rows, next.n, it.token_stride, it.span());
-      for (int64_t i = 0; i < it.rows_from(t0); ++i, rows += it.token_stride)
-        for (int64_t j = 0; j < nq; ++j) {
-          if (values)
-            add_scaled(it.out + j * D, scores[j * len + t0 + i], rows + j / it.G * D, D);
-          else
-            scores[j * len + t0 + i] = dot(it.q + j * D, rows + j / it.G * D, D) * it.scale;
-        }
-    }
-  }
-}
 
 // ---- the AVX-512 item kernel ----
 
@@ -235,9 +198,85 @@ template <typename T>
 void attend_tiles(const Item<T>&, const float*, float*, float*) {}
 #endif
 
+// ---- the portable kernel ----
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += q[i] * static_cast<float>(k[i]);
+  return s;
+}
+
+template <typename T>
+inline void add_scaled(float* acc, float a, const T* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += a * static_cast<float>(v[i]);
+}
+
+// The portable kernel: plain loops the compiler vectorises, each item's blocks walked row by row, the next
+// block asked for whole (into L1) while one is read. q: [B, H, D] float32; out: [B, H, D] float32, written here.
+template <typename T>
+void portable_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_tables, const int32_t* lens, int64_t max_len, double scale,
+                       at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t token_stride = Hkv * D, block_stride = block_size * token_stride;
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const float sc = static_cast<float>(scale);
+
+  // Work item = (sequence, a run of kv heads). Per token the item reads its heads' rows as one contiguous span:
+  // walking one head alone would touch a new page every token (rows Hkv * D apart), which defeats the hardware
+  // prefetcher; at large batches a run is all heads. Enough items for every thread to get a few.
+  const int64_t runs = std::min(Hkv, (4 * at::get_num_threads() + B - 1) / B);
+  const int64_t run = (Hkv + runs - 1) / runs;
+  at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(run * G * max_len);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / runs, h0 = item % runs * run, len = lens[b];
+      const int64_t nq = (std::min(h0 + run, Hkv) - h0) * G;   // query heads j = 0..nq-1 read kv head h0 + j / G
+      const int32_t* table = tables + b * max_blocks;
+      const float* qb = qp + (b * H + h0 * G) * D;
+      float* ob = op + (b * H + h0 * G) * D;
+      const int64_t span = nq / G * D * static_cast<int64_t>(sizeof(T));   // bytes of a row this item reads
+      // the block that starts at token t1 (if any) of cache c, asked for while the one before it is read
+      auto prefetch_next = [&](const T* c, int64_t t1) {
+        if (t1 < len)
+          prefetch_rows<3>(c + table[t1 / block_size] * block_stride + h0 * D, std::min(block_size, len - t1),
+                         token_stride, span);
+      };
+      prefetch_next(kp, 0);
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {   // scores, one block at a time
+        const T* k = kp + table[t0 / block_size] * block_stride + h0 * D;
+        const int64_t n = std::min(block_size, len - t0);
+        prefetch_next(kp, t0 + block_size);
+        if (t0 + block_size >= len) prefetch_next(vp, 0);
+        for (int64_t i = 0; i < n; ++i, k += token_stride)
+          for (int64_t j = 0; j < nq; ++j) scores[j * len + t0 + i] = dot(qb + j * D, k + j / G * D, D) * sc;
+      }
+      for (int64_t j = 0; j < nq; ++j) bunny::softmax(&scores[j * len], len);
+      std::fill(ob, ob + nq * D, 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {   // weighted sum of V, same walk
+        const T* v = vp + table[t0 / block_size] * block_stride + h0 * D;
+        const int64_t n = std::min(block_size, len - t0);
+        prefetch_next(vp, t0 + block_size);
+        for (int64_t i = 0; i < n; ++i, v += token_stride)
+          for (int64_t j = 0; j < nq; ++j) add_scaled(ob + j * D, scores[j * len + t0 + i], v + j / G * D, D);
+      }
+    }
+  });
+}
+
 // ---- the walk ----
 
-// q: [B, H, D] float32; out: [B, H, D] float32, written here.
+// The register-blocked kernel where it is faster (measured in engine decode steps, alternated with the portable
+// kernel: bf16 at every batch size; float32 only while items are parts of a sequence, small batches; a float32
+// batch of whole sequences ran 5-10% slower on it), else the portable one. q: [B, H, D] float32; out: [B, H, D]
+// float32, written here.
 template <typename T>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const int32_t* lens, int64_t max_len, double scale,
@@ -246,13 +285,12 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
   const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv;
   const int64_t max_blocks = block_tables.size(1);
   const int64_t token_stride = Hkv * D, block_stride = block_size * token_stride;
-  const bool vector = kVectorPath && D % 32 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
-
-  // Work item = (sequence, a run of kv heads). Per token the item reads its heads' rows as one contiguous span:
-  // walking one head alone would touch a new page every token (rows Hkv * D apart), which defeats the hardware
-  // prefetcher; at large batches a run is all heads. Enough items for every thread to get a few.
+  // Work item = (sequence, a run of kv heads), as in portable_impl.
   const int64_t runs = std::min(Hkv, (4 * at::get_num_threads() + B - 1) / B);
   const int64_t run = (Hkv + runs - 1) / runs;
+  const bool vector = kVectorPath && D % 32 == 0 &&
+                      (std::is_same_v<T, c10::BFloat16> || (std::is_same_v<T, float> && runs > 1));
+  if (!vector) return portable_impl<T>(q, k_cache, v_cache, block_tables, lens, max_len, scale, out);
   auto item_at = [&](int64_t index) {
     const int64_t b = index / runs, h0 = index % runs * run;
     const int64_t nq = (std::min(h0 + run, Hkv) - h0) * G;
@@ -271,16 +309,12 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
     for (int64_t index = begin; index < end; ++index) {
       Item<T> following = index + 1 < end ? item_at(index + 1) : it;
       it.following = index + 1 < end ? &following : nullptr;
-      if (vector) {
-        for (int64_t j = 0; j < it.nq; ++j)
-          for (int64_t l = 0; l < D; ++l) qp[j * D + l] = it.q[j * D + l / 32 * 32 + lane<T>(l % 32)];
-        std::fill(acc.begin(), acc.end(), 0.f);
-        attend_tiles(it, qp.data(), scores.data(), acc.data());
-        for (int64_t j = 0; j < it.nq; ++j)
-          for (int64_t l = 0; l < D; ++l) it.out[j * D + l / 32 * 32 + lane<T>(l % 32)] = acc[j * D + l];
-      } else {
-        attend_portable(it, scores.data());
-      }
+      for (int64_t j = 0; j < it.nq; ++j)
+        for (int64_t l = 0; l < D; ++l) qp[j * D + l] = it.q[j * D + l / 32 * 32 + lane<T>(l % 32)];
+      std::fill(acc.begin(), acc.end(), 0.f);
+      attend_tiles(it, qp.data(), scores.data(), acc.data());
+      for (int64_t j = 0; j < it.nq; ++j)
+        for (int64_t l = 0; l < D; ++l) it.out[j * D + l / 32 * 32 + lane<T>(l % 32)] = acc[j * D + l];
       it = following;
     }
   });
