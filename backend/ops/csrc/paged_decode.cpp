@@ -39,6 +39,19 @@ inline void prefetch_rows(const T* first, int64_t n, int64_t token_stride, int64
   }
 }
 
+// The shapes both kernels walk by. Work item = (sequence, a run of kv heads). Per token an item reads its heads'
+// rows as one contiguous span: walking one head alone would touch a new page every token (rows Hkv * D apart),
+// which defeats the hardware prefetcher; at large batches a run is all heads. Enough items for every thread to
+// get a few.
+struct Walk {
+  int64_t B, H, D, block_size, Hkv, G, max_blocks, token_stride, block_stride, runs, run;
+
+  Walk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_tables)
+      : B(q.size(0)), H(q.size(1)), D(q.size(2)), block_size(k_cache.size(1)), Hkv(k_cache.size(2)), G(H / Hkv),
+        max_blocks(block_tables.size(1)), token_stride(Hkv * D), block_stride(block_size * token_stride),
+        runs(std::min(Hkv, (4 * at::get_num_threads() + B - 1) / B)), run((Hkv + runs - 1) / runs) {}
+};
+
 // How many blocks ahead of the one being read the walk asks for (1, 2, 4 and 8 measured alike; 2 leaves a block's
 // time of slack where a thread is preempted).
 constexpr int64_t kAhead = 2;
@@ -215,25 +228,16 @@ inline void add_scaled(float* acc, float a, const T* v, int64_t n) {
 // The portable kernel: plain loops the compiler vectorises, each item's blocks walked row by row, the next
 // block asked for whole (into L1) while one is read. q: [B, H, D] float32; out: [B, H, D] float32, written here.
 template <typename T>
-void portable_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& block_tables, const int32_t* lens, int64_t max_len, double scale,
-                       at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv;
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t token_stride = Hkv * D, block_stride = block_size * token_stride;
+void portable_impl(const Walk& w, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const int32_t* lens, int64_t max_len, double scale,
+                   at::Tensor& out) {
+  const auto [B, H, D, block_size, Hkv, G, max_blocks, token_stride, block_stride, runs, run] = w;
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const float sc = static_cast<float>(scale);
-
-  // Work item = (sequence, a run of kv heads). Per token the item reads its heads' rows as one contiguous span:
-  // walking one head alone would touch a new page every token (rows Hkv * D apart), which defeats the hardware
-  // prefetcher; at large batches a run is all heads. Enough items for every thread to get a few.
-  const int64_t runs = std::min(Hkv, (4 * at::get_num_threads() + B - 1) / B);
-  const int64_t run = (Hkv + runs - 1) / runs;
   at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(run * G * max_len);
     for (int64_t item = begin; item < end; ++item) {
@@ -281,16 +285,11 @@ template <typename T>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const int32_t* lens, int64_t max_len, double scale,
                        at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv;
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t token_stride = Hkv * D, block_stride = block_size * token_stride;
-  // Work item = (sequence, a run of kv heads), as in portable_impl.
-  const int64_t runs = std::min(Hkv, (4 * at::get_num_threads() + B - 1) / B);
-  const int64_t run = (Hkv + runs - 1) / runs;
+  const Walk w(q, k_cache, block_tables);
+  const auto [B, H, D, block_size, Hkv, G, max_blocks, token_stride, block_stride, runs, run] = w;
   const bool vector = kVectorPath && D % 32 == 0 &&
                       (std::is_same_v<T, c10::BFloat16> || (std::is_same_v<T, float> && runs > 1));
-  if (!vector) return portable_impl<T>(q, k_cache, v_cache, block_tables, lens, max_len, scale, out);
+  if (!vector) return portable_impl<T>(w, q, k_cache, v_cache, block_tables, lens, max_len, scale, out);
   auto item_at = [&](int64_t index) {
     const int64_t b = index / runs, h0 = index % runs * run;
     const int64_t nq = (std::min(h0 + run, Hkv) - h0) * G;
