@@ -52,24 +52,25 @@ class TorchAttentionBackend:
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale):
         out = torch.empty_like(q)
-        fresh = _cpu_causal_attention(q, k, v)
+        kernel = _cpu_causal_attention(q, k, v)
         q_start = 0
         for i, (len_q, len_k) in enumerate(zip(ctx.seqlens_q, ctx.seqlens_k)):
-            qi = q[q_start:q_start + len_q]
-            if k_cache is None or len_k == len_q:
-                ki, vi = k[q_start:q_start + len_q], v[q_start:q_start + len_q]
-                out[q_start:q_start + len_q] = (fresh(qi, ki, vi, scale) if fresh is not None
-                                                else _sdpa(qi, ki, vi, scale, causal=True))
+            qi, rows = q[q_start:q_start + len_q], slice(q_start, q_start + len_q)
+            fresh = k_cache is None or len_k == len_q
+            if fresh:
+                ki, vi = k[rows], v[rows]
             else:
                 table = ctx.block_tables[i]
                 ki, vi = gather_blocks(k_cache, table, len_k), gather_blocks(v_cache, table, len_k)
-                if fresh is not None:   # after a cached prefix: the kernel places q's rows at the end
-                    out[q_start:q_start + len_q] = fresh(qi, ki, vi, scale)
-                else:
-                    # query row r sits at absolute position len_k - len_q + r
-                    q_pos = torch.arange(len_k - len_q, len_k, device=q.device).unsqueeze(1)
-                    mask = q_pos >= torch.arange(len_k, device=q.device).unsqueeze(0)
-                    out[q_start:q_start + len_q] = _sdpa(qi, ki, vi, scale, mask=mask)
+            if kernel is not None:   # after a cached prefix too: the kernel places q's rows last
+                out[rows] = kernel(qi, ki, vi, scale)
+            elif fresh:
+                out[rows] = _sdpa(qi, ki, vi, scale, causal=True)
+            else:
+                # query row r sits at absolute position len_k - len_q + r
+                q_pos = torch.arange(len_k - len_q, len_k, device=q.device).unsqueeze(1)
+                mask = q_pos >= torch.arange(len_k, device=q.device).unsqueeze(0)
+                out[rows] = _sdpa(qi, ki, vi, scale, mask=mask)
             q_start += len_q
         return out
 

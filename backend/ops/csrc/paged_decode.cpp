@@ -126,7 +126,8 @@ inline __m512 sum16(const __m512 (&p)[kTile]) {
   for (int k = 0; k < 8; ++k)
     t[k] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * k], p[2 * k + 1]), _mm512_unpackhi_ps(p[2 * k], p[2 * k + 1]));
   for (int k = 0; k < 4; ++k)   // per 128-bit lane: the partial sums of p[4k..4k+3]
-    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44), _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
+    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
   const __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
   const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
@@ -135,9 +136,8 @@ inline __m512 sum16(const __m512 (&p)[kTile]) {
 // Step h of the h_steps a tile takes asks for its share of the rows of tile i0 of the next block, whole rows in
 // order (spread this way, the prefetches cost a few instructions a step and reach memory as one stream).
 template <typename T>
-inline void prefetch_tile(const Item<T>& it, const Next<T>& next, int64_t i0, int64_t tile, int64_t h,
-                          int64_t h_steps) {
-  const int64_t rows = std::min(tile, next.n - i0);
+inline void prefetch_tile(const Item<T>& it, const Next<T>& next, int64_t i0, int64_t h, int64_t h_steps) {
+  const int64_t rows = std::min(kTile, next.n - i0);
   if (rows <= 0) return;
   const int64_t r0 = h * rows / h_steps, r1 = (h + 1) * rows / h_steps;
   prefetch_rows(next.rows + (i0 + r0) * it.token_stride, r1 - r0, it.token_stride, it.span());
@@ -156,7 +156,7 @@ void attend_tiles(const Item<T>& it, const float* qp, float* scores, float* acc)
     for (int64_t i0 = 0; i0 < n; i0 += kTile) {
       const int64_t nt = std::min(kTile, n - i0);
       for (int64_t j = 0; j < nq; ++j) {
-        if (j % G == 0) prefetch_tile(it, next, i0, kTile, j / G, nq / G);
+        if (j % G == 0) prefetch_tile(it, next, i0, j / G, nq / G);
         const T* kj = rows + i0 * it.token_stride + j / G * D;
         const float* qj = qp + j * D;
         __m512 part[kTile];
@@ -182,7 +182,7 @@ void attend_tiles(const Item<T>& it, const float* qp, float* scores, float* acc)
     for (int64_t i0 = 0; i0 < n; i0 += kTile) {
       const int64_t nt = std::min(kTile, n - i0);
       for (int64_t j = 0; j < nq; ++j) {
-        if (j % G == 0) prefetch_tile(it, next, i0, kTile, j / G, nq / G);
+        if (j % G == 0) prefetch_tile(it, next, i0, j / G, nq / G);
         const T* vj = rows + i0 * it.token_stride + j / G * D;
         const float* sj = scores + j * len + t0 + i0;
         float* aj = acc + j * D;
