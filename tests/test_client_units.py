@@ -10,7 +10,7 @@ import pytest
 from tritonclient.utils import deserialize_bytes_tensor
 
 from bunny_client.captions import CaptionWriter, list_images, load_captions, pending_images, write_json_atomic
-from bunny_client.grpc_requests import RequestOptions, build_inputs
+from bunny_client.grpc_requests import RequestOptions, build_inputs, parse_response
 from bunny_client.perf_analyzer import input_data, serialize_bytes
 from bunny_client.perf_stats import RequestTiming, parse_batch_sizes, summarize
 
@@ -56,6 +56,38 @@ def test_build_inputs_types_shapes_and_values():
 def test_build_inputs_batched_model_gets_leading_dim():
     t = _tensors(RequestOptions(text="x", images=[b"a"], max_tokens=3), batched=True)
     assert t["text_input"].shape() == [1, 1] and t["image"].shape() == [1, 1] and t["max_tokens"].shape() == [1, 1]
+
+
+def _infer_result(outputs: list[tuple[str, str, bytes]], final: bool):
+    from tritonclient.grpc import InferResult, service_pb2
+
+    response = service_pb2.ModelInferResponse(model_name="bunny", id="r1")
+    for name, dtype, raw in outputs:
+        response.outputs.add(name=name, datatype=dtype, shape=[-1])
+        response.raw_output_contents.append(raw)
+    if final:
+        response.parameters["triton_final_response"].bool_param = True
+    return InferResult(response)
+
+
+def test_parse_response_reads_raw_contents():
+    """Each streamed token's response is read straight from its raw contents: text (multi-byte UTF-8), ids, the
+    counters, the final flag; an empty final response is an empty Delta."""
+    ints = lambda *v: np.array(v, dtype=np.int32).tobytes()  # noqa: E731
+    piece = "\u732b\u306f".encode()
+    delta = parse_response(_infer_result([
+        ("text_output", "BYTES", serialize_bytes(piece)), ("output_ids", "INT32", ints(151643, 7)),
+        ("finish_reason", "BYTES", serialize_bytes(b"")), ("prompt_tokens", "INT32", ints(12)),
+        ("completion_tokens", "INT32", ints(2))], final=False), t=1.5)
+    assert (delta.text, delta.ids, delta.t, delta.final) == ("\u732b\u306f", [151643, 7], 1.5, False)
+    assert (delta.finish_reason, delta.prompt_tokens, delta.completion_tokens) == ("", 12, 2)
+    last = parse_response(_infer_result([
+        ("text_output", "BYTES", serialize_bytes(b"")), ("output_ids", "INT32", b""),
+        ("finish_reason", "BYTES", serialize_bytes(b"length")), ("prompt_tokens", "INT32", ints(12)),
+        ("completion_tokens", "INT32", ints(3))], final=True), t=2.0)
+    assert (last.text, last.ids, last.final, last.finish_reason, last.completion_tokens) == ("", [], True, "length", 3)
+    empty = parse_response(_infer_result([], final=True), t=3.0)
+    assert (empty.text, empty.ids, empty.final, empty.prompt_tokens, empty.finish_reason) == ("", [], True, None, "")
 
 
 def test_parse_batch_sizes():
