@@ -22,6 +22,7 @@ import torch
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.decode_graphs import GraphCapture
+from bunny_backend.model.cpu_decode import use_cpu_decode_loop
 from bunny_backend.model.cpu_layout import use_cpu_linears, use_fused_cpu_ops
 from bunny_backend.model.loader import DTYPES
 from bunny_backend.ops import triton_paged_decode
@@ -151,6 +152,7 @@ class DevicePlan:
         if self.device.type == "cpu":
             use_cpu_linears(model)
             use_fused_cpu_ops(model)
+            use_cpu_decode_loop(model)
 
     def graph_capture(self, head_dim: int) -> GraphCapture | None:
         """torch.cuda graph capture when asked for and the decode attention can be captured, else None."""

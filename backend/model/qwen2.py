@@ -13,6 +13,7 @@ from torch import nn
 from bunny_backend.model.config import TextConfig
 from bunny_backend.model.layers import Attention, RMSNorm, apply_rotary, rotary_cos_sin
 from bunny_backend.model.sharding import TextShards
+from bunny_backend.utils.context import get_context
 
 
 class Qwen2Attention(nn.Module):
@@ -109,8 +110,11 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.hidden_size, shards)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, shards) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.decode_loop = None   # decode-only steps on the CPU kernels without the modules (model/cpu_decode.py)
 
     def decode_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.decode_loop is not None and self.decode_loop.runs(ctx := get_context()):
+            return self.decode_loop(inputs_embeds, positions, ctx)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x, residual = inputs_embeds, None
         for layer in self.layers:

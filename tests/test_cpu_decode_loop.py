@@ -1,0 +1,65 @@
+"""Model level: the flat CPU decode loop (model/cpu_decode.py) against the decoder's modules over the same steps of
+one engine: identical logits at every decode step (it calls the same ops on the same tensors), float32 and bfloat16,
+grouped kv heads, sequences of different lengths whose blocks interleave; and where it is installed."""
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import QUESTIONS, make_engine, run_all
+
+from bunny_backend.engine.sampling_params import SamplingParams
+from bunny_backend.model.cpu_decode import CpuDecodeLoop
+from bunny_backend.ops import cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels.decoder_ops() is None or cpu_kernels.paged_decode() is None
+                                or cpu_kernels.panel_linear(torch.float32) is None,
+                                reason="the CPU kernels do not build on this machine")
+
+
+def _logits_by_step(engine, arrivals, use_loop: bool) -> list[torch.Tensor]:
+    text = engine.model.model
+    loop = text.decode_loop
+    assert isinstance(loop, CpuDecodeLoop)
+    text.decode_loop = loop if use_loop else None
+    seen, calls = [], {"loop": 0}
+    compute_logits = engine.model.compute_logits
+
+    def record(hidden):
+        logits = compute_logits(hidden)
+        seen.append(logits.clone())
+        return logits
+
+    def counted(*args):
+        calls["loop"] += 1
+        return loop(*args)
+
+    engine.model.compute_logits = record
+    if use_loop:
+        text.decode_loop = type("Counted", (), {"runs": staticmethod(loop.runs), "__call__": staticmethod(counted)})()
+    run_all(engine, arrivals)
+    assert (calls["loop"] > 0) == use_loop
+    return seen
+
+
+@pytest.mark.parametrize("dtype,config", [
+    ("float32", dict(seed=11, num_heads=4, num_kv_heads=4)),
+    ("bfloat16", dict(seed=12, num_heads=8, num_kv_heads=2)),
+], ids=["fp32-mha", "bf16-gqa"])
+def test_decode_loop_gives_the_modules_logits(checkpoint_factory, test_images, dtype, config):
+    if dtype == "bfloat16" and cpu_kernels.panel_linear(torch.bfloat16) is None:
+        pytest.skip("no bf16 panel kernel on this CPU")
+    path = checkpoint_factory(**config)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    arrivals = [(0, "a", QUESTIONS[0], [], params), (0, "b", QUESTIONS[1], [test_images[0]], params),
+                (3, "c", QUESTIONS[4], [], SamplingParams(max_tokens=14, ignore_eos=True))]
+    with_loop = _logits_by_step(make_engine(path, dtype=dtype, max_num_batched_tokens=256), arrivals, True)
+    without = _logits_by_step(make_engine(path, dtype=dtype, max_num_batched_tokens=256), arrivals, False)
+    assert len(with_loop) == len(without) >= 15
+    for step, (a, b) in enumerate(zip(with_loop, without)):
+        assert torch.equal(a, b), f"step {step}: logits differ"
+
+
+def test_decode_loop_only_with_all_its_pieces(tiny_checkpoint, monkeypatch):
+    assert isinstance(make_engine(tiny_checkpoint).model.model.decode_loop, CpuDecodeLoop)
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")   # the portable code: no kernels, no loop
+    assert make_engine(tiny_checkpoint).model.model.decode_loop is None
