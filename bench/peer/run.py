@@ -38,6 +38,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 SETUP = Path(__file__).resolve().parent / "setup_vllm.sh"
 MAX_MODEL_LEN = 4096
 MAX_NUM_SEQS = 16
+# TTFT with one image is the best of this many tries each, alternated: single requests on this shared machine
+# move by 15-40% from one try to the next (159-233 ms for ours in one run).
+TTFT_TRIES = 5
 KV_CACHE_GIB = 1        # vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE): room for 10 requests of ~300 tokens many times
 
 
@@ -119,10 +122,10 @@ class Vllm:
 
 def interleaved(systems: dict[str, dict[str, object]], args, log) -> dict:
     """Every measurement alternates between the systems (their order flipped each repeat), so load from other
-    processes falls on both alike: warm-up, TTFT with one image (best of 3), then per repeat, kind and batch size
-    one round each. Each round's images are drawn once and given to both systems. Every round starts on a quiet
-    machine (bench.common.settle): vLLM's worker keeps a core busy for 1-2 s after its last response, which
-    would otherwise slow whichever round comes next."""
+    processes falls on both alike: warm-up, TTFT with one image (best of TTFT_TRIES, the order flipped each try),
+    then per repeat, kind and batch size one round each. Each round's images are drawn once and given to both
+    systems. Every round starts on a quiet machine (bench.common.settle): vLLM's worker keeps a core busy for 1-2 s
+    after its last response, which would otherwise slow whichever round comes next."""
     names = list(systems)
     images = Images()
     out = {name: {kind: {"errors": [], "rounds": {}} for kind in ("text", "image")} for name in names}
@@ -131,9 +134,9 @@ def interleaved(systems: dict[str, dict[str, object]], args, log) -> dict:
             settle()
             systems[name][kind].round(1, take(1), 8)
     ttfts: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(3):
+    for i in range(TTFT_TRIES):
         image = images.take(1)
-        for name in names:
+        for name in names if i % 2 == 0 else names[::-1]:
             settle()
             _, timings, _, errs = systems[name]["image"].round(1, image, 1)
             out[name]["image"]["errors"] += errs
@@ -316,7 +319,8 @@ def format_result(result: dict, batch_sizes: list[int]) -> str:
             ratio = f"{x / y:.2f}" if x and y else "-"
             lines.append(f"| {kind} | {b} | {x or 0:.1f} | {y or 0:.1f} | {ratio} |")
     a, b = ours.get("image", {}).get("ttft_1image_s"), vllm.get("image", {}).get("ttft_1image_s")
-    lines.append(f"TTFT with one image (best of 3): bunny-serve {1e3 * (a or 0):.0f} ms, vLLM {1e3 * (b or 0):.0f} ms")
+    lines.append(f"TTFT with one image (best of {TTFT_TRIES}): bunny-serve {1e3 * (a or 0):.0f} ms, "
+                 f"vLLM {1e3 * (b or 0):.0f} ms")
     lines.append(f"greedy ids: {result['greedy_ids']}")
     if result.get("contention") is not None:
         lines.append(f"contention (other processes' share of the CPU meanwhile): {100 * result['contention']:.0f}%")
