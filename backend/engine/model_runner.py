@@ -74,7 +74,8 @@ class ModelRunner:
             last_rows.append(len(ids) - 1 if end == seq.num_tokens else None)
         ctx = paged_context([end - start for start, end in chunks], [end for _, end in chunks],
                             [s.block_table for s in seqs],
-                            torch.tensor(slots, dtype=torch.int64, device=self.device), num_decodes)
+                            torch.tensor(slots, dtype=torch.int64, device=self.device), num_decodes,
+                            finals=[r is not None for r in last_rows])
         image_embeds = torch.cat(rows) if rows else None
         return ids, positions, image_embeds, ctx, last_rows
 
@@ -126,7 +127,9 @@ class ModelRunner:
             reset_context()
         if not step.logit_rows:
             return None
-        return self.model.compute_logits(hidden[step.logit_rows])
+        if step.context.output_rows is None:   # else the model gave the output rows only, which are these
+            hidden = hidden[step.logit_rows]
+        return self.model.compute_logits(hidden)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], want: list[int]) -> list[int | None]:
         """logits[j] belongs to seqs[want[j]]; the others get None."""

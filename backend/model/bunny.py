@@ -89,7 +89,8 @@ class BunnyForCausalLM(nn.Module):
         return embeds
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Packed inputs [N, hidden] and positions [N] -> final hidden states [N, hidden]."""
+        """Packed inputs [N, hidden] and positions [N] -> final hidden states [N, hidden], or [M, hidden] for the
+        context's output_rows where it names them."""
         return self.model.decode_embeds(inputs_embeds, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

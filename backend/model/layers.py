@@ -69,3 +69,12 @@ class Attention(nn.Module):
         if self.k_cache is not None and ctx.slot_mapping is not None:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         return attend(self.backend, q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
+
+    def forward_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Stores every row's K/V; attends for `rows` only, the context's output rows: each its sequence's
+        last token so far, which makes it one decode over that sequence's cache (ctx.outputs)."""
+        ctx = get_context()
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if rows.numel() == 0:
+            return q.new_empty((0, self.num_heads, self.head_dim))
+        return self.backend.decode(q.index_select(0, rows), self.k_cache, self.v_cache, ctx.outputs, self.scale)

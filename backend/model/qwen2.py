@@ -30,7 +30,7 @@ class Qwen2Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
         self.ops = None   # torch.ops.bunny where the fused CPU kernels run the rotary (model/cpu_layout.py)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -39,7 +39,18 @@ class Qwen2Attention(nn.Module):
         else:
             q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
             k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v).reshape(-1, self.q_size)))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._out(self.attn(*self._qkv(x, cos, sin)))
+
+    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """K/V of every row into the cache; the attention output of `rows` only (the context's output rows)."""
+        attn = self.attn.forward_rows(*self._qkv(x, cos, sin), rows)
+        return self._out(attn) if rows.numel() else x.new_empty((0, x.shape[-1]))
+
+    def _out(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.o_proj(attn.reshape(-1, self.q_size)))
 
 
 class Qwen2MLP(nn.Module):
@@ -100,6 +111,21 @@ class Qwen2DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, cos, sin), residual)
         return self.mlp(h), residual
 
+    def forward_rows(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As forward, for the last layer of a step whose output is read at `rows` only: every row's K/V goes
+        to the cache, the rest of the layer (attention, o_proj, MLP) runs on those rows."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn.forward_rows(h, cos, sin, rows)
+        residual = residual.index_select(0, rows)
+        if rows.numel() == 0:
+            return attn, residual
+        h, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        return self.mlp(h), residual
+
 
 class Qwen2Model(nn.Module):
     """Embeddings, decoder layers and the final norm; names match the checkpoint's `model.*`."""
@@ -113,10 +139,22 @@ class Qwen2Model(nn.Module):
         self.decode_loop = None   # decode-only steps on the CPU kernels without the modules (model/cpu_decode.py)
 
     def decode_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.decode_loop is not None and self.decode_loop.runs(ctx := get_context()):
+        """Final hidden states of every row, or of the context's output_rows where it names them."""
+        ctx = get_context()
+        if self.decode_loop is not None and self.decode_loop.runs(ctx):
             return self.decode_loop(inputs_embeds, positions, ctx)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        rows = ctx.output_rows
         x, residual = inputs_embeds, None
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x, residual = layer(x, residual, cos, sin)
-        return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
+        last = self.layers[-1]
+        if rows is not None and last.self_attn.attn.k_cache is not None:
+            x, residual = last.forward_rows(x, residual, cos, sin, rows)
+            if rows.numel() == 0:
+                return x
+        else:
+            x, residual = last(x, residual, cos, sin)
+            if rows is not None:
+                x, residual = x.index_select(0, rows), residual.index_select(0, rows)
+        return self.norm.add_forward(x, residual)[0]

@@ -9,9 +9,15 @@ A mixed step (decode rows and prefill chunks in one forward) is a varlen prefill
 decodes first, that also carries the same batch split in two: `decodes`, a decode context over the first
 sequences (rows 0..n-1), and `prefills`, a varlen context over the rest. ops.attention.attend runs the two parts
 with the backend's decode and prefill kernels; the top-level fields stay a complete description of the batch.
+
+A prefill or mixed step also names the rows whose final hidden states make logits (`output_rows`: each the last
+token of a sequence whose prompt ends in this step, or a decode row) and carries a decode context over their
+sequences (`outputs`). The last decoder layer stores K/V for every row but computes the rest for those rows only
+(model/qwen2.py): nothing reads the other rows' output.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +37,10 @@ class ForwardContext:
     # A mixed step only (see the module docstring).
     decodes: ForwardContext | None = None
     prefills: ForwardContext | None = None
+    # A prefill or mixed step (see the module docstring): ascending row indices, and a decode context over their
+    # sequences (None when no row makes logits).
+    output_rows: torch.Tensor | None = None    # int64 [M]
+    outputs: ForwardContext | None = None
 
 
 def token_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -73,11 +83,13 @@ def _decode(seqlens_k: list[int], tables: list[list[int]], slot_mapping, device)
 
 
 def paged_context(seqlens_q: list[int], seqlens_k: list[int], block_tables: list[list[int]],
-                  slot_mapping: torch.Tensor, num_decodes: int = 0) -> ForwardContext:
+                  slot_mapping: torch.Tensor, num_decodes: int = 0, finals: list[bool] | None = None) -> ForwardContext:
     """The context of one step over the paged cache, on slot_mapping's device. Sequence i computes its last
     seqlens_q[i] of seqlens_k[i] tokens, whose cache slots are slot_mapping's rows in order; its blocks are
     block_tables[i]. The first num_decodes sequences decode one token each: all of them make a decode context,
-    some of them a mixed one (see the module docstring), none a varlen prefill context."""
+    some of them a mixed one (see the module docstring), none a varlen prefill context. finals[i]: sequence i's
+    last new row makes logits (a decode, or the end of its prompt); given, a prefill or mixed step carries
+    `output_rows` and `outputs` for them."""
     n, device = len(seqlens_q), slot_mapping.device
     if any(q != 1 for q in seqlens_q[:num_decodes]):
         raise ValueError(f"the first {num_decodes} sequences must decode one token each, got {seqlens_q}")
@@ -88,4 +100,12 @@ def paged_context(seqlens_q: list[int], seqlens_k: list[int], block_tables: list
         ctx.decodes = _decode(seqlens_k[:num_decodes], block_tables[:num_decodes], slot_mapping[:num_decodes], device)
         ctx.prefills = _varlen(seqlens_q[num_decodes:], seqlens_k[num_decodes:], block_tables[num_decodes:],
                                slot_mapping[num_decodes:], device)
+    if finals is not None:
+        ends = list(itertools.accumulate(seqlens_q))
+        picked = [i for i in range(n) if finals[i]]
+        rows = [ends[i] - 1 for i in picked]
+        ctx.output_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        if picked:
+            ctx.outputs = _decode([seqlens_k[i] for i in picked], [block_tables[i] for i in picked],
+                                  slot_mapping[ctx.output_rows], device)
     return ctx
