@@ -48,7 +48,7 @@ setup_venv() {
 
 setup_triton() {
   # tritonserver from the nvidia-pytriton wheel, with the Python backend stub for our interpreter (build/triton)
-  bash "$ROOT/backend/tools/setup_triton.sh" "$VENV"
+  bash "$ROOT/backend/bunny_backend/tools/setup_triton.sh" "$VENV"
 }
 
 setup_client_extras() {
@@ -58,7 +58,7 @@ setup_client_extras() {
     { apt-get update -qq && apt-get install -y -qq libb64-0d; } >/dev/null 2>&1 || log "could not install libb64-0d (perf_analyzer will be skipped)"
   fi
   # The open_clip judge goes to a private folder: PyPI's torchvision is a CUDA build that must not sit beside the
-  # CPU torch in site-packages (transformers imports it whenever it is installed). See client/openclip_import.py.
+  # CPU torch in site-packages (transformers imports it whenever it is installed). See client/bunny_client/openclip_import.py.
   if [ ! -d "$VENV/clip-site/open_clip" ]; then
     log "installing open_clip for clip-score into .venv/clip-site"
     pip_quiet install -q --no-deps --target "$VENV/clip-site" \
@@ -74,10 +74,10 @@ setup_demo() {
 }
 
 setup_kernels() {
-  # Prebuild the C++ CPU kernels (backend/ops/cpu_kernels.py) so that the first server start does not compile them.
+  # Prebuild the C++ CPU kernels (backend/bunny_backend/ops/cpu_kernels.py) so that the first server start does not compile them.
   # Never fatal: without them the portable attention runs.
   local stamp="$ROOT/build/torch_extensions/.setup-stamp" want why
-  want="$(cat backend/ops/csrc/* backend/ops/cpu_kernels.py "$VENV/.bunny-stamp" <(grep -m1 -E '^(flags|Features)' /proc/cpuinfo) 2>/dev/null | sha256sum | cut -c1-16)"
+  want="$(cat backend/bunny_backend/ops/csrc/* backend/bunny_backend/ops/cpu_kernels.py "$VENV/.bunny-stamp" <(grep -m1 -E '^(flags|Features)' /proc/cpuinfo) 2>/dev/null | sha256sum | cut -c1-16)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   if why="$("$PY" -m bunny_backend.ops.cpu_kernels 2>&1)"; then
     echo "$want" > "$stamp"

@@ -22,7 +22,8 @@ def baseline_env(rev: str):
     subprocess.run(["git", "worktree", "add", "--detach", str(src), commit], cwd=ROOT, check=True, capture_output=True)
     try:
         path.mkdir()
-        (path / "bunny_backend").symlink_to(src / "backend")
+        package = src / "backend" / "bunny_backend"   # the layout since the package folders were named
+        (path / "bunny_backend").symlink_to(package if package.is_dir() else src / "backend")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")]))}
         yield env, commit
     finally:

@@ -1,4 +1,4 @@
-"""bf16 against fp32 decode on this CPU: the measurement behind `dtype auto` (engine/device.cpu_auto_dtype).
+"""bf16 against fp32 decode on this CPU: the measurement behind `dtype auto` (engine/worker/device.cpu_auto_dtype).
 
 Two engines on the same checkpoint, one per dtype, each in the layout it gets here (model/cpu_layout.py), decode
 the same text requests; the measurements alternate between them, several times, so load from other processes

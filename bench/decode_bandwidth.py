@@ -1,6 +1,6 @@
 """Batch-1 decode against the machine's read bandwidth, both measured in the same minutes (issue #16's target).
 
-The bandwidth of a shared VM moves by tens of percent from one run to the next (NOTES.md), so each round measures
+The bandwidth of a shared VM moves by tens of percent from one run to the next (docs/performance.md), so each round measures
 the read bandwidth (`sum()` of 1 GiB, best of 3) and then times decode steps of one sequence on the engine; the
 fraction is weight bytes per step x steps/s over that round's bandwidth.
 

@@ -6,7 +6,7 @@
 #   bash bench/gpu_check.sh OUTDIR            # in a checkout whose Python has a CUDA torch (and triton)
 #
 # On a machine without this project's venv (the lent GPU machines), the package is put on PYTHONPATH from the
-# checkout, and a .gpu/pt.zip carried beside it (tritonserver + tritonclient, see bench/NOTES.md) is unpacked.
+# checkout, and a .gpu/pt.zip carried beside it (tritonserver + tritonclient, see docs/performance.md) is unpacked.
 set -u
 OUT="${1:?usage: gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
@@ -16,12 +16,9 @@ PY="${PY:-python3}"
 export PYTHONUNBUFFERED=1
 
 if ! "$PY" -c "import bunny_backend" 2>/dev/null; then
-  mkdir -p /tmp/bunny-path
-  ln -sfn "$ROOT/backend" /tmp/bunny-path/bunny_backend
-  ln -sfn "$ROOT/client" /tmp/bunny-path/bunny_client
-  export PYTHONPATH="/tmp/bunny-path:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$ROOT/backend:$ROOT/client:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   # Triton's python stub does not take PYTHONPATH from the server's environment: a .pth in site-packages does it.
-  echo /tmp/bunny-path >"$("$PY" -c 'import site; print(site.getsitepackages()[0])')/bunny-checkout.pth" || true
+  printf '%s\n' "$ROOT/backend" "$ROOT/client" >"$("$PY" -c 'import site; print(site.getsitepackages()[0])')/bunny-checkout.pth" || true
 fi
 if [ -f .gpu/pt.zip ]; then
   "$PY" -m zipfile -e "$ROOT/.gpu/pt.zip" /tmp/site

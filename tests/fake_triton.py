@@ -6,6 +6,7 @@ import time
 import types
 
 import numpy as np
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, EngineStats, RequestOutput, ServerBusyError
 
@@ -13,8 +14,16 @@ FINAL = 1
 
 
 class Tensor:
+    raw_memory_reads_as = staticmethod(lambda array: array)   # what the stub's C++ makes of a tensor's raw memory
+
     def __init__(self, name, array):
         self._name, self._array = name, np.asarray(array)
+
+    @classmethod
+    def from_dlpack(cls, name, obj):
+        """A tensor over another's memory, read back through the stub's C++ (Triton 2.51 garbles it under numpy 2:
+        tests set `raw_memory_reads_as` to do the same)."""
+        return cls(name, cls.raw_memory_reads_as(np.from_dlpack(obj)))
 
     def name(self):
         return self._name
@@ -140,10 +149,14 @@ def make_pb_utils() -> types.ModuleType:
     m.Tensor, m.TritonError, m.InferenceResponse, m.MetricFamily, m.Logger = (
         Tensor, TritonError, InferenceResponse, MetricFamily, Logger)
     m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    # tritonclient's (de)serializers: the wire format of BYTES tensors, written apart from the backend's
+    m.serialize_byte_tensor = lambda array: serialize_byte_tensor(array).item()
+    m.deserialize_bytes_tensor = lambda buffer: deserialize_bytes_tensor(np.asarray(buffer, np.uint8).tobytes())
     m.get_input_tensor_by_name = lambda req, name: Tensor(name, req.inputs[name]) if name in req.inputs else None
     m.using_decoupled_model_transaction_policy = (
         lambda cfg: cfg.get("model_transaction_policy", {}).get("decoupled", False))
     MetricFamily.families = {}
+    Tensor.raw_memory_reads_as = staticmethod(lambda array: array)
     return m
 
 

@@ -1,19 +1,19 @@
-"""Test-only fault injection: lets the reliability tests make one request break the engine step it is in.
+"""The reliability tests' fault injector, installed in an engine through its one seam (engine/step_hooks.py):
+`monkeypatch.setenv(*ENGINE_HOOKS)` in-process, and the same variable in the environment of a server, whose stub
+processes start the engines (server_fixture.py).
 
-The engine's one hook point: `LLMEngine` holds a `FaultInjector` only when BUNNY_TEST_FAULT_INJECTION=1 is in the
-environment as it starts, and then shows it each accepted request's prompt and each step's sequences. A request
-whose text contains FAULT_MARKER makes every step that includes it raise InjectedFault once it has generated
-FAULT_AFTER_TOKENS tokens: mid-stream, inside a batch, as a bug tied to one request's data would. A request whose
-text contains SLOW_MARKER makes every step it is in last SLOW_STEP_S longer, so that tests can hold requests in
-flight without racing the engine. Nothing of this lives on the runtime types.
+A request whose text contains FAULT_MARKER makes every step that includes it raise InjectedFault once it has
+generated FAULT_AFTER_TOKENS tokens: mid-stream, inside a batch, as a bug tied to one request's data would. A
+request whose text contains SLOW_MARKER makes every step it is in last SLOW_STEP_S longer, so that tests can hold
+requests in flight without racing the engine.
 """
 from __future__ import annotations
 
-import os
 import time
 import weakref
+from pathlib import Path
 
-ENV_VAR = "BUNNY_TEST_FAULT_INJECTION"
+ENGINE_HOOKS = ("BUNNY_ENGINE_HOOKS", f"{Path(__file__).resolve()}:FaultInjector")   # this file, by path
 FAULT_MARKER = "<<bunny-test-fault>>"
 FAULT_AFTER_TOKENS = 2
 SLOW_MARKER = "<<bunny-test-slow>>"
@@ -44,7 +44,3 @@ class FaultInjector:
                 raise InjectedFault(f"injected test fault (request {seq.request_id})")
         if any(seq in self._slow for seq in seqs):
             time.sleep(SLOW_STEP_S)
-
-
-def from_environment() -> FaultInjector | None:
-    return FaultInjector() if os.environ.get(ENV_VAR) == "1" else None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bunny_backend.engine import fault_injection
+import fault_injection
 from bunny_backend.server import watchdog
 from bunny_backend.server.launch import LaunchError, free_ports, launch, serve_command, stop_process
 
@@ -117,14 +117,15 @@ def rss_bytes(pid: int) -> int:
 def start_server(model_path: Path, log: Path, params: dict[str, str] = SERVER_PARAMS,
                  timeout_s: float = 120.0, openai: bool = False, extra_args: tuple[str, ...] = ()) -> BunnyServer:
     """bunny-serve on free ports (and the OpenAI API with `openai`; more bunny-serve flags in extra_args); the
-    test-only fault hook is switched on (engine/fault_injection.py)."""
+    reliability tests' fault injector is installed (tests/fault_injection.py)."""
     grpc, http, metrics, openai_port = free_ports(4)
     # float32: tests compare tokens exactly; dtype auto may pick bf16 on CPUs that have it natively
     extra = ["--device", "cpu", "--dtype", "float32", *extra_args]
     extra += ["--openai-port", str(openai_port)] if openai else []
     cmd = serve_command(model_path, [grpc, http, metrics], params, extra_args=extra)
     log_file = open(log, "w")
-    env = {**os.environ, fault_injection.ENV_VAR: "1"}
+    hooks_var, hooks = fault_injection.ENGINE_HOOKS
+    env = {**os.environ, hooks_var: hooks}
     try:
         proc = launch(cmd, log_file, timeout_s, start_new_session=True, env=env)
     except LaunchError as e:

@@ -2,9 +2,9 @@ import hashlib
 
 import pytest
 
-from bunny_backend.engine.block_manager import BlockManager
+from bunny_backend.engine.core.block_manager import BlockManager
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.sequence import ImageSpan, Sequence
+from bunny_backend.engine.core.sequence import ImageSpan, Sequence
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX
 
 BS = 4

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from bunny_backend.engine import device
+from bunny_backend.engine.worker import device
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io.tokenizer import load_tokenizer
 from bunny_backend.model import cpu_layout

@@ -1,10 +1,10 @@
-"""Decode graphs (engine/decode_graphs.py) through EagerCapture: static buffers, padded batch sizes and the scratch
+"""Decode graphs (engine/worker/decode_graphs.py) through EagerCapture: static buffers, padded batch sizes and the scratch
 block give the eager engine's tokens. The real torch.cuda capture is checked in test_gpu.py."""
 import pytest
 import torch
 
-from bunny_backend.engine.decode_graphs import EagerCapture, graph_sizes
-from bunny_backend.engine.model_runner import ModelRunner
+from bunny_backend.engine.worker.decode_graphs import Captured, graph_sizes
+from bunny_backend.engine.worker.model_runner import ModelRunner
 from bunny_backend.engine.sampling_params import SamplingParams
 from engine_helpers import make_engine, run_all, twelve_requests
 
@@ -12,6 +12,15 @@ from engine_helpers import make_engine, run_all, twelve_requests
 @pytest.fixture(scope="module")
 def model_path(checkpoint_factory):
     return checkpoint_factory(seed=5, num_kv_heads=2)
+
+
+class EagerCapture:
+    """DecodeGraphs' capture contract without a GPU: replay() re-runs fn on the static buffers into the same
+    output tensor."""
+
+    def capture(self, fn):
+        out = fn()
+        return Captured(lambda: out.copy_(fn()), out)
 
 
 def with_graphs(engine, max_graph_batch):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine import kv_cache
-from bunny_backend.engine.encoder_cache import EncoderCache
+from bunny_backend.engine.worker import kv_cache
+from bunny_backend.engine.worker.encoder_cache import EncoderCache
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.model.config import BunnyConfig
 from engine_helpers import make_engine, run_all

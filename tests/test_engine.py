@@ -46,7 +46,7 @@ def test_staggered_batch_matches_reference_one_by_one(model_path, reference, tes
 
 
 def test_preemption_keeps_outputs(model_path, reference, test_images):
-    from bunny_backend.engine.kv_cache import bytes_per_block
+    from bunny_backend.engine.worker.kv_cache import bytes_per_block
     from bunny_backend.model.config import BunnyConfig
     cfg = BunnyConfig.from_pretrained(model_path)
     blocks = 2 * (cfg.num_image_tokens + 60) // 4       # about two image requests at a time

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from bunny_backend.engine import fault_injection
+import fault_injection
 from bunny_backend.engine.outputs import BadRequestError, ServerBusyError
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io.image import preprocess_image, shrink_for_square
@@ -20,7 +20,7 @@ def model_path(checkpoint_factory):
 
 @pytest.fixture
 def faulty_engine(model_path, monkeypatch):
-    monkeypatch.setenv(fault_injection.ENV_VAR, "1")
+    monkeypatch.setenv(*fault_injection.ENGINE_HOOKS)
     return make_engine(model_path, max_num_batched_tokens=4096)
 
 
@@ -103,7 +103,7 @@ def test_shrink_for_square_keeps_the_aspect_and_the_limit():
 
 def test_faults_under_preemption_and_chunked_prefill(model_path, test_images, monkeypatch):
     """Three faulty requests among twelve, a cache small enough to preempt and prefill chunked in 64-token pieces."""
-    monkeypatch.setenv(fault_injection.ENV_VAR, "1")
+    monkeypatch.setenv(*fault_injection.ENGINE_HOOKS)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     good = [(i // 3, f"r{i}", QUESTIONS[i % 6], [test_images[i % 4]] if i % 2 else [], params) for i in range(12)]
     bad = [(i, f"bad{i}", f"{QUESTIONS[i]} {fault_injection.FAULT_MARKER}", [], params) for i in (0, 2, 3)]

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bunny_backend.engine import fault_injection
+import fault_injection
 from grpc_helpers import TEXTS, error_kind, inputs_of, joined, send_raw
 from reliability_report import record
 from server_fixture import wait_for

@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_helpers import QUESTIONS, make_engine, run_all
 
-import bunny_backend.engine.model_runner as model_runner
+import bunny_backend.engine.worker.model_runner as model_runner
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.ops import cpu_kernels
 from bunny_backend.utils.context import get_context

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from bunny_backend.engine.kv_cache import bytes_per_block
+from bunny_backend.engine.worker.kv_cache import bytes_per_block
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.model.config import BunnyConfig
 from engine_helpers import QUESTIONS, make_engine, run_all, twelve_requests

@@ -316,13 +316,33 @@ def test_model_path_is_required(monkeypatch):
         mod.TritonPythonModel().initialize({"model_config": json.dumps(config)})
 
 
-def test_numpy_2_is_refused_at_load_with_a_reason(monkeypatch):
-    """Triton 2.51's stub garbles BYTES inputs under numpy 2: refuse to load rather than die on the first request."""
+def _load_config():
+    return json.dumps({"model_transaction_policy": {"decoupled": True},
+                       "parameters": {"model_path": {"string_value": "/x"}}})
+
+
+def test_a_stub_that_garbles_bytes_is_refused_at_load_with_a_reason(monkeypatch):
+    """Triton 2.51's stub under numpy 2 reads a tensor's raw memory with the wrong item size: BYTES inputs come out
+    garbled and the stub dies on the first request. Refuse to load instead, saying why."""
     mod = load_model_py(monkeypatch)
+    monkeypatch.setattr(mod, "LLMEngine", FakeEngine)
     monkeypatch.setattr(np, "__version__", "2.5.2")
-    config = {"model_transaction_policy": {"decoupled": True}, "parameters": {"model_path": {"string_value": "/x"}}}
-    with pytest.raises(RuntimeError, match=r"numpy 2\.5\.2.*numpy < 2"):
-        mod.TritonPythonModel().initialize({"model_config": json.dumps(config)})
+    fake_triton.Tensor.raw_memory_reads_as = staticmethod(lambda a: a.astype(np.uint32).view(np.uint8))
+    with pytest.raises(RuntimeError, match=r"cannot read BYTES tensors with numpy 2\.5\.2 .*needs numpy < 2"):
+        mod.TritonPythonModel().initialize({"model_config": _load_config()})
+
+
+def test_numpy_2_with_a_stub_that_reads_bytes_loads(monkeypatch):
+    """A newer Triton (24.11 and later) reads BYTES under numpy 2: its version alone is no reason to refuse."""
+    mod = load_model_py(monkeypatch)
+    monkeypatch.setattr(mod, "LLMEngine", FakeEngine)
+    monkeypatch.setattr(np, "__version__", "2.5.2")
+    m = mod.TritonPythonModel()
+    m.initialize({"model_config": _load_config()})
+    try:
+        assert run(m, text_input=text("a b"), max_tokens=np.array([2], np.int32)).sender.wait().finals[0].error is None
+    finally:
+        m.finalize()
 
 
 def test_a_dead_engine_fails_what_is_in_flight_refuses_the_rest_and_ends_the_process(model, monkeypatch):
@@ -330,7 +350,7 @@ def test_a_dead_engine_fails_what_is_in_flight_refuses_the_rest_and_ends_the_pro
     that bunny-serve's watchdog takes the model down)."""
     mod = sys.modules["bunny_model_under_test"]
     ended = []
-    monkeypatch.setattr(mod, "_end_process", lambda: ended.append(True))
+    monkeypatch.setattr(mod.os, "_exit", lambda status: ended.append(status))
     monkeypatch.setattr(mod, "EXIT_GRACE_S", 0.0)
     streams = [run(model, text_input=text(f"s{i}"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
                for i in range(2)]
@@ -339,7 +359,7 @@ def test_a_dead_engine_fails_what_is_in_flight_refuses_the_rest_and_ends_the_pro
     for s in streams:
         s.sender.wait()
         assert "model unavailable: tensor-parallel rank 1 (pid 9)" in s.sender.finals[0].error.message()
-    wait_for(lambda: ended, 5, "the process was not ended")
+    wait_for(lambda: ended == [1], 5, "the process was not ended with status 1")
     assert model.engine.shut_down
     late = run(model, text_input=text("late")).sender.wait()
     assert late.finals[0].error.code == 14 and "model unavailable" in late.finals[0].error.message()

@@ -160,7 +160,7 @@ def test_engine_greedy_matches_portable_backend(model_path, test_images, block_s
 def test_one_mask_at_the_largest_size_counted_in_the_kv_plan(model_path, test_images):
     """The NPU backend holds one causal mask of min(max_num_batched_tokens, max_model_len) rows, cuts each step's
     from it, and the KV memory plan leaves room for it."""
-    from bunny_backend.engine.kv_cache import bytes_per_block
+    from bunny_backend.engine.worker.kv_cache import bytes_per_block
     from bunny_backend.model.config import BunnyConfig
     text = BunnyConfig.from_pretrained(model_path).text
     per_block = bytes_per_block(text, 16, torch.float32)

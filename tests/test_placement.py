@@ -1,10 +1,10 @@
-"""Where each engine runs: Triton instances (stub/instance.py) and tensor-parallel ranks (engine/device.py)."""
+"""Where each engine runs: Triton instances (stub/instance.py) and tensor-parallel ranks (engine/worker/device.py)."""
 import dataclasses
 
 import torch
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine.device import DevicePlan, Placement, host_cores
+from bunny_backend.engine.worker.device import DevicePlan, Placement, host_cores
 from bunny_backend.stub.instance import placement
 
 

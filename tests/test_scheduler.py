@@ -3,11 +3,11 @@ import hashlib
 import pytest
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine.block_manager import BlockManager
-from bunny_backend.engine.device import DevicePlan
+from bunny_backend.engine.core.block_manager import BlockManager
+from bunny_backend.engine.worker.device import DevicePlan
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.scheduler import Scheduler
-from bunny_backend.engine.sequence import ImageSpan, Sequence, SequenceStatus
+from bunny_backend.engine.core.scheduler import Scheduler
+from bunny_backend.engine.core.sequence import ImageSpan, Sequence, SequenceStatus
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX
 
 BS = 4

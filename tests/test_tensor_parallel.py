@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.step_channel import StepInputs, decode, encode
+from bunny_backend.engine.executor.step_channel import StepInputs, decode, encode
 from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.model.config import TextConfig
 from bunny_backend.model.loader import load_model

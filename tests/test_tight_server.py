@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine import fault_injection
+import fault_injection
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
 from grpc_helpers import TEXTS, error_kind, inputs_of, joined, send_raw

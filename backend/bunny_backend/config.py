@@ -18,11 +18,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     # While a step decodes running streams, it carries at most this many prompt tokens (longer prompts are
     # chunked over several steps), so a long prompt delays each running stream's next token by one chunk, not by
-    # its whole prefill. 0: the device's own (engine/device.py: 128 on cpu, 2048 on cuda/npu).
+    # its whole prefill. 0: the device's own (engine/worker/device.py: 128 on cpu, 2048 on cuda/npu).
     max_prefill_tokens_while_decoding: int = 0
     # While streams decode, a newcomer's prompt is spread over about this many steps (chunks of at least 32 tokens,
     # at most the bound above), so a short prompt, too, costs each running stream a fraction of its prefill per
-    # token rather than one whole chunk. 0: the device's own (engine/device.py: 8 on cpu, 1 on cuda/npu).
+    # token rather than one whole chunk. 0: the device's own (engine/worker/device.py: 8 on cpu, 1 on cuda/npu).
     prefill_chunks_while_decoding: int = 0
     max_images_per_encoder_batch: int = 4   # distinct images one step sends through the vision tower
     encoder_cache_bytes: int = 128 << 20    # image features kept by image content (LRU); 0: off
@@ -34,10 +34,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: the device's own (npu, cuda) or the portable torch one
     seed: int = 0                   # seeds the draw of a seed for each request that has none
     # Decode steps as CUDA graphs where they can run (device cuda with the Triton paged-decode kernel); ignored
-    # elsewhere. Verified on an H200: same logits as eager decoding, about 5x its speed (bench/NOTES.md).
+    # elsewhere. Verified on an H200: same logits as eager decoding, about 5x its speed (docs/performance.md).
     cuda_graphs: bool = True
     # Shard the LLM over this many devices (processes) with torch.distributed: rank 0 is this engine, ranks
-    # 1..N-1 worker processes it spawns (engine/tp_group.py). Data parallelism is Triton's instance_group count.
+    # 1..N-1 worker processes it spawns (engine/executor/tp_group.py). Data parallelism is Triton's instance_group count.
     tensor_parallel_size: int = 1
     # Limits on what one request may ask for (a request beyond them gets an error naming the limit).
     max_image_bytes: int = 20 << 20        # encoded size of one image

@@ -1,4 +1,4 @@
-"""`bunny-client`: chat | coco | reference | clip-score | perf (CONTRACT.md section 4)."""
+"""`bunny-client`: chat | coco | reference | clip-score | perf (docs/client.md)."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Requests to the Triton model `bunny` (CONTRACT.md section 3): input tensors, responses, one stream.
+"""Requests to the Triton model `bunny` (docs/api/triton-model.md): input tensors, responses, one stream.
 
 `RequestOptions` -> `build_inputs()` -> InferInput tensors; `BunnyStream.generate()` sends one request over
 a gRPC bi-directional stream and yields `Delta`s, the last one with `final=True`. A stream carries one
@@ -29,7 +29,7 @@ class BunnyClientError(RuntimeError):
 
 @dataclass(slots=True)
 class RequestOptions:
-    """One request's inputs; None leaves the server's default (CONTRACT.md section 3). `messages` (a list of
+    """One request's inputs; None leaves the server's default (docs/api/triton-model.md). `messages` (a list of
     {"role", "content"}) replaces `text` with a whole conversation."""
 
     text: str = ""

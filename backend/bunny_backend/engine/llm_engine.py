@@ -1,6 +1,6 @@
 """The engine: requests in (thread-safe), one `step()` at a time, RequestOutputs out.
 
-With tensor_parallel_size N > 1 this engine is rank 0: it spawns ranks 1..N-1 (engine/tp_group.py), loads its own
+With tensor_parallel_size N > 1 this engine is rank 0: it spawns ranks 1..N-1 (engine/executor/tp_group.py), loads its own
 shard, and keeps the scheduler, the sampler and the detokenizer; the workers only run steps. If one of them dies,
 `step()` and `check_alive()` raise EngineDeadError: the caller fails every request and takes the model down.
 """
@@ -16,19 +16,19 @@ from dataclasses import dataclass
 import torch
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine import fault_injection
-from bunny_backend.engine.block_manager import BlockManager
-from bunny_backend.engine.device import DevicePlan, Placement
-from bunny_backend.engine.encoder_cache import EncoderCache
-from bunny_backend.engine.encoder_runner import EncoderRunner
-from bunny_backend.engine.kv_cache import num_kv_blocks
-from bunny_backend.engine.model_runner import ModelRunner
+from bunny_backend.engine import step_hooks
+from bunny_backend.engine.core.block_manager import BlockManager
+from bunny_backend.engine.worker.device import DevicePlan, Placement
+from bunny_backend.engine.worker.encoder_cache import EncoderCache
+from bunny_backend.engine.worker.encoder_runner import EncoderRunner
+from bunny_backend.engine.worker.kv_cache import num_kv_blocks
+from bunny_backend.engine.worker.model_runner import ModelRunner
 from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, EngineStats, RequestOutput,
                                           ServerBusyError)
-from bunny_backend.engine.request_builder import Prompt, RequestBuilder
+from bunny_backend.engine.core.request_builder import Prompt, RequestBuilder
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.scheduler import Scheduler, SchedulerOutput
-from bunny_backend.engine.sequence import Sequence
+from bunny_backend.engine.core.scheduler import Scheduler, SchedulerOutput
+from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
 from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.model.config import BunnyConfig
@@ -66,7 +66,7 @@ class LLMEngine:
         self.workers = None
         try:
             if config.tensor_parallel_size > 1:
-                from bunny_backend.engine.tp_group import WorkerGroup
+                from bunny_backend.engine.executor.tp_group import WorkerGroup
                 self.workers = WorkerGroup(config, plan)
             memory = ResidentMemory(self.device)
             self.model = load_model(config.model_path, self.dtype, self.device,
@@ -97,7 +97,7 @@ class LLMEngine:
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
                                       self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests
-        self._fault_injector = fault_injection.from_environment()   # None unless a test switched it on
+        self._hooks = step_hooks.from_environment()   # None unless BUNNY_ENGINE_HOOKS names some
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
         self._aborts: list[str] = []
@@ -115,8 +115,8 @@ class LLMEngine:
         self._check_not_busy()   # before decoding images: an overloaded server should refuse cheaply
         seq = self.builder.build(request_id, prompt, list(images), params or SamplingParams(), apply_chat_template)
         req = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.params.stop))
-        if self._fault_injector:
-            self._fault_injector.on_request(seq, prompt)
+        if self._hooks:
+            self._hooks.on_request(seq, prompt)
         with self._lock:
             if request_id in self._requests:
                 raise BadRequestError(f"request id {request_id!r} is already in flight")
@@ -168,8 +168,8 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         try:
-            if self._fault_injector:
-                self._fault_injector.before_step(sched.seqs)
+            if self._hooks:
+                self._hooks.before_step(sched.seqs)
             self.encoder.run(sched.images)
             sampled = self.runner.run(sched)
         except EngineDeadError:

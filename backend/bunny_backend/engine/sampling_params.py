@@ -1,4 +1,4 @@
-"""Per-request sampling parameters, validated on construction (CONTRACT.md section 3 defaults)."""
+"""Per-request sampling parameters, validated on construction (docs/api/triton-model.md defaults)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,4 @@
-"""Image bytes -> RGB picture -> Bunny's pixel tensor (CONTRACT.md section 2, "Images")."""
+"""Image bytes -> RGB picture -> Bunny's pixel tensor (docs/api/triton-model.md, "Images")."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""Bunny's `config.json`: the Qwen2 text fields at top level and SigLIP's `vision_config` (CONTRACT.md section 2)."""
+"""Bunny's `config.json`: the Qwen2 text fields at top level and SigLIP's `vision_config` (docs/api/triton-model.md)."""
 from __future__ import annotations
 
 import json

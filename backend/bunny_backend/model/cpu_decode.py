@@ -3,7 +3,7 @@
 The loop calls the same ops as the decoder's modules with the CPU layout and the fused ops (qwen2.py, layers.py,
 cpu_layout.py, ops/attention_torch.py), in the same order on the same tensors, so its hidden states are identical
 to theirs; it only leaves out the Python around them: ~90 module calls, context look-ups and kernel look-ups a
-step, 0.5 ms of an 18 ms batch-1 step and 0.9 of a 24 ms batch-10 one on the 2-core bench machine (bench/NOTES.md).
+step, 0.5 ms of an 18 ms batch-1 step and 0.9 of a 24 ms batch-10 one on the 2-core bench machine (docs/performance.md).
 Prefill and mixed steps keep the modules. `use_cpu_decode_loop(model)` installs it where every piece is there.
 """
 from __future__ import annotations

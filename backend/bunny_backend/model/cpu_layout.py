@@ -1,6 +1,6 @@
 """CPU weight layout for the decoder's projections and an untied LM head, and the decoder's fused CPU ops.
 
-Measured on the 2-core AVX-512 machines (bench/NOTES.md): fp32 `F.linear` streams a [5632, 1024] weight at
+Measured on the 2-core AVX-512 machines (docs/performance.md): fp32 `F.linear` streams a [5632, 1024] weight at
 ~21 GB/s for one row and only ~10 GB/s for 2-10 rows (MKL's small-M GEMM). oneDNN with the weight prepacked once
 (`mkldnn._reorder_linear_weight`) streams a cache-resident one at ~40-55 GB/s for 1-16 rows and is 2x faster on
 300-row prefills, but reads a whole model's weights from DRAM at only 22-28 GB/s for a few rows. Our column-panel

@@ -35,7 +35,7 @@ class KernelUnavailable(RuntimeError):
 
 def build_dir() -> Path:
     """Where the builds go: per torch version and CPU, so a build never runs on a CPU it was not compiled for."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if (root / "pyproject.toml").is_file():
         base = root / "build" / "torch_extensions"
     else:

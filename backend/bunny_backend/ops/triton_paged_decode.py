@@ -5,7 +5,7 @@ of one tile, so each K/V block is read once per KV head.
 
 Each loop iteration takes several cache blocks at once (TILE_TOKENS tokens, gathered through a vector of table
 entries): one block of 16 tokens per iteration left the loop latency-bound (64 us for an 800-token context on an
-H200, 1.5 ms of a 3.9 ms decode step of the 2B model; bench/NOTES.md).
+H200, 1.5 ms of a 3.9 ms decode step of the 2B model; docs/performance.md).
 
 `launch_config` (plain Python, testable without a GPU) validates the inputs and computes grid, strides and tile
 sizes; `paged_decode` launches. Without triton, `triton` is None and the CUDA backend decodes with portable code.

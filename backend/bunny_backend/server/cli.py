@@ -36,7 +36,7 @@ STOP_KILL_GRACE_S = 10.0
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bunny-serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model-path", required=True, type=Path, help="a checkpoint folder (CONTRACT.md section 2)")
+    p.add_argument("--model-path", required=True, type=Path, help="a checkpoint folder (docs/api/triton-model.md)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), help="engine device (config default: auto)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--tensor-parallel-size", type=int, metavar="N",

@@ -1,7 +1,7 @@
 """Where tritonserver lives and how to start it: one place for bunny-serve and the test fixture.
 
 pytriton's wheel ships the `tritonserver` binary, the python backend and one stub per Python version;
-`backend/tools/setup_triton.sh` lays the backend out under `build/triton/backends/python` with the stub of
+`backend/bunny_backend/tools/setup_triton.sh` lays the backend out under `build/triton/backends/python` with the stub of
 our interpreter. The stub embeds libpython: it must find *this* interpreter's libpython first on
 LD_LIBRARY_PATH, and it locates the venv's site-packages through the first `python3` on PATH.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bunny_backend.utils.huge_pages import with_huge_pages
 
-ROOT = Path(__file__).resolve().parents[2]             # the checkout (backend/ is installed editable)
+ROOT = Path(__file__).resolve().parents[3]   # the checkout (backend/bunny_backend is installed editable)
 MODEL_REPOSITORY = ROOT / "model_repository"
 BACKEND_DIR = ROOT / "build" / "triton" / "backends"
 SETUP_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "setup_triton.sh"

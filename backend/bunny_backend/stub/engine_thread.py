@@ -2,7 +2,7 @@
 
 Why: libgomp gives each thread that starts OpenMP parallel regions a worker pool of its own, and once the pools
 hold more threads than there are cores it stops spinning between regions, so every parallel op pays a futex
-wake-up (a small elementwise op: 39 us with one pool, 99-131 us beside a second; bench/NOTES.md). Loading the
+wake-up (a small elementwise op: 39 us with one pool, 99-131 us beside a second; docs/performance.md). Loading the
 model on Triton's request thread made that second pool; the request thread now stays out of torch's parallel ops
 (image preprocessing is numpy, io/image.py).
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from bunny_backend.engine.device import Placement
+from bunny_backend.engine.worker.device import Placement
 
 
 def instance_count(model_config: dict) -> int:

@@ -1,4 +1,4 @@
-"""Triton tensors <-> engine types for the model `bunny` (CONTRACT.md section 3). Pure functions over numpy.
+"""Triton tensors <-> engine types for the model `bunny` (docs/api/triton-model.md). Pure functions over numpy.
 
 `parse_request(inputs)` turns the request's input arrays (name -> array, absent optional inputs left out or
 None) into a `ParsedRequest`, or raises `InvalidInput` whose message names the input and the problem. Limits
@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from bunny_backend.engine.request_builder import Prompt
+from bunny_backend.engine.core.request_builder import Prompt
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io.conversation import ConversationError, parse_messages
 

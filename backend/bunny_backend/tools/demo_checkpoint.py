@@ -1,4 +1,4 @@
-"""Write a small random-weight Bunny checkpoint in the published layout (CONTRACT.md section 2).
+"""Write a small random-weight Bunny checkpoint in the published layout (docs/api/triton-model.md).
 
 Tests build tiny ones; `python -m bunny_backend.tools.demo_checkpoint --out models/bunny-demo` builds the demo.
 The tokenizer is a byte-level BPE trained on the bundled English/Chinese corpus with Qwen2's pre-tokenizer.

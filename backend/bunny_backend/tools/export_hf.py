@@ -7,7 +7,7 @@
   selection (Bunny drops SigLIP's last layer and keeps every patch), and an `<image>` token added after the
   tokenizer's vocabulary.
 
-Both carry a chat template that renders Bunny's prompt and conversations (CONTRACT.md section 2), and the
+Both carry a chat template that renders Bunny's prompt and conversations (docs/api/triton-model.md), and the
 LLaVA folder a SigLIP image processor with Bunny's resize and normalisation (equal to ours for square images).
 The benchmark uses them to run vLLM on the same weights (bench/peer/).
 """

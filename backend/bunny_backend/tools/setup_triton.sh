@@ -4,10 +4,10 @@
 # pytriton ships the python backend and one stub per Python version; Triton looks for the stub next to
 # libtriton_python.so, so we copy the stub that matches the venv's Python X.Y beside a copy of the backend.
 # Idempotent and quiet: prints nothing when everything is already in place.
-# Usage: backend/tools/setup_triton.sh VENV
+# Usage: backend/bunny_backend/tools/setup_triton.sh VENV
 set -euo pipefail
 VENV="${1:?usage: setup_triton.sh VENV}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 PY="$VENV/bin/python"
 DEST="$ROOT/build/triton/backends/python"
 

@@ -1,6 +1,6 @@
 """One engine's tensor-parallel group: its rank and size, and the collectives the sharded model calls.
 
-Rank 0 is the engine inside Triton's stub, ranks 1..N-1 the worker processes it spawns (engine/tp_group.py); they
+Rank 0 is the engine inside Triton's stub, ranks 1..N-1 the worker processes it spawns (engine/executor/tp_group.py); they
 form torch.distributed's default process group (gloo on CPU, nccl on CUDA, hccl on Ascend), so a process holds
 one tensor-parallel engine at a time. With size 1 every collective is a no-op and torch.distributed is not touched.
 """

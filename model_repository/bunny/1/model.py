@@ -1,4 +1,4 @@
-"""Triton python-backend adapter for Bunny (decoupled; CONTRACT.md section 3). No model logic here.
+"""Triton python-backend adapter for Bunny (decoupled; docs/api/triton-model.md). No model logic here.
 
 `execute` validates each request (bunny_backend.stub.request_io) and hands it to the engine, returning at once.
 One engine thread loops `step()` and does nothing else. A responder thread turns its outputs into responses and
@@ -31,6 +31,7 @@ import triton_python_backend_utils as pb_utils
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, RequestOutput, ServerBusyError
+from bunny_backend.stub.bytes_probe import check_bytes_round_trip
 from bunny_backend.stub.engine_thread import start_engine_thread
 from bunny_backend.stub.instance import placement
 from bunny_backend.stub.metrics import BunnyMetrics
@@ -40,7 +41,7 @@ from bunny_backend.stub.timeline import Timeline
 IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, stats snapshots)
 CANCEL_POLL_S = 0.02     # the responder's tick for asking senders whether their client cancelled
 CANCEL_CHECKS_PER_POLL = 2   # senders asked per tick, in turn: each ask is a round trip to the server process,
-                             # and asking all of them every tick cost 4% of batch-10 throughput (bench/NOTES.md)
+                             # and asking all of them every tick cost 4% of batch-10 throughput (docs/performance.md)
 STATS_PERIOD_S = 0.1     # how often gauges and counters are published
 EXIT_GRACE_S = 1.0       # after a dead engine's error responses are sent, before this process ends
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -62,22 +63,9 @@ def _error(message: str, code_name: str = "INTERNAL"):
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
-def _end_process() -> None:
-    os._exit(1)
-
-
-def _check_numpy() -> None:
-    """Triton 2.51's python stub hands BYTES tensors to Python through numpy 1's C ABI; under numpy 2 it garbles
-    them and the stub dies on the first request (seen on a GPU machine whose Python had numpy 2.5)."""
-    import numpy
-    if int(numpy.__version__.split(".")[0]) >= 2:
-        raise RuntimeError(f"the server's Python has numpy {numpy.__version__}; Triton 2.51's python backend needs "
-                           "numpy < 2 to read BYTES inputs (this project pins numpy 1.26.4)")
-
-
 class TritonPythonModel:
     def initialize(self, args):
-        _check_numpy()
+        check_bytes_round_trip(pb_utils)
         faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1 <stub pid>`: each thread's stack, logged
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
@@ -231,7 +219,7 @@ class TritonPythonModel:
         except Exception:
             self.log.log_error(f"bunny: stopping the engine failed: {traceback.format_exc()}")
         time.sleep(EXIT_GRACE_S)
-        _end_process()
+        os._exit(1)
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         try:

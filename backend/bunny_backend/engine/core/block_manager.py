@@ -15,7 +15,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
-from bunny_backend.engine.sequence import Sequence
+from bunny_backend.engine.core.sequence import Sequence
 
 _ROOT_HASH = bytes(16)
 

@@ -9,7 +9,7 @@ import time
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.outputs import BadRequestError
 from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.sequence import ImageSpan, Sequence
+from bunny_backend.engine.core.sequence import ImageSpan, Sequence
 from bunny_backend.io.conversation import Message, build_prompt
 from bunny_backend.io.image import ImageError, decode_image, preprocess_image
 from bunny_backend.io.prompt import IMAGE_TOKEN_INDEX, tokenize_prompt

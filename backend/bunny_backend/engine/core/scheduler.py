@@ -16,7 +16,7 @@ Policy (after vLLM v1): one token budget per step (max_num_batched_tokens), one 
   prefill to the running streams' next gap. Prompts that arrived before any of the decoding streams had its first
   token (a burst of requests sent together, whose first one started alone) are not spread: nobody was streaming
   when they came, and spreading them would only stagger the burst's finish times.
-- Images: a chunk that reaches an image without features needs the vision tower first (engine/encoder_runner.py
+- Images: a chunk that reaches an image without features needs the vision tower first (engine/worker/encoder_runner.py
   runs it before the forward). At most max_images_per_encoder_batch distinct images not in the encoder cache are
   encoded per step; a chunk that would need one more stops just before that image.
 The scheduled sequences are ordered decodes first (SchedulerOutput.num_decodes), as the model runner packs them.
@@ -38,8 +38,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from bunny_backend.engine.block_manager import BlockManager
-from bunny_backend.engine.sequence import ImageSpan, Sequence, SequenceStatus
+from bunny_backend.engine.core.block_manager import BlockManager
+from bunny_backend.engine.core.sequence import ImageSpan, Sequence, SequenceStatus
 
 # Smaller chunks beside decodes would cost more in per-step work than they spare the running streams.
 MIN_CHUNK_BESIDE_DECODES = 32

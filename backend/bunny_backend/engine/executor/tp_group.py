@@ -1,4 +1,4 @@
-"""Rank 0's side of tensor parallelism: start ranks 1..N-1 (engine/tp_worker.py), form the process group with
+"""Rank 0's side of tensor parallelism: start ranks 1..N-1 (engine/executor/tp_worker.py), form the process group with
 them, hand them every step, watch them, stop them.
 
 Workers are torch.multiprocessing processes started with `spawn` (a fork of Triton's stub, threads and all, would
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from bunny_backend.engine.outputs import EngineDeadError
-from bunny_backend.engine.step_channel import StepChannel, StepInputs
-from bunny_backend.engine.tp_worker import worker_main
+from bunny_backend.engine.executor.step_channel import StepChannel, StepInputs
+from bunny_backend.engine.executor.tp_worker import worker_main
 from bunny_backend.utils.distributed import TensorParallel, destroy_group, init_group
 
 log = logging.getLogger("bunny.engine")

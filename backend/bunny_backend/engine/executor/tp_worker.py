@@ -1,9 +1,9 @@
 """What tensor-parallel ranks 1..N-1 run: a spawned process that holds its shard of the model and its KV heads,
-and runs every step rank 0 hands it (engine/tp_group.py is rank 0's side).
+and runs every step rank 0 hands it (engine/executor/tp_group.py is rank 0's side).
 
 Startup speaks over a pipe: "hello" once imported (rank 0 then forms the process group), then ("ready", KV
 blocks that fit, memory report) or ("error", traceback); rank 0 answers with the number of KV blocks every rank
-allocates. Then the same pipe carries the steps (engine/step_channel.py): run each, until EXIT. The process ends
+allocates. Then the same pipe carries the steps (engine/executor/step_channel.py): run each, until EXIT. The process ends
 itself when its parent (rank 0) is gone; an exception in a step ends it with status 1 (rank 0 sees the death and
 takes the model down, since the ranks can no longer agree on what was computed).
 """
@@ -45,8 +45,8 @@ def _start(rank, size, port, config_dict, plan, conn):
     import torch
 
     from bunny_backend.config import EngineConfig
-    from bunny_backend.engine.kv_cache import num_kv_blocks
-    from bunny_backend.engine.model_runner import ModelRunner
+    from bunny_backend.engine.worker.kv_cache import num_kv_blocks
+    from bunny_backend.engine.worker.model_runner import ModelRunner
     from bunny_backend.model.loader import load_model
     from bunny_backend.ops.attention import get_backend
     from bunny_backend.utils.distributed import init_group
@@ -72,7 +72,7 @@ def _start(rank, size, port, config_dict, plan, conn):
 def _serve(runner, conn) -> None:
     import torch
 
-    from bunny_backend.engine import step_channel
+    from bunny_backend.engine.executor import step_channel
     from bunny_backend.utils.distributed import destroy_group
 
     hidden = runner.model.config.text.hidden_size

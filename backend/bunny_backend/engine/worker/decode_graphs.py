@@ -7,8 +7,8 @@ A graph replays the kernels it captured on the tensors it captured, so every inp
 runs in the smallest captured size >= n; the padding rows read and write one scratch KV block that the block
 manager never hands out (the model runner allocates it past the managed blocks), so they touch nobody's cache.
 Sampling stays outside the graph. Capture needs an attention backend whose decode reads only device tensors
-(the Triton paged-decode kernel; the portable gather does too); `GraphCapture` is torch.cuda's, and
-`EagerCapture` re-runs the function on the same buffers for tests without a GPU.
+(the Triton paged-decode kernel; the portable gather does too). `GraphCapture` is torch.cuda's; `DecodeGraphs`
+takes any object with the same `capture(fn) -> Captured` (the tests replay eagerly without a GPU).
 """
 from __future__ import annotations
 
@@ -50,14 +50,6 @@ class GraphCapture:
         return Captured(graph.replay, out)
 
 
-class EagerCapture:
-    """Same contract without a GPU: replay() re-runs fn on the static buffers into the same output tensor."""
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> Captured:
-        out = fn()
-        return Captured(lambda: out.copy_(fn()), out)
-
-
 def graph_sizes(max_batch: int) -> list[int]:
     sizes = [b for b in DEFAULT_SIZES if b < max_batch]
     return sizes + [max_batch]
@@ -65,7 +57,7 @@ def graph_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, max_batch: int, max_blocks: int, scratch_block: int, block_size: int,
-                 device: torch.device, capture: GraphCapture | EagerCapture):
+                 device: torch.device, capture: GraphCapture):
         self.model, self.max_blocks, self.sizes = model, max_blocks, graph_sizes(max_batch)
         self.scratch_slot = token_slots([scratch_block], 0, 1, block_size)[0]
         self.scratch_block = scratch_block

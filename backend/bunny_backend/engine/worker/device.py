@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine.decode_graphs import GraphCapture
+from bunny_backend.engine.worker.decode_graphs import GraphCapture
 from bunny_backend.model.cpu_decode import use_cpu_decode_loop
 from bunny_backend.model.cpu_layout import use_cpu_linears, use_fused_cpu_ops
 from bunny_backend.model.loader import DTYPES
@@ -75,7 +75,7 @@ def resolve_dtype(name: str, device: torch.device, cpu: CpuFeatures | None = Non
 def cpu_auto_dtype(cpu: CpuFeatures) -> torch.dtype:
     """bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX) and oneDNN packs it, else float32.
 
-    Measured on a 2-core AVX512-BF16 EPYC without AMX (`python -m bench.cpu_dtypes`, bench/NOTES.md "CPU dtypes"):
+    Measured on a 2-core AVX512-BF16 EPYC without AMX (`python -m bench.cpu_dtypes`, docs/performance.md "CPU dtypes"):
     bf16 decode reads half the weight bytes and ran 1.7-2.3x float32's tokens/s at batch 1, 1.05-1.1x at batch 10,
     with teacher-forced logits within the bf16 tolerance of the float32 reference (tests/test_cpu_dtype.py). Without
     native bf16 oneDNN emulates it (AVX512BW) or cannot run it (AVX2), and float32 stays the choice."""
@@ -99,12 +99,12 @@ class DevicePlan:
     dtype: torch.dtype
     block_size: int
     # Prompt tokens a step may carry while it decodes running streams (EngineConfig 0: the device's own). On the
-    # CPU a step's cost grows with every prompt token, so chunks stay small (bench/NOTES.md, "Serving under load");
+    # CPU a step's cost grows with every prompt token, so chunks stay small (docs/performance.md, "Serving under load");
     # on accelerators a step of a few thousand prompt tokens costs little more than a decode step.
     max_prefill_tokens_while_decoding: int
     # Steps a newcomer's prompt is spread over while streams decode (EngineConfig 0: the device's own). On the CPU
     # a chunk's cost is its tokens', so even a 200-token image prompt in one step triples the streams' next gap;
-    # spread over 8 steps it adds an eighth of its prefill to each (bench/NOTES.md, "Serving under load").
+    # spread over 8 steps it adds an eighth of its prefill to each (docs/performance.md, "Serving under load").
     prefill_chunks_while_decoding: int
     attention_backend: str     # torch, cuda or npu (ops.attention.get_backend)
     cuda_graphs: bool          # asked for (ignored off CUDA); graph_capture() says whether it can be done

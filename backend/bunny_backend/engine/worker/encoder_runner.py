@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from bunny_backend.engine.device import synchronize
-from bunny_backend.engine.encoder_cache import EncoderCache
-from bunny_backend.engine.sequence import ImageSpan
+from bunny_backend.engine.worker.device import synchronize
+from bunny_backend.engine.worker.encoder_cache import EncoderCache
+from bunny_backend.engine.core.sequence import ImageSpan
 
 
 class EncoderRunner:

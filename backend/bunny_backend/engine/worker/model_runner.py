@@ -1,7 +1,7 @@
 """Runs one scheduled step: packs the sequences' tokens (decodes and prefill chunks in one flat batch), sets the
 attention context, runs the model, samples. Pure decode steps may replay CUDA graphs (decode_graphs.py).
 
-Under tensor parallelism (engine/tp_group.py) rank 0's runner packs the step, hands it to the other ranks, and all
+Under tensor parallelism (engine/executor/tp_group.py) rank 0's runner packs the step, hands it to the other ranks, and all
 of them run `forward` on it; rank 0 alone samples. Each rank's KV cache holds that rank's KV heads.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ import logging
 
 import torch
 
-from bunny_backend.engine.decode_graphs import DecodeGraphs
+from bunny_backend.engine.worker.decode_graphs import DecodeGraphs
 from bunny_backend.engine.outputs import EngineDeadError
-from bunny_backend.engine.scheduler import SchedulerOutput
-from bunny_backend.engine.sequence import Sequence
-from bunny_backend.engine.step_channel import StepInputs
+from bunny_backend.engine.core.scheduler import SchedulerOutput
+from bunny_backend.engine.core.sequence import Sequence
+from bunny_backend.engine.executor.step_channel import StepInputs
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler
 from bunny_backend.utils.context import paged_context, reset_context, set_context, token_slots
@@ -27,7 +27,7 @@ class ModelRunner:
     def __init__(self, model: BunnyForCausalLM, backend, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, graph_capture=None, max_graph_batch: int = 0,
                  max_blocks_per_seq: int = 0, workers=None):
-        """graph_capture (decode_graphs.GraphCapture or EagerCapture): capture decode steps of up to
+        """graph_capture (decode_graphs.GraphCapture, or another capture(fn) -> Captured): capture decode steps of up to
         max_graph_batch sequences with block tables of up to max_blocks_per_seq blocks; None runs eagerly.
         workers: rank 0's tp_group.WorkerGroup under tensor parallelism, else None."""
         self.model, self.backend, self.workers = model, backend, workers

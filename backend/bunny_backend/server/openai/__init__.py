@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP front (CONTRACT.md section 5): FastAPI over Triton's gRPC; the model runs in Triton."""
+"""The OpenAI-compatible HTTP front (docs/api/openai.md): FastAPI over Triton's gRPC; the model runs in Triton."""

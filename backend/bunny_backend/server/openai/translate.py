@@ -1,4 +1,4 @@
-"""An OpenAI chat request -> the Triton model's inputs (CONTRACT.md section 3). CPU work (JSON, base64): run it
+"""An OpenAI chat request -> the Triton model's inputs (docs/api/triton-model.md). CPU work (JSON, base64): run it
 off the event loop.
 
 Each message becomes {"role", "content"} of the model's `messages` input; its parts are joined with "\\n" and each
