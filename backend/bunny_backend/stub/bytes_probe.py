@@ -9,6 +9,7 @@ deserialized as Triton does for an input), and the model refuses to load only if
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 PROBE = np.array(["bunny 兔子".encode(), b"", bytes(range(256))], dtype=np.object_)
 
@@ -19,7 +20,9 @@ class BytesUnreadable(RuntimeError):
 
 def check_bytes_round_trip(pb_utils) -> None:
     try:
-        wire = np.frombuffer(pb_utils.serialize_byte_tensor(PROBE), dtype=np.uint8).copy()
+        wire = torch.frombuffer(bytearray(pb_utils.serialize_byte_tensor(PROBE)), dtype=torch.uint8)
+        # a torch tensor, not a numpy one: the stub renames the DLPack capsule it takes to "used_dlpack", which
+        # numpy's capsule destructor reports as an error, in a loop that never ends (Triton 2.51); torch's ignores
         view = pb_utils.Tensor.from_dlpack("bunny_bytes_probe", wire).as_numpy()
         back = list(pb_utils.deserialize_bytes_tensor(view))
         detail = "" if back == list(PROBE) else f"{len(PROBE)} strings went in, {back[:3]!r} came back"
