@@ -12,7 +12,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 class EngineConfig:
     model_path: str = ""
     device: str = "auto"            # auto picks npu > cuda > cpu
-    dtype: str = "auto"             # auto: float32 on CPU, bfloat16 on accelerators
+    dtype: str = "auto"             # auto: bfloat16 on accelerators and CPUs with native bf16, else float32
     block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 4096
@@ -30,7 +30,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 0  # 0: use kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.5  # of the memory free after loading the weights
     enable_prefix_caching: bool = True
-    num_threads: int = 0            # CPU intra-op threads; 0: all cores
+    num_threads: int = 0            # CPU intra-op threads; 0: all cores, split between instances/ranks
     attention_backend: str = "auto"  # auto: the device's own (npu, cuda) or the portable torch one
     seed: int = 0                   # seeds the draw of a seed for each request that has none
     # Decode steps as CUDA graphs where they can run (device cuda with the Triton paged-decode kernel); ignored

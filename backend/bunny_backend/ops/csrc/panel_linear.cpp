@@ -4,7 +4,7 @@
 // Layout: w [N, K] becomes ceil(N / 32) panels of 32 output features, zero-padded; a panel holds its 32 weights of
 // each k contiguously: fp32 [K][32], bf16 [K/2][32][2] (k and k+1 of a feature side by side, the pairs that
 // AVX512-BF16's dot product takes). A panel is read front to back once per call, whatever the number of rows, so
-// the weight streams from memory at close to the machine's read bandwidth (bench/NOTES.md: 38-44 GB/s for the
+// the weight streams from memory at close to the machine's read bandwidth (bench/log/2026-11-27-panels.md: 38-44 GB/s for the
 // LM head against oneDNN's 22-28 GB/s at 1-4 rows); each row adds only in-register FMAs, and with many rows a
 // panel (128 KB in fp32 at K = 1024) stays in L2 while every row block passes over it, level with oneDNN's GEMM.
 //
