@@ -1,6 +1,6 @@
 """Where the Triton path's time goes: a per-token timeline on both sides of the wire (issue #16).
 
-Starts bunny-serve with BUNNY_TIMELINE (backend/stub/timeline.py: each request's arrival in execute() and its
+Starts bunny-serve with BUNNY_TIMELINE (backend/bunny_backend/stub/timeline.py: each request's arrival in execute() and its
 acceptance by the engine (image decoding, tokenization), engine step start/end, each response's hand-over
 to the responder thread, `sender.send` start and end), sends N streaming requests at once from the perf client's
 streams, and stamps each token's arrival at the client. Joined on (request id, token count), every token gets:

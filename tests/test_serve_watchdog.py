@@ -1,4 +1,4 @@
-"""bunny-serve's stub watchdog (backend/server/watchdog.py) against the real tritonserver (marker `server`).
+"""bunny-serve's stub watchdog (backend/bunny_backend/server/watchdog.py) against the real tritonserver (marker `server`).
 
 Killing the model's Python stub must not leave a server that reports READY while it hangs every stream: the model
 is unloaded, tritonserver stopped (killed after a short grace), the in-flight stream ends with an error and

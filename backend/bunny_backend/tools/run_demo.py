@@ -27,7 +27,7 @@ def example_image() -> Path:
         pass
     found = sorted(Path(__file__).resolve().parent.glob("*.png"))
     if not found:
-        raise FileNotFoundError("no example image (backend/tools/example.png) found")
+        raise FileNotFoundError("no example image (backend/bunny_backend/tools/example.png) found")
     return found[0]
 
 
