@@ -75,8 +75,10 @@ def build(name: str, out_dir: Path) -> None:
         # holding our lock, nobody else is building.
         (out / "lock").unlink(missing_ok=True)
         try:
+            # copies: torch appends its own flags to the lists it is given, and a list grown by an earlier build in
+            # this process changed the command, so ninja rebuilt every kernel whose build order differed
             cpp_extension.load(name=f"bunny_{name}", sources=[str(SOURCES / f"{name}.cpp")],
-                               extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
+                               extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(out),
                                is_python_module=False, verbose=False)
         except Exception as e:   # a compiler error, a link error, a library that does not load
             raise KernelUnavailable(_first_lines(str(e))) from e
