@@ -63,7 +63,7 @@ def run_round(engine: LLMEngine, work: Workload, n: int, max_tokens: int, kv: KV
     for i in range(n):
         rid = f"{tag}-{i}"
         engine.add_request(rid, work.prompt, [work.image], params)
-        timings[rid] = RequestTiming(sent=t0, first=None, last=None, tokens=0)
+        timings[rid] = RequestTiming(sent=t0)
     while engine.has_unfinished():
         outs = engine.step()
         now = time.perf_counter()
@@ -71,10 +71,8 @@ def run_round(engine: LLMEngine, work: Workload, n: int, max_tokens: int, kv: KV
             t = timings[out.request_id]
             if out.error:
                 raise RuntimeError(f"{out.request_id}: {out.error}")
+            t.record(now, len(out.delta_token_ids))
             if out.delta_token_ids:
-                t.first = now if t.first is None else t.first
-                t.last = now
-                t.tokens += len(out.delta_token_ids)
                 ids.setdefault(out.request_id, []).extend(out.delta_token_ids)
         if kv is not None:
             kv.check()

@@ -224,3 +224,23 @@ def test_clip_score_missing_weights_is_one_line(skimage_dir, tmp_path, capsys):
                "--weights", os.fspath(tmp_path / "nope.bin")])
     err = capsys.readouterr().err
     assert rc == 1 and "nope.bin" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_response_of_several_tokens_counts_each_token_in_the_inter_token_latency():
+    """A server that merges a stream's tokens sends some responses with several: the latency per token after the
+    first response's tokens is the time between the first and last response over the tokens that came after."""
+    t = RequestTiming(sent=0.0)
+    for at, n in [(1.0, 2), (1.2, 0), (1.3, 3), (1.5, 1)]:   # an empty response carries no token and is not counted
+        t.record(at, n)
+    assert (t.first, t.first_tokens, t.last, t.tokens, t.responses) == (1.0, 2, 1.5, 6, 3)
+    assert t.ttft == 1.0 and t.itl == pytest.approx(0.5 / 4)
+    one = RequestTiming(sent=0.0)
+    one.record(2.0, 5)   # everything in one response: no gap to measure
+    assert one.itl is None and one.ttft == 2.0
+
+
+def test_chat_without_streaming_reports_latency_not_a_first_token():
+    from bunny_client.chat import ChatResult, latency_label
+    whole = ChatResult("a", [1], "stop", 3, 1, ttft_s=None, elapsed_s=0.25)
+    streamed = ChatResult("a", [1], "stop", 3, 1, ttft_s=0.05, elapsed_s=0.25)
+    assert (latency_label(whole), latency_label(streamed)) == ("latency 250 ms", "first token 50 ms")

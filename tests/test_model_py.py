@@ -67,6 +67,7 @@ def test_non_stream_gets_one_final_response_with_everything(model):
 
 
 def test_stream_gets_one_response_per_delta_and_the_last_is_final(model):
+    model.engine.step_delay = 0.05   # a responder that keeps up sends every token in a response of its own
     req = run(model, text_input=text("hi"), max_tokens=np.array([4], np.int32), stream=np.array([True]))
     req.sender.wait()
     flags = [f for _, f in req.sender.responses]
@@ -87,8 +88,11 @@ def test_engine_keeps_stepping_while_a_send_is_slow(model):
     req.sender.gate.set()
     req.sender.wait()
     outs = [outputs(r) for r, _ in req.sender.responses]
-    assert [f for _, f in req.sender.responses] == [0] * 19 + [FINAL]
-    assert sum((o["output_ids"] for o in outs), []) == list(range(1, 21))
+    # the first token went out at once; the 19 made while its send was held travel together in the final response
+    assert [f for _, f in req.sender.responses] == [0, FINAL]
+    assert [o["output_ids"] for o in outs] == [[1], list(range(2, 21))]
+    assert outs[1]["text_output"] == ["".join(f"t{i} " for i in range(2, 21)).encode()]
+    assert (outs[1]["finish_reason"], outs[1]["completion_tokens"]) == ([b"length"], [20])
 
 
 def test_timeline_records_steps_and_sends(monkeypatch, tmp_path):
@@ -139,20 +143,20 @@ def test_busy_and_unexpected_refusals_carry_their_code(model, prompt, code, need
 
 
 def test_a_response_that_cannot_be_built_ends_its_request_only(model, monkeypatch):
-    real = model.metrics.on_output
+    real = model._respond
 
-    def broken(out):
-        if out.request_id == "0":
-            raise ValueError("metrics broke")
-        real(out)
+    def broken(f, ready):
+        if ready.request_id == "0":
+            raise ValueError("response broke")
+        real(f, ready)
 
-    monkeypatch.setattr(model.metrics, "on_output", broken)
+    monkeypatch.setattr(model, "_respond", broken)
     victim = run(model, text_input=text("x"), max_tokens=np.array([50], np.int32), stream=np.array([True]))
     other = run(model, text_input=text("y"), max_tokens=np.array([5], np.int32))
     victim.sender.wait()
-    assert len(victim.sender.finals) == 1 and "metrics broke" in victim.sender.finals[0].error.message()
+    assert len(victim.sender.finals) == 1 and "response broke" in victim.sender.finals[0].error.message()
     assert outputs(other.sender.wait().finals[0])["finish_reason"] == [b"length"]
-    assert model._thread.is_alive()
+    assert model._thread.is_alive() and model._responder.is_alive()
 
 
 def test_cancelled_request_is_aborted_and_still_gets_a_final(model):
@@ -168,7 +172,7 @@ def test_cancelled_request_is_aborted_and_still_gets_a_final(model):
 
 def test_a_request_cancelled_while_the_engine_accepts_it_is_still_aborted(model, monkeypatch):
     """The engine drops an abort for a request it does not know yet: the adapter asks only once it does."""
-    monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_POLL_S", 0.0)
+    monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_SWEEP_S", 1e-6)   # ask every sender each tick
     other = run(model, text_input=text("y"), max_tokens=np.array([100000], np.int32))   # the engine keeps stepping
     model.engine.accept_delay = 0.2
     req = Request(text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
@@ -199,7 +203,7 @@ def test_a_cancelled_stream_gets_no_more_tokens_only_its_final(model):
 
 def test_no_sender_is_asked_about_cancellation_after_its_final(model, monkeypatch):
     """execute() refuses a request it had registered while the engine thread asks the senders in flight."""
-    monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_POLL_S", 0.0)
+    monkeypatch.setattr(sys.modules["bunny_model_under_test"], "CANCEL_SWEEP_S", 1e-6)   # ask every sender each tick
     model.engine.refuse_delay = 0.002
     slow = Request(text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
     slow.sender.ask_delay_s = 0.005   # the refused one is asked after it, once its final is out
@@ -212,26 +216,27 @@ def test_no_sender_is_asked_about_cancellation_after_its_final(model, monkeypatc
     assert [r.sender.asked_after_final for r in refused] == [0] * len(refused)
 
 
-def test_each_poll_asks_a_few_senders_in_turn(model):
-    """is_cancelled() is a round trip to the server process: a poll asks CANCEL_CHECKS_PER_POLL senders and the
-    next poll the next ones, so every request is asked in turn and a cancellation is seen at any load."""
-    per_poll = sys.modules["bunny_model_under_test"].CANCEL_CHECKS_PER_POLL
-    poll, model._poll_cancellations = model._poll_cancellations, lambda: None   # the responder's polls stop
+def test_each_sweep_asks_every_sender_once_per_period_in_turn(model, monkeypatch):
+    """is_cancelled() is a round trip to the server process: the responder asks the live senders in turn, so many
+    that each is asked once per CANCEL_SWEEP_S whatever the load, spread over its ticks."""
+    mod = sys.modules["bunny_model_under_test"]
+    monkeypatch.setattr(mod, "CANCEL_SWEEP_S", 1000.0)   # the time a sweep covers is the time set below, exactly
+    sweep, model._sweep_cancellations = model._sweep_cancellations, lambda: None   # the responder's sweeps stop
     reqs = [run(model, text_input=text(f"r{i}"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
-            for i in range(2 * per_poll + 1)]
+            for i in range(7)]
     wait_for(lambda: len(model._inflight) == len(reqs) and all(f.accepted for f in model._inflight.values()), 10,
              "the requests were not accepted")
     before = [r.sender.asks for r in reqs]
-    for _ in range(len(reqs)):
-        model._next_cancel_poll = 0.0
-        asks = sum(r.sender.asks for r in reqs)
-        poll()
-        assert sum(r.sender.asks for r in reqs) - asks == per_poll
-    assert [r.sender.asks - b for r, b in zip(reqs, before)] == [per_poll] * len(reqs)
+    for _ in range(7):   # seven sweeps over 3/10 of a period each: ceil(2.1) = 3 asks each, 21 in all, in turn
+        model._last_sweep = time.monotonic() - 300.0
+        sweep()
+    assert [r.sender.asks - b for r, b in zip(reqs, before)] == [3] * 7
+    model._last_sweep = time.monotonic() - 5000.0   # a sweep after a long gap asks each sender once, no more
+    sweep()
+    assert [r.sender.asks - b for r, b in zip(reqs, before)] == [4] * 7
     reqs[-1].sender.cancelled = True
-    for _ in range(len(reqs)):
-        model._next_cancel_poll = 0.0
-        poll()
+    model._last_sweep = time.monotonic() - 5000.0
+    sweep()
     reqs[-1].sender.wait()
     assert [outputs(r)["finish_reason"] for r in reqs[-1].sender.finals] == [[b"cancelled"]]
 
@@ -270,8 +275,16 @@ def test_metrics_move(model):
     by_reason = {m.labels["finish_reason"]: m.value for m in fams["bunny_requests_total"].metrics}
     assert by_reason == {"stop": 0, "length": 1, "cancelled": 0, "error": 1}
     assert fams["bunny_generation_tokens_total"].metrics[0].value == 5
-    assert fams["bunny_time_to_first_token_seconds"].metrics[0].observations == [0.01]
-    assert len(fams["bunny_inter_token_latency_seconds"].metrics[0].observations) == 4
+    value = lambda name, **labels: next(m.value for m in fams[name].metrics   # noqa: E731
+                                        if all(m.labels.get(k) == v for k, v in labels.items()))
+    # published as Prometheus histogram series, counted exactly: one TTFT of 10 ms, four gaps of 2 ms
+    assert (value("bunny_time_to_first_token_seconds_count"), value("bunny_time_to_first_token_seconds_sum")) == (
+        1, pytest.approx(0.01))
+    assert [value("bunny_time_to_first_token_seconds_bucket", le=le) for le in ("0.01", "0.025", "+Inf")] == [1, 1, 1]
+    assert (value("bunny_inter_token_latency_seconds_count"), value("bunny_inter_token_latency_seconds_sum")) == (
+        4, pytest.approx(0.008))
+    assert [value("bunny_inter_token_latency_seconds_bucket", le=le) for le in ("0.001", "0.0025", "+Inf")] == [
+        0, 4, 4]
     assert fams["bunny_kv_blocks_total"].metrics[0].value == 64
 
 

@@ -92,3 +92,10 @@ def test_response_arrays_have_the_contract_types():
     assert out["completion_tokens"].tolist() == [2]
     empty = response_arrays("", [], None, 3, 0)
     assert empty["output_ids"].shape == (0,) and empty["finish_reason"].tolist() == [b""]
+
+
+def test_only_the_outputs_asked_for_are_built():
+    out = response_arrays("hi", [1, 2], "", 3, 2, frozenset({"output_ids", "completion_tokens"}))
+    assert sorted(out) == ["completion_tokens", "output_ids"] and out["output_ids"].tolist() == [1, 2]
+    assert sorted(response_arrays("hi", [1], "", 3, 1, None)) == sorted(
+        ["text_output", "output_ids", "finish_reason", "prompt_tokens", "completion_tokens"])

@@ -14,7 +14,7 @@ class EngineConfig:
     device: str = "auto"            # auto picks npu > cuda > cpu
     dtype: str = "auto"             # auto: bfloat16 on accelerators and CPUs with native bf16, else float32
     block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
-    max_num_seqs: int = 16
+    max_num_seqs: int = 0           # 0: the device's own (engine/worker/device.py: 16 on cpu, up to 256 elsewhere)
     max_num_batched_tokens: int = 4096
     # While a step decodes running streams, it carries at most this many prompt tokens (longer prompts are
     # chunked over several steps), so a long prompt delays each running stream's next token by one chunk, not by
@@ -46,7 +46,11 @@ class EngineConfig:
     max_images_per_request: int = 1        # Bunny-v1.0 was trained with one image per conversation
     max_prompt_tokens: int = 0             # image features counted; 0: the context length
     max_output_tokens: int = 0             # the largest max_tokens accepted; 0: the context length
-    max_queued_requests: int = 256         # requests waiting beyond max_num_seqs; then "server busy"
+    max_queued_requests: int = 0           # requests waiting beyond max_num_seqs, then "server busy"; 0: 256, or
+                                           # max_num_seqs where that is more
+    # Streaming: at most one response per this many tokens per stream after the first (fewer, larger messages).
+    # A responder that falls behind merges a stream's tokens into its next response whatever this is.
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -55,8 +59,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch, cuda or npu, got {self.attention_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-                     "max_images_per_encoder_batch"):
+        for name in ("max_num_batched_tokens", "tensor_parallel_size", "max_images_per_encoder_batch",
+                     "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:   # else the last-admitted streams would never decode
@@ -71,7 +75,7 @@ class EngineConfig:
         for name in ("max_image_bytes", "max_image_pixels", "max_text_bytes", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_prompt_tokens", "max_output_tokens", "max_queued_requests",
+        for name in ("max_num_seqs", "max_prompt_tokens", "max_output_tokens", "max_queued_requests",
                      "max_prefill_tokens_while_decoding", "prefill_chunks_while_decoding", "encoder_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -36,7 +36,7 @@ class ChatConnection:
 
     def stream(self, body: bytes) -> tuple[RequestTiming, list[int]]:
         """POST one streaming chat request; the timing of its token-carrying chunks and all its token ids."""
-        timing = RequestTiming(sent=time.perf_counter(), first=None, last=None, tokens=0)
+        timing = RequestTiming(sent=time.perf_counter())
         self.conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
         resp = self.conn.getresponse()
         if resp.status != 200:
@@ -54,12 +54,8 @@ class ChatConnection:
                 break
             chunk = json.loads(payload)
             new = [t for c in chunk.get("choices", []) for t in (c.get("token_ids") or [])]
-            if new:
-                now = time.perf_counter()
-                timing.first = now if timing.first is None else timing.first
-                timing.last = now
-                timing.tokens += len(new)
-                ids += new
+            timing.record(time.perf_counter(), len(new))
+            ids += new
         return timing, ids
 
     def close(self) -> None:

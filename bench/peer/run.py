@@ -82,13 +82,10 @@ class Ours:
         def one(i: int):
             opts = RequestOptions(text=self.prompt, images=[images[i]] if images else [], max_tokens=max_tokens,
                                   ignore_eos=True, temperature=0.0, stream=True)
-            timing, ids = RequestTiming(sent=time.perf_counter(), first=None, last=None, tokens=0), []
+            timing, ids = RequestTiming(sent=time.perf_counter()), []
             for delta in self.conns[i].generate(opts):
-                if delta.ids:
-                    timing.first = delta.t if timing.first is None else timing.first
-                    timing.last = delta.t
-                    timing.tokens += len(delta.ids)
-                    ids += delta.ids
+                timing.record(delta.t, len(delta.ids))
+                ids += delta.ids
             return timing, ids
 
         wall, out = all_at_once([functools.partial(one, i) for i in range(n)])

@@ -19,7 +19,7 @@ class ChatResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    ttft_s: float  # time to the first response that carried tokens
+    ttft_s: float | None   # time to the first response that carried tokens; None unless streamed (one response)
     elapsed_s: float
 
     @property
@@ -51,7 +51,7 @@ def run_request(stream: BunnyStream, opts: RequestOptions, on_text: Callable[[st
         finish_reason=reason,
         prompt_tokens=prompt or 0,
         completion_tokens=completion if completion is not None else len(ids),
-        ttft_s=ttft if ttft is not None else elapsed,
+        ttft_s=(ttft if ttft is not None else elapsed) if opts.stream else None,
         elapsed_s=elapsed,
     )
 
@@ -134,7 +134,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def latency_label(result: ChatResult) -> str:
+    """A streamed answer's first token, or the whole answer's latency (one response: no first token to time)."""
+    if result.ttft_s is None:
+        return f"latency {result.elapsed_s * 1000:.0f} ms"
+    return f"first token {result.ttft_s * 1000:.0f} ms"
+
+
 def print_stats(result: ChatResult) -> None:
     print(f"[prompt {result.prompt_tokens} tokens, completion {result.completion_tokens} tokens, "
-          f"finish {result.finish_reason or '?'}, first token {result.ttft_s * 1000:.0f} ms, "
+          f"finish {result.finish_reason or '?'}, {latency_label(result)}, "
           f"{result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)

@@ -18,6 +18,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from bunny_backend.io.wire import read_response
+
 MODEL_NAME = "bunny"
 DEFAULT_URL = "127.0.0.1:8001"
 _ids = itertools.count(1)
@@ -101,37 +103,12 @@ class Delta:
     request_id: str = ""
 
 
-def _strings(raw: bytes) -> list[bytes]:
-    """The elements of a BYTES tensor's raw contents (each a 4-byte little-endian length, then the bytes)."""
-    out, i = [], 0
-    while i + 4 <= len(raw):
-        n = int.from_bytes(raw[i:i + 4], "little")
-        out.append(raw[i + 4:i + 4 + n])
-        i += 4 + n
-    return out
-
-
 def parse_response(result, t: float) -> Delta:
-    """A Delta from a tritonclient InferResult (an empty flags-only final response included). Read straight from
-    the response's raw contents (Triton's gRPC frontend sends every output there): this runs once per streamed
-    token, and InferResult.as_numpy per output cost the client ~3x the CPU."""
-    response = result.get_response()
-    params = response.parameters
-    final = "triton_final_response" in params and params["triton_final_response"].bool_param
-    raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents))
-    ints = {name: np.frombuffer(raw[name], dtype="<i4") for name in ("output_ids", "prompt_tokens", "completion_tokens")
-            if name in raw}
-    reason = _strings(raw.get("finish_reason", b""))
-    prompt, completion = ints.get("prompt_tokens"), ints.get("completion_tokens")
-    return Delta(
-        text="".join(x.decode("utf-8", "replace") for x in _strings(raw.get("text_output", b""))),
-        ids=ints["output_ids"].tolist() if "output_ids" in ints else [],
-        t=t,
-        final=bool(final),
-        finish_reason=reason[0].decode() if reason else "",
-        prompt_tokens=int(prompt[0]) if prompt is not None and prompt.size else None,
-        completion_tokens=int(completion[0]) if completion is not None and completion.size else None,
-    )
+    """A Delta from a tritonclient InferResult (an empty flags-only final response included), read from the
+    response's raw contents (bunny_backend.io.wire)."""
+    r = read_response(result.get_response())
+    return Delta(text=r.text, ids=r.ids, t=t, final=r.final, finish_reason=r.finish_reason,
+                 prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
 
 
 def describe_error(err: Exception, url: str) -> str:

@@ -58,12 +58,9 @@ def all_at_once(jobs: list[Callable[[], object]]) -> tuple[float, list]:
 
 
 def _timed(conn: BunnyStream, opts: RequestOptions) -> RequestTiming:
-    timing = RequestTiming(sent=time.perf_counter(), first=None, last=None, tokens=0)
+    timing = RequestTiming(sent=time.perf_counter())
     for delta in conn.generate(opts):
-        if delta.ids:
-            timing.first = delta.t if timing.first is None else timing.first
-            timing.last = delta.t
-            timing.tokens += len(delta.ids)
+        timing.record(delta.t, len(delta.ids))
     return timing
 
 

@@ -27,12 +27,25 @@ def parse_batch_sizes(spec: str) -> list[int]:
 
 @dataclass(slots=True)
 class RequestTiming:
-    """perf_counter times of one request: sent, first and last response carrying tokens; tokens received."""
+    """perf_counter times of one request: sent, first and last response carrying tokens; tokens received. A
+    response may carry several tokens (a server that merges a stream's tokens while its sender lags)."""
 
     sent: float
-    first: float | None
-    last: float | None
-    tokens: int
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    first_tokens: int = 1      # tokens the first response carried
+    responses: int = 0         # responses carrying tokens
+
+    def record(self, t: float, new_tokens: int) -> None:
+        """A response that arrived at t carrying new_tokens tokens (none: it is not counted)."""
+        if new_tokens <= 0:
+            return
+        if self.first is None:
+            self.first, self.first_tokens = t, new_tokens
+        self.last = t
+        self.tokens += new_tokens
+        self.responses += 1
 
     @property
     def ttft(self) -> float | None:
@@ -40,10 +53,10 @@ class RequestTiming:
 
     @property
     def itl(self) -> float | None:
-        """Mean time between tokens after the first one."""
-        if self.first is None or self.last is None or self.tokens < 2:
+        """Mean time between tokens after those of the first response, per token."""
+        if self.first is None or self.last is None or self.tokens <= self.first_tokens:
             return None
-        return (self.last - self.first) / (self.tokens - 1)
+        return (self.last - self.first) / (self.tokens - self.first_tokens)
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ shard, and keeps the scheduler, the sampler and the detokenizer; the workers onl
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -51,11 +52,14 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, placement: Placement = Placement()):
-        self.config = config
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         plan = DevicePlan.resolve(config, placement)
         plan.enter()
+        self._asked_max_num_seqs = config.max_num_seqs > 0
+        config = dataclasses.replace(config, max_num_seqs=plan.max_num_seqs, max_queued_requests=(
+            config.max_queued_requests or max(256, plan.max_num_seqs)))
+        self.config = config
         self.device, self.dtype, self.block_size = plan.device, plan.dtype, plan.block_size
         self.tokenizer = load_tokenizer(config.model_path)
         self.eos_token_ids = frozenset(eos_token_ids(config.model_path, self.tokenizer))
@@ -83,6 +87,7 @@ class LLMEngine:
                 self.memory_reports += [report for _, report in ready]
                 self.workers.start(num_blocks)
                 self.workers.add_failure_callback(self._on_worker_death)
+            self.config = config = self._fit_max_num_seqs(config, num_blocks, self.block_size * num_blocks)
             self.runner = ModelRunner(self.model, backend, num_blocks, self.block_size, self.device, self.dtype,
                                       graph_capture=plan.graph_capture(model_config.text.head_dim),
                                       max_graph_batch=config.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq,
@@ -106,6 +111,19 @@ class LLMEngine:
         # Draws the seed of each accepted request that has none, in arrival order: the same engine seed and the
         # same requests in the same order give the same outputs.
         self._seeds = random.Random(config.seed)
+
+    def _fit_max_num_seqs(self, config: EngineConfig, num_blocks: int, kv_tokens: int) -> EngineConfig:
+        """The memory plan's last word: how many full-context sequences the KV cache holds, said in the log; an
+        accelerator's own max_num_seqs is capped by it (at 16 at the least: most requests are far shorter than
+        the context, and the scheduler preempts when blocks run out); one set in the config stands."""
+        holds = max(1, kv_tokens // self.max_model_len)
+        seqs = config.max_num_seqs
+        if not self._asked_max_num_seqs and self.device.type != "cpu":
+            seqs = min(seqs, max(holds, 16))
+        log.info("bunny: KV cache of %d blocks (%d tokens) holds %d sequences of the full context (%d tokens); "
+                 "max_num_seqs %d, max_queued_requests %d", num_blocks, kv_tokens, holds, self.max_model_len, seqs,
+                 config.max_queued_requests)
+        return dataclasses.replace(config, max_num_seqs=seqs)
 
     # ---- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, images: list[bytes] = (),

@@ -146,13 +146,15 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ParsedRequest:
                          apply_chat_template=bool(values.get("apply_chat_template", True)))
 
 
-def response_arrays(text: str, token_ids: list[int], finish_reason: str | None,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, np.ndarray]:
-    """The output arrays of one response (finish_reason empty before the final one)."""
-    return {
-        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
-        "output_ids": np.asarray(token_ids, dtype=np.int32).reshape(-1),
-        "finish_reason": np.array([(finish_reason or "").encode()], dtype=np.object_),
-        "prompt_tokens": np.array([prompt_tokens], dtype=np.int32),
-        "completion_tokens": np.array([completion_tokens], dtype=np.int32),
+def response_arrays(text: str, token_ids: list[int], finish_reason: str | None, prompt_tokens: int,
+                    completion_tokens: int, names: frozenset | None = None) -> dict[str, np.ndarray]:
+    """The output arrays of one response (finish_reason empty before the final one); only those in `names`, the
+    outputs the client asked for, when given (Triton would drop the others after they were built and sent)."""
+    build = {
+        "text_output": lambda: np.array([text.encode("utf-8")], dtype=np.object_),
+        "output_ids": lambda: np.asarray(token_ids, dtype=np.int32).reshape(-1),
+        "finish_reason": lambda: np.array([(finish_reason or "").encode()], dtype=np.object_),
+        "prompt_tokens": lambda: np.array([prompt_tokens], dtype=np.int32),
+        "completion_tokens": lambda: np.array([completion_tokens], dtype=np.int32),
     }
+    return {name: make() for name, make in build.items() if names is None or name in names}

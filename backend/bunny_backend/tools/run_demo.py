@@ -46,14 +46,16 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def chat_once(url: str, prompt: str, image: bytes, max_tokens: int):
-    """Stream one request; the answer is printed as it arrives. Returns bunny_client's ChatResult."""
-    from bunny_client.chat import chat
+    """Stream one request; the answer is printed as it arrives. Returns bunny_client's ChatResult and its latency
+    in words."""
+    from bunny_client.chat import chat, latency_label
 
     def echo(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    return chat(url, prompt, image, stream=True, on_text=echo, max_tokens=max_tokens)
+    result = chat(url, prompt, image, stream=True, on_text=echo, max_tokens=max_tokens)
+    return result, latency_label(result)
 
 
 def main(argv=None) -> int:
@@ -87,10 +89,10 @@ def main(argv=None) -> int:
             print(f"[demo] server ready in {time.perf_counter() - t0:.1f}s; image {image_path.name}, "
                   f"prompt {args.prompt!r}", file=sys.stderr)
             print(f"USER: {args.prompt}\nASSISTANT: ", end="", flush=True)
-            result = chat_once(f"127.0.0.1:{ports[0]}", args.prompt, image_path.read_bytes(), args.max_tokens)
+            result, latency = chat_once(f"127.0.0.1:{ports[0]}", args.prompt, image_path.read_bytes(), args.max_tokens)
             print()
             print(f"[demo] {result.completion_tokens} tokens (prompt {result.prompt_tokens}, "
-                  f"finish {result.finish_reason}), first token {result.ttft_s * 1000:.0f} ms, "
+                  f"finish {result.finish_reason}), {latency}, "
                   f"{result.tokens_per_s:.1f} tokens/s")
         except Exception as e:
             print(f"\nrun_demo: the request failed: {e}", file=sys.stderr)

@@ -1,12 +1,13 @@
 """Triton python-backend adapter for Bunny (decoupled; docs/api/triton-model.md). No model logic here.
 
 `execute` validates each request (bunny_backend.stub.request_io) and hands it to the engine, returning at once.
-One engine thread loops `step()` and does nothing else. A responder thread turns its outputs into responses and
-sends them through each request's response sender (one response per new piece of text when streaming, else one
+One engine thread loops `step()` and merges each step's outputs into the handover (bunny_backend.stub.handover):
+one pending entry per request. A responder thread takes what is due and sends it through each request's response
+sender (when streaming, one response per request per pass carrying every token made since the last, else one
 response with everything), asks the senders about cancellations and publishes the metrics: every one of those is
 a round trip to the server process, and none of them may hold up the next step. Every request ends with exactly
-one response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL: on success, on a bad request, on cancellation, on an engine
-error, and at unload.
+one response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL, carrying its last tokens: on success, on a bad request,
+on cancellation, on an engine error, and at unload.
 
 Each Triton instance (instance_group count) is its own stub process with its own engine (bunny_backend.stub.instance
 says where it runs). When the engine can run no more (a tensor-parallel worker died), every request in flight
@@ -18,13 +19,13 @@ import dataclasses
 import faulthandler
 import itertools
 import json
+import math
 import os
-import queue
 import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import triton_python_backend_utils as pb_utils
 
@@ -33,15 +34,16 @@ from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, RequestOutput, ServerBusyError
 from bunny_backend.stub.bytes_probe import check_bytes_round_trip
 from bunny_backend.stub.engine_thread import start_engine_thread
+from bunny_backend.stub.handover import Handover, Ready
 from bunny_backend.stub.instance import placement
 from bunny_backend.stub.metrics import BunnyMetrics
 from bunny_backend.stub.request_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
 from bunny_backend.stub.timeline import Timeline
 
 IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, stats snapshots)
-CANCEL_POLL_S = 0.02     # the responder's tick for asking senders whether their client cancelled
-CANCEL_CHECKS_PER_POLL = 2   # senders asked per tick, in turn: each ask is a round trip to the server process,
-                             # and asking all of them every tick cost 4% of batch-10 throughput (docs/performance.md)
+RESPONDER_TICK_S = 0.02  # the responder wakes at least this often, for the cancellation sweep
+CANCEL_SWEEP_S = 0.1     # every live request's sender is asked whether its client cancelled once per this period,
+                         # spread over the ticks: each ask is a round trip to the server process
 STATS_PERIOD_S = 0.1     # how often gauges and counters are published
 EXIT_GRACE_S = 1.0       # after a dead engine's error responses are sent, before this process ends
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -51,9 +53,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class _InFlight:
     sender: object
     stream: bool
-    client_id: str = ""                              # the client's request id (timeline only)
-    texts: list[str] = field(default_factory=list)   # accumulated when not streaming
-    ids: list[int] = field(default_factory=list)
+    client_id: str = ""      # the client's request id (timeline only)
+    outputs: frozenset | None = None   # the output names the client asked for; None: all of them
     accepted: bool = False   # the engine has it: an abort before that would find no request and be lost
     cancelled: bool = False
 
@@ -61,6 +62,14 @@ class _InFlight:
 def _error(message: str, code_name: str = "INTERNAL"):
     code = getattr(pb_utils.TritonError, code_name, None)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def _requested_outputs(request) -> frozenset | None:
+    try:
+        names = request.requested_output_names()
+    except Exception:   # noqa: BLE001 - a backend without it: build them all
+        return None
+    return frozenset(names) or None
 
 
 class TritonPythonModel:
@@ -85,12 +94,12 @@ class TritonPythonModel:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._rejected = 0                       # bad requests not yet counted in the metrics
-        self._next_cancel_poll = self._next_stats = 0.0   # the responder's and the engine thread's clocks
-        self._cancel_turn = 0                    # where the next cancellation poll starts among the live requests
+        self._next_stats = 0.0                   # the engine thread's clock for stats snapshots
+        self._cancel_turn = 0                    # where the next cancellation asks start among the live requests
+        self._last_sweep = time.monotonic()
         self._stop = threading.Event()
         self._timeline = Timeline.from_environment()
-        # (engine outputs, time handed over), or (None, EngineStats snapshot); None ends the responder
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handover = Handover(self.config.stream_interval)
         self._responder = threading.Thread(target=self._respond_loop, name="bunny-responder", daemon=True)
         self._responder.start()
         self._engine_go.set()
@@ -126,12 +135,14 @@ class TritonPythonModel:
         request_id = str(next(self._ids))
         client_id = request.request_id() if self._timeline.enabled else ""
         with self._lock:
-            self._inflight[request_id] = _InFlight(sender, parsed.stream, client_id)
+            self._inflight[request_id] = _InFlight(sender, parsed.stream, client_id, _requested_outputs(request))
+        self._handover.open(request_id, parsed.stream)
         try:
             self.engine.add_request(request_id, parsed.prompt, parsed.images, parsed.params, parsed.apply_chat_template)
         except Exception as e:
             with self._lock:
                 self._inflight.pop(request_id, None)
+            self._handover.discard(request_id)
             if isinstance(e, ServerBusyError):
                 return self._reject(sender, str(e), "UNAVAILABLE")
             if isinstance(e, BadRequestError):
@@ -155,8 +166,8 @@ class TritonPythonModel:
         while not self._stop.is_set():
             try:
                 self.engine.check_alive()
-                self._snapshot_stats()
                 if not self.engine.has_unfinished():
+                    self._handover.merge([], time.perf_counter(), self._stats_due())
                     self._timeline.flush()
                     self.engine.wait_for_work(IDLE_WAIT_S)
                     continue
@@ -164,47 +175,41 @@ class TritonPythonModel:
                 outputs = self.engine.step()   # isolates a failing request itself (engine.step docstring)
                 t1 = time.perf_counter()
                 self._timeline.record(ev="step", t0=t0, t1=t1, n=len(outputs))
-                if any(o.finished for o in outputs):
-                    # a request's counters (its tokens, its freed blocks) go out before its final response does
-                    self._snapshot_stats(now=True)
+                # a request's counters (its tokens, its freed blocks) go out before its final response does
+                self._handover.merge(outputs, t1, self._stats_due(now=any(o.finished for o in outputs)))
             except EngineDeadError as e:
                 return self._go_down(str(e))
             except Exception as e:   # noqa: BLE001 - outside any one request: fail what is in flight
                 self.log.log_error(f"bunny: engine step failed: {traceback.format_exc()}")
-                outputs = self._fail_all(f"engine error: {type(e).__name__}: {e}")
-                t1 = time.perf_counter()
+                self._handover.merge(self._fail_all(f"engine error: {type(e).__name__}: {e}"), time.perf_counter())
                 time.sleep(0.01)
-            if outputs:
-                self._outbox.put((outputs, t1))
 
-    def _snapshot_stats(self, now: bool = False) -> None:
-        """The engine's stats are read on the engine thread; the responder publishes the copy."""
+    def _stats_due(self, now: bool = False):
+        """A copy of the engine's stats (read on the engine thread) when it is time to publish them, else None."""
         t = time.monotonic()
-        if now or t >= self._next_stats:
-            self._next_stats = t + STATS_PERIOD_S
-            self._outbox.put((None, dataclasses.replace(self.engine.stats())))
+        if not (now or t >= self._next_stats):
+            return None
+        self._next_stats = t + STATS_PERIOD_S
+        return dataclasses.replace(self.engine.stats())
 
     # ---- the responder thread ------------------------------------------------------------------------------
     def _respond_loop(self) -> None:
-        """Engine outputs become responses, in the order the engine produced them; cancellations; metrics."""
+        """What is due becomes responses, in the order the engine produced it; cancellations; metrics."""
         while True:
-            try:
-                item = self._outbox.get(timeout=CANCEL_POLL_S)
-            except queue.Empty:
-                item = ()
-            if item is None:
+            stopping = self._handover.stopping
+            self._respond_to(self._handover.take(RESPONDER_TICK_S))
+            self._sweep_cancellations()
+            if stopping and self._handover.idle():
                 return
-            if item:
-                outputs, extra = item
-                if outputs is None:
-                    self._publish_stats(extra)
-                for out in outputs or ():
-                    self._deliver(out, extra)
-            self._poll_cancellations()
+
+    def _respond_to(self, taken) -> None:
+        self._publish(taken)
+        for ready in taken.ready:
+            self._deliver(ready)
 
     def _drain_responder(self) -> None:
         """Let the responder send what the engine thread handed over, then end it (unload, a dead engine)."""
-        self._outbox.put(None)
+        self._handover.stop()
         self._responder.join(timeout=60)
 
     def _go_down(self, reason: str) -> None:
@@ -212,7 +217,7 @@ class TritonPythonModel:
         self._down = reason
         self.log.log_error(f"bunny: {reason}. The model is down: failing the requests in flight and ending this "
                            "instance's process (bunny-serve then unloads the model and exits 1); restart the server")
-        self._outbox.put((self._fail_all(f"model unavailable: {reason}"), time.perf_counter()))
+        self._handover.merge(self._fail_all(f"model unavailable: {reason}"), time.perf_counter())
         self._drain_responder()
         try:
             self.engine.shutdown()
@@ -232,72 +237,57 @@ class TritonPythonModel:
                         for rid in self._inflight if rid not in known]
         return outputs
 
-    def _poll_cancellations(self) -> None:
+    def _sweep_cancellations(self) -> None:
+        """Ask the live requests' senders, in turn, so that each is asked once per CANCEL_SWEEP_S. Outside the
+        lock `execute` needs: only this thread sends an accepted request's final response, after which Triton
+        frees its response factory (asking a freed one crashes tritonserver: SIGSEGV in
+        TRITONBACKEND_ResponseFactoryIsCancelled), so a sender asked here is still alive."""
         now = time.monotonic()
-        if now < self._next_cancel_poll:
-            return
-        self._next_cancel_poll = now + CANCEL_POLL_S
+        share, self._last_sweep = min(1.0, (now - self._last_sweep) / CANCEL_SWEEP_S), now
         with self._lock:
-            live = [rid for rid, f in self._inflight.items() if f.accepted and not f.cancelled]
+            live = [(rid, f) for rid, f in self._inflight.items() if f.accepted and not f.cancelled]
         if not live:
             return
         start = self._cancel_turn % len(live)
-        turn = (live[start:] + live[:start])[:CANCEL_CHECKS_PER_POLL]
+        turn = (live[start:] + live[:start])[:max(1, math.ceil(len(live) * share))]
         self._cancel_turn = start + len(turn)
-        for rid in turn:
-            # Under the lock and only while in flight: Triton frees a sender's response factory once its final
-            # response is sent (execute() may reject a request in the meantime), and asking a freed one whether
-            # it was cancelled crashes tritonserver (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled).
-            with self._lock:
-                f = self._inflight.get(rid)
-                try:
-                    cancelled = f is not None and f.sender.is_cancelled()
-                except Exception:
-                    cancelled = False
+        for rid, f in turn:
+            try:
+                cancelled = f.sender.is_cancelled()
+            except Exception:
+                cancelled = False
             if cancelled:
                 f.cancelled = True
                 self.engine.abort(rid)
 
-    def _deliver(self, out: RequestOutput, handed: float = 0.0) -> None:
+    def _deliver(self, ready: Ready) -> None:
         with self._lock:
-            f = self._inflight.pop(out.request_id, None) if out.finished else self._inflight.get(out.request_id)
-        if f is None or (f.cancelled and not out.finished):
+            f = self._inflight.pop(ready.request_id, None) if ready.final else self._inflight.get(ready.request_id)
+        if f is None or (f.cancelled and not ready.final):
             return   # its client is gone: only the final response, once the engine has taken the abort in
         try:
             t0 = time.perf_counter()
-            self._respond(f, out)
+            self._respond(f, ready)
             if self._timeline.enabled:
-                self._timeline.record(ev="send", rid=f.client_id, k=out.completion_tokens, handed=handed, t0=t0,
-                                      t1=time.perf_counter(), final=out.finished)
+                self._timeline.record(ev="send", rid=f.client_id, k=ready.completion_tokens, n=len(ready.token_ids),
+                                      handed=ready.handed, t0=t0, t1=time.perf_counter(), final=ready.final)
         except Exception as e:   # noqa: BLE001 - this request ends with an error; the loop goes on
             self.log.log_error(f"bunny: building a response failed: {traceback.format_exc()}")
-            if not out.finished:
+            if not ready.final:
                 with self._lock:
-                    self._inflight.pop(out.request_id, None)
-                self.engine.abort(out.request_id)
+                    self._inflight.pop(ready.request_id, None)
+                self._handover.discard(ready.request_id)
+                self.engine.abort(ready.request_id)
             self._send(f.sender, pb_utils.InferenceResponse(error=_error(f"internal error: {e}")), FINAL)
 
-    def _respond(self, f: _InFlight, out: RequestOutput) -> None:
-        self.metrics.on_output(out)
-        if out.finished:
-            self.metrics.on_finished(out.finish_reason or "error")
-            if out.finish_reason == "error":
-                self._send(f.sender, pb_utils.InferenceResponse(error=_error(out.error or "internal error")), FINAL)
-                return
-        if not f.stream:
-            f.texts.append(out.delta_text)
-            f.ids.extend(out.delta_token_ids)
-            if not out.finished:
-                return
-            text, ids = "".join(f.texts), f.ids
-        else:
-            text, ids = out.delta_text, out.delta_token_ids
-            if not out.finished and not (text or ids):
-                return
-        arrays = response_arrays(text, ids, out.finish_reason if out.finished else "",
-                                 out.prompt_tokens, out.completion_tokens)
+    def _respond(self, f: _InFlight, ready: Ready) -> None:
+        if ready.final and ready.finish_reason == "error":
+            self._send(f.sender, pb_utils.InferenceResponse(error=_error(ready.error or "internal error")), FINAL)
+            return
+        arrays = response_arrays(ready.text, ready.token_ids, ready.finish_reason or "", ready.prompt_tokens,
+                                 ready.completion_tokens, f.outputs)
         response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
-        self._send(f.sender, response, FINAL if out.finished else 0)
+        self._send(f.sender, response, FINAL if ready.final else 0)
 
     def _send(self, sender, response, flags: int) -> None:
         try:
@@ -305,13 +295,18 @@ class TritonPythonModel:
         except Exception as e:   # e.g. the client went away; never let one request hurt the others
             self.log.log_warn(f"bunny: could not send a response: {e}")
 
-    def _publish_stats(self, stats) -> None:
+    def _publish(self, taken) -> None:
+        """Counts first (finals this pass, refusals, latencies), published before the responses go out."""
         try:
             with self._lock:
                 rejected, self._rejected = self._rejected, 0
             if rejected:
                 self.metrics.on_finished("error", rejected)
-            self.metrics.on_stats(stats)
+            for ready in taken.ready:
+                if ready.final:
+                    self.metrics.on_finished(ready.finish_reason or "error")
+            self.metrics.observe(taken.ttfts, taken.itls)
+            self.metrics.publish(taken.stats)
         except Exception:
             self.log.log_warn(f"bunny: publishing metrics failed: {traceback.format_exc()}")
 
@@ -328,13 +323,12 @@ class TritonPythonModel:
             outputs = self.engine.step() if left else []   # emits the "cancelled" finals
         except Exception:
             outputs = []
-        for out in outputs:
-            self._deliver(out)
         with self._lock:   # whatever the engine did not answer still gets its final response
-            rest = [RequestOutput(rid, finished=True, finish_reason="cancelled") for rid in self._inflight]
-        for out in rest:
-            self._deliver(out)
-        self._publish_stats(self.engine.stats())
+            answered = {o.request_id for o in outputs if o.finished}
+            outputs += [RequestOutput(rid, finished=True, finish_reason="cancelled")
+                        for rid in self._inflight if rid not in answered]
+        self._handover.merge(outputs, time.perf_counter(), dataclasses.replace(self.engine.stats()))
+        self._respond_to(self._handover.take(0))
         self._timeline.flush()
         self.metrics.close()
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -90,7 +91,21 @@ class Placement:
 
 
 def host_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPUs this process may use: its affinity, and no more than its cgroup's CPU quota (a container's
+    `--cpus`); more threads than that only wait at OpenMP barriers for a descheduled peer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """CPUs' worth of time the cgroup (v2) may use, or None where it is unlimited or unknown."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +125,10 @@ class DevicePlan:
     cuda_graphs: bool          # asked for (ignored off CUDA); graph_capture() says whether it can be done
     tensor_parallel_size: int = 1
     num_threads: int = 0       # torch's CPU threads per rank; 0 leaves torch's default (all cores)
+    # Sequences decoded together (EngineConfig 0: the device's own). On the CPU a step's cost grows with the batch
+    # and 16 was measured (docs/performance.md); an accelerator's step costs about the same at 16 and at 256, so
+    # it takes up to 256, as vLLM does, and the engine caps that by what the KV cache holds (kv_cache.py).
+    max_num_seqs: int = 16
 
     @classmethod
     def resolve(cls, config: EngineConfig, placement: Placement = Placement()) -> "DevicePlan":
@@ -120,7 +139,10 @@ class DevicePlan:
         if backend == "auto":
             backend = device.type if device.type in ("cuda", "npu") else "torch"
         processes = placement.engines_per_host * config.tensor_parallel_size
-        threads = config.num_threads or (max(1, host_cores() // processes) if processes > 1 else 0)
+        cores = host_cores()
+        threads = config.num_threads or (max(1, cores // processes)
+                                         if processes > 1 or cores < torch.get_num_threads() else 0)
+        seqs = config.max_num_seqs or min(16 if device.type == "cpu" else 256, config.max_num_batched_tokens)
         return cls(device=device, dtype=resolve_dtype(config.dtype, device),
                    block_size=config.block_size or (128 if device.type == "npu" else 16),
                    max_prefill_tokens_while_decoding=(config.max_prefill_tokens_while_decoding
@@ -128,7 +150,7 @@ class DevicePlan:
                    prefill_chunks_while_decoding=(config.prefill_chunks_while_decoding
                                                   or (8 if device.type == "cpu" else 1)),
                    attention_backend=backend, cuda_graphs=config.cuda_graphs,
-                   tensor_parallel_size=config.tensor_parallel_size, num_threads=threads)
+                   tensor_parallel_size=config.tensor_parallel_size, num_threads=threads, max_num_seqs=seqs)
 
     def for_rank(self, rank: int) -> "DevicePlan":
         """The plan of tensor-parallel rank `rank` of this engine: the next devices after rank 0's."""

@@ -17,6 +17,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from bunny_backend.io.wire import read_response
+
 from .errors import OpenAIError, from_triton
 
 STREAM_END_TIMEOUT_S = 10.0   # how long the server may take to close a stream after its final response
@@ -101,23 +103,7 @@ async def _wait_for_end(call) -> None:
         pass
 
 
-def _first(result, name):
-    array = result.as_numpy(name)
-    return None if array is None or array.size == 0 else array.reshape(-1)[0]
-
-
 def _parse(result) -> TritonResponse:
-    params = result.get_response().parameters
-    final = "triton_final_response" in params and params["triton_final_response"].bool_param
-    text = _first(result, "text_output")
-    ids = result.as_numpy("output_ids")
-    reason = _first(result, "finish_reason")
-    prompt, completion = _first(result, "prompt_tokens"), _first(result, "completion_tokens")
-    return TritonResponse(
-        text=text.decode("utf-8", "replace") if isinstance(text, bytes) else (text or ""),
-        ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
-        finish_reason=reason.decode() if isinstance(reason, bytes) else (reason or ""),
-        prompt_tokens=0 if prompt is None else int(prompt),
-        completion_tokens=0 if completion is None else int(completion),
-        final=bool(final),
-    )
+    r = read_response(result.get_response())
+    return TritonResponse(text=r.text, ids=r.ids, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens or 0,
+                          completion_tokens=r.completion_tokens or 0, final=r.final)

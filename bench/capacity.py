@@ -1,0 +1,191 @@
+"""Serving capacity: many concurrent streams of a model small enough that the engine is not the bottleneck, so the
+serving path is (every response a round trip between the model's stub, tritonserver and the client).
+
+For each stream count N: engine-direct (the engine in this process, stepped in a loop), Triton gRPC streaming
+(bunny-serve, one gRPC stream per request, 8 channels) and the OpenAI front (streamed chat completions); each with
+output tokens/s, TTFT p50/p99, inter-token latency p50/p99 (per token: a response carrying k tokens counts k) and
+tokens per response. Every system runs with max_num_seqs = N, so all N streams decode together.
+
+    python -m bench.capacity [--streams 64,256] [--max-tokens 256] [--model-path DIR] [--url HOST:PORT
+                             --openai-url URL]   # --url: measure a server already running (e.g. another revision)
+
+The client is Python asyncio on the same cores as the server: at hundreds of streams it takes a share of them,
+which the results record (client CPU seconds). Results: bench/results/capacity-<machine>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.common import machine_info, machine_name
+from bench.models import ROOT
+from bunny_client.perf_stats import RequestTiming
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = ["Tell me a story about the sea.", "What is a rabbit?", "请描述这张图片。", "Write a poem."]
+
+
+def summary(wall: float, timings: list[RequestTiming]) -> dict:
+    tokens = sum(t.tokens for t in timings)
+    ttfts = [t.ttft for t in timings if t.ttft is not None]
+    itls = [t.itl for t in timings if t.itl is not None]
+    pct = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 2) if xs else None   # noqa: E731
+    return {"requests": len(timings), "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+            "ttft_p50_ms": pct(ttfts, 50), "ttft_p99_ms": pct(ttfts, 99),
+            "itl_p50_ms": pct(itls, 50), "itl_p99_ms": pct(itls, 99),
+            "tokens_per_response": round(tokens / max(1, sum(t.responses for t in timings)), 2)}
+
+
+def engine_direct(model_path: str, n: int, max_tokens: int) -> dict:
+    from bunny_backend.config import EngineConfig
+    from bunny_backend.engine.llm_engine import LLMEngine
+    from bunny_backend.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_path=model_path, device="cpu", max_num_seqs=n,
+                                    max_num_batched_tokens=max(4096, n), enable_prefix_caching=False))
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    timings = {}
+    for i in range(n):
+        engine.add_request(f"r{i}", PROMPTS[i % len(PROMPTS)], [], params)
+        timings[f"r{i}"] = RequestTiming(sent=t0)
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            timings[out.request_id].record(now, len(out.delta_token_ids))
+    result = summary(time.perf_counter() - t0, list(timings.values()))
+    engine.shutdown()
+    return result
+
+
+def stream_inputs(prompt: str, max_tokens: int) -> dict[str, np.ndarray]:
+    return {"text_input": np.array([prompt.encode()], dtype=np.object_), "stream": np.array([True]),
+            "max_tokens": np.array([max_tokens], dtype=np.int32), "ignore_eos": np.array([True])}
+
+
+async def triton_streams(url: str, n: int, max_tokens: int) -> dict:
+    from bunny_backend.server.openai.triton_client import TritonClient
+
+    clients = [TritonClient(url, "bunny") for _ in range(8)]
+
+    async def one(i: int) -> RequestTiming:
+        timing = RequestTiming(sent=time.perf_counter())
+        async for r in clients[i % len(clients)].generate(stream_inputs(PROMPTS[i % len(PROMPTS)], max_tokens)):
+            timing.record(time.perf_counter(), len(r.ids))
+        return timing
+
+    try:
+        t0 = time.perf_counter()
+        timings = await asyncio.gather(*(one(i) for i in range(n)))
+        return summary(time.perf_counter() - t0, list(timings))
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def openai_streams(base_url: str, n: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
+        async def one(i: int) -> RequestTiming:
+            body = {"model": "bunny", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "return_token_ids": True}
+            timing = RequestTiming(sent=time.perf_counter())
+            async with client.stream("POST", "/chat/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    ids = [t for c in chunk.get("choices", []) for t in (c.get("token_ids") or [])]
+                    timing.record(time.perf_counter(), len(ids))
+            return timing
+
+        t0 = time.perf_counter()
+        timings = await asyncio.gather(*(one(i) for i in range(n)))
+        return summary(time.perf_counter() - t0, list(timings))
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def measured(fn, *args) -> dict:
+    c0 = cpu_seconds()
+    out = asyncio.run(fn(*args)) if asyncio.iscoroutinefunction(fn) else fn(*args)
+    return {**out, "client_cpu_s": round(cpu_seconds() - c0, 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.capacity", description=__doc__.split("\n")[0])
+    p.add_argument("--streams", default="64,256", help="stream counts, comma-separated (1024 works, slowly)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--model-path", default=str(ROOT / "models" / "bunny-demo"))
+    p.add_argument("--url", help="a running server's gRPC address (then no server is started here)")
+    p.add_argument("--openai-url", help="with --url: its OpenAI base URL (http://HOST:PORT/v1)")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--label", default="", help="a name for this run in the results (e.g. the revision)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.streams.split(",") if x]
+    rows = []
+    for n in counts:
+        row = {"streams": n}
+        if not args.skip_engine:
+            row["engine"] = measured(engine_direct, args.model_path, n, args.max_tokens)
+            print(f"{n} streams, engine-direct: {row['engine']}", flush=True)
+        with serving(args, n) as (url, openai_url):
+            row["triton"] = measured(triton_streams, url, n, args.max_tokens)
+            print(f"{n} streams, Triton gRPC: {row['triton']}", flush=True)
+            if openai_url:
+                row["openai"] = measured(openai_streams, openai_url, n, args.max_tokens)
+                print(f"{n} streams, OpenAI front: {row['openai']}", flush=True)
+        if "engine" in row:
+            for system in ("triton", "openai"):
+                if system in row:
+                    row[f"{system}_over_engine"] = round(row[system]["tokens_per_s"] / row["engine"]["tokens_per_s"], 3)
+        rows.append(row)
+    out = args.out or RESULTS / f"capacity-{machine_name()}-{time.strftime('%Y%m%d-%H%M')}.json"
+    out.write_text(json.dumps({"machine": machine_info(), "label": args.label, "max_tokens": args.max_tokens,
+                               "model_path": args.model_path, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+class serving:
+    """bunny-serve on the model with max_num_seqs = n (and its OpenAI front), or the server given with --url."""
+
+    def __init__(self, args, n: int):
+        self.args, self.n, self.proc = args, n, None
+
+    def __enter__(self):
+        if self.args.url:
+            return self.args.url, self.args.openai_url
+        import sys
+
+        from bunny_backend.server.launch import free_ports, launch, serve_command
+        grpc, http, metrics, openai_port = free_ports(4)
+        params = {"max_num_seqs": str(self.n), "max_num_batched_tokens": str(max(4096, self.n)),
+                  "enable_prefix_caching": "false"}
+        cmd = serve_command(self.args.model_path, [grpc, http, metrics], params,
+                            ["--device", "cpu", "--openai-port", str(openai_port)])
+        self.proc = launch(cmd, sys.stderr, 600)
+        return f"127.0.0.1:{grpc}", f"http://127.0.0.1:{openai_port}/v1"
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            from bunny_backend.server.launch import stop_process
+            stop_process(self.proc)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
