@@ -21,7 +21,7 @@ import resource
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 
 from bench.common import machine_info, machine_name
@@ -93,15 +93,16 @@ async def triton_streams(url: str, n: int, max_tokens: int) -> dict:
 
 
 async def openai_streams(base_url: str, n: int, max_tokens: int) -> dict:
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=n)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as session:
         async def one(i: int) -> RequestTiming:
             body = {"model": "bunny", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                     "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "return_token_ids": True}
             timing = RequestTiming(sent=time.perf_counter())
-            async with client.stream("POST", "/chat/completions", json=body) as resp:
+            async with session.post(f"{base_url}/chat/completions", json=body) as resp:
                 resp.raise_for_status()
-                async for line in resp.aiter_lines():
+                async for raw in resp.content:
+                    line = raw.decode().strip()
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
@@ -120,6 +121,9 @@ def cpu_seconds() -> float:
 
 
 def measured(fn, *args) -> dict:
+    """fn(target, n, max_tokens) after a short warm-up round on the same target (first requests pay for loading)."""
+    if asyncio.iscoroutinefunction(fn):
+        asyncio.run(fn(args[0], 4, 8))
     c0 = cpu_seconds()
     out = asyncio.run(fn(*args)) if asyncio.iscoroutinefunction(fn) else fn(*args)
     return {**out, "client_cpu_s": round(cpu_seconds() - c0, 2)}

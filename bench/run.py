@@ -29,7 +29,7 @@ from bench.common import Workload, children_cpu_seconds, cpu_busy_seconds, machi
 from bench.models import ROOT, SPECS, ModelSpec, describe, ensure_checkpoint, kv_bytes_per_token
 from bench.roofline import measure_bandwidth, measure_read_bandwidth, roofline
 from bench.scenarios import SCENARIOS, parse_knobs, run_scenarios, scenario_targets
-from bunny_backend.utils.huge_pages import with_huge_pages
+from bunny_backend.utils.engine_env import engine_env
 from bunny_client.perf_stats import parse_batch_sizes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,7 +106,7 @@ def run_worker(module: str, *args: str, env: dict | None = None) -> dict:
     """
     cmd = [sys.executable, "-m", f"bench.{module}", *args]
     busy0, ours0, t0 = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
-    env = with_huge_pages(dict(os.environ if env is None else env))   # as bunny-serve runs the engine
+    env = engine_env(dict(os.environ if env is None else env))   # as bunny-serve runs the engine
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     wall = time.perf_counter() - t0
     foreign = (cpu_busy_seconds() - busy0) - (children_cpu_seconds() - ours0)

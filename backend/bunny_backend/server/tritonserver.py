@@ -14,7 +14,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from bunny_backend.utils.huge_pages import with_huge_pages
+from bunny_backend.utils.engine_env import engine_env
 
 ROOT = Path(__file__).resolve().parents[3]   # the checkout (backend/bunny_backend is installed editable)
 MODEL_REPOSITORY = ROOT / "model_repository"
@@ -78,7 +78,7 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = ":".join(dict.fromkeys(path))
     env.pop("PYTHONHOME", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    return with_huge_pages(env)   # the model's stub processes run the engine
+    return engine_env(env)   # the model's stub processes run the engine
 
 
 def server_command(repository: Path, ports: Ports, *, log_verbose: int = 0, exit_timeout_s: int = 20,
