@@ -14,19 +14,25 @@ which the results record (client CPU seconds). Results: bench/results/capacity-<
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import resource
-import time
-from pathlib import Path
+import os
 
-import aiohttp
-import numpy as np
+from bunny_backend.utils.engine_env import engine_env
 
-from bench.common import machine_info, machine_name
-from bench.models import ROOT
-from bunny_client.perf_stats import RequestTiming
+os.environ.update(engine_env(dict(os.environ)))   # before torch loads: engine-direct runs as a server's engine does
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import machine_info, machine_name  # noqa: E402
+from bench.models import ROOT  # noqa: E402
+from bunny_client.perf_stats import RequestTiming  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["Tell me a story about the sea.", "What is a rabbit?", "请描述这张图片。", "Write a poem."]
@@ -122,10 +128,10 @@ def cpu_seconds() -> float:
 
 def measured(fn, *args) -> dict:
     """fn(target, n, max_tokens) after a short warm-up round on the same target (first requests pay for loading)."""
-    if asyncio.iscoroutinefunction(fn):
-        asyncio.run(fn(args[0], 4, 8))
+    run = (lambda *a: asyncio.run(fn(*a))) if asyncio.iscoroutinefunction(fn) else fn
+    run(args[0], 4, 8)
     c0 = cpu_seconds()
-    out = asyncio.run(fn(*args)) if asyncio.iscoroutinefunction(fn) else fn(*args)
+    out = run(*args)
     return {**out, "client_cpu_s": round(cpu_seconds() - c0, 2)}
 
 
@@ -137,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--url", help="a running server's gRPC address (then no server is started here)")
     p.add_argument("--openai-url", help="with --url: its OpenAI base URL (http://HOST:PORT/v1)")
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine parameter for the server started here (repeatable), e.g. stream_interval=4")
     p.add_argument("--label", default="", help="a name for this run in the results (e.g. the revision)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -179,7 +187,7 @@ class serving:
         from bunny_backend.server.launch import free_ports, launch, serve_command
         grpc, http, metrics, openai_port = free_ports(4)
         params = {"max_num_seqs": str(self.n), "max_num_batched_tokens": str(max(4096, self.n)),
-                  "enable_prefix_caching": "false"}
+                  "enable_prefix_caching": "false", **dict(kv.split("=", 1) for kv in self.args.param)}
         cmd = serve_command(self.args.model_path, [grpc, http, metrics], params,
                             ["--device", "cpu", "--openai-port", str(openai_port)])
         self.proc = launch(cmd, sys.stderr, 600)

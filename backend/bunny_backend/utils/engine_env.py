@@ -6,14 +6,14 @@ before they start: torch's allocator and libgomp read it once. A value already s
   every weight and the whole KV cache from memory: on 4 KB pages the hardware prefetcher stops at every page edge
   and the TLB misses all the time. Huge pages made batch-10 decode steps 5-7% faster and batch-1 3-18%
   (docs/performance.md). No effect on accelerators' memory.
-- OMP_WAIT_POLICY=PASSIVE: OpenMP threads that finish a parallel region sleep instead of spinning. With another
-  process busy on one of the cores, a spinning thread waits at every barrier for a peer the kernel descheduled:
-  the demo's decode fell from ~470 to 7-21 tokens/s on 2 cores shared with a test run, and kept ~470 passive
-  (docs/performance.md).
+
+Not set here: OMP_WAIT_POLICY. Passive OpenMP threads keep the demo's decode at ~450 tokens/s with another process
+busy on one of 2 cores (spinning ones fall to ~30), but cost a quiet machine ~40% of it (290-395 against 552-699
+tokens/s, alternated; bench/log/2026-12-04-streaming-capacity.md): a user whose host is shared can set it.
 """
 from __future__ import annotations
 
-ENV = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def engine_env(env: dict[str, str]) -> dict[str, str]:
