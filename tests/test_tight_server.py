@@ -29,15 +29,30 @@ def tight_server(tiny_checkpoint, tmp_path_factory):
 
 
 def one_by_one(model_path, requests) -> list[list[int]]:
+    """Each request alone: added to an engine only once the one before it finished, so that every step holds one
+    sequence (asserted); no prefix cache, so nothing of one request's run reaches the next."""
     engine = LLMEngine(EngineConfig(model_path=str(model_path), device="cpu", dtype="float32",
-                                    kv_cache_memory_bytes=8 << 20))
+                                    kv_cache_memory_bytes=8 << 20, enable_prefix_caching=False))
+    schedule = engine.scheduler.schedule
+    widest = []
+
+    def recording():
+        step = schedule()
+        widest.append(len(step.seqs))
+        return step
+
+    engine.scheduler.schedule = recording
+    got = []
     for i, (text, max_tokens) in enumerate(requests):
         engine.add_request(str(i), text, [], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    ids = {str(i): [] for i in range(len(requests))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            ids[out.request_id] += out.delta_token_ids
-    return [ids[str(i)] for i in range(len(requests))]
+        ids = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.request_id == str(i)
+                ids += out.delta_token_ids
+        got.append(ids)
+    assert max(widest) == 1, "the reference ran more than one sequence in a step"
+    return got
 
 
 def in_flight(server) -> float:
