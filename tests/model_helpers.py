@@ -78,3 +78,29 @@ def teacher_forced(ref, other, tokenizer, questions, images, device="cpu", new_t
         with torch.device(device):
             got.append(dense_logits(other, full, None if pixels is None else pixels.to(device)))
     return torch.cat(got), torch.cat(want)
+
+
+# Bunny's conv_bunny template (BAAI-DCAI/Bunny), written out here rather than taken from io/conversation.py.
+BUNNY_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def image_feature_rows(model_path) -> int:
+    """Image rows per image from config.json: (image_size // patch_size) ** 2; so400m (no vision_config) is
+    384 px at patch 14: 27 * 27 = 729."""
+    import json
+    from pathlib import Path
+    vision = json.loads((Path(model_path) / "config.json").read_text()).get("vision_config") or {}
+    return (vision.get("image_size", 384) // vision.get("patch_size", 14)) ** 2
+
+
+def expected_prompt_tokens(model_path, question: str, num_images: int) -> int:
+    """prompt_tokens of one user question with `num_images` images placed before it: the template's text around the
+    images counted with the checkpoint's tokenizer, plus each image's feature rows."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    before = f"{BUNNY_SYSTEM} USER: "
+    after = f"{question} ASSISTANT:"
+    pieces = [before] + ["\n"] * (num_images - 1) + ["\n" + after] if num_images else [before + after]
+    text_tokens = sum(len(tok.encode(p, add_special_tokens=False)) for p in pieces)
+    return text_tokens + num_images * image_feature_rows(model_path)
