@@ -204,9 +204,13 @@ def test_bad_requests_get_400_naming_the_problem(server, client, test_images, st
 
 
 def test_harmless_fields_are_ignored(client):
-    out = client.chat.completions.create(model="bunny", messages=[user("hi")], max_tokens=2, user="u1",
-                                         metadata={"k": "v"}, n=1, temperature=0)
-    assert out.usage.completion_tokens <= 2
+    """The same answer with and without the fields that change nothing (user, metadata, n=1)."""
+    kw = dict(model="bunny", messages=[user("hi")], max_tokens=6, temperature=0)
+    out = client.chat.completions.create(**kw, user="u1", metadata={"k": "v"}, n=1)
+    plain = client.chat.completions.create(**kw)
+    assert len(out.choices) == 1 and out.choices[0].message.content == plain.choices[0].message.content
+    assert out.usage.completion_tokens == plain.usage.completion_tokens >= 1
+    assert out.choices[0].finish_reason == plain.choices[0].finish_reason
 
 
 def test_32_concurrent_streams_equal_their_sequential_runs(client, test_images):
