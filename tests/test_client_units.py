@@ -187,7 +187,7 @@ def skimage_dir(tmp_path_factory):
 
 def test_clip_scores_in_range_and_side_by_side(tiny_clip, skimage_dir, tmp_path, capsys):
     from bunny_client.cli import main
-    from bunny_client.clip_score import ClipJudge, clip_scores, mean, mean_clip_score, score_files
+    from bunny_client.clip_score import ClipJudge, clip_scores, mean_clip_score, score_files
 
     name, weights = tiny_clip
     a = tmp_path / "gpu_coco_predict.json"
