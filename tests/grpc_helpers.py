@@ -15,8 +15,10 @@ SCALAR_DTYPES = {"max_tokens": np.int32, "temperature": np.float32, "top_p": np.
                  "apply_chat_template": np.bool_}
 
 
-def inputs_of(text=None, images=(), stream=False, **scalars) -> dict[str, np.ndarray]:
+def inputs_of(text=None, images=(), stream=False, stop=(), **scalars) -> dict[str, np.ndarray]:
     out = {"stream": np.array([stream])}
+    if stop:
+        out["stop"] = np.array([s.encode() for s in stop], dtype=object)
     if text is not None:
         out["text_input"] = np.array([text.encode() if isinstance(text, str) else text], dtype=object)
     if images:

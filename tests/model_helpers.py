@@ -104,3 +104,27 @@ def expected_prompt_tokens(model_path, question: str, num_images: int) -> int:
     pieces = [before] + ["\n"] * (num_images - 1) + ["\n" + after] if num_images else [before + after]
     text_tokens = sum(len(tok.encode(p, add_special_tokens=False)) for p in pieces)
     return text_tokens + num_images * image_feature_rows(model_path)
+
+
+def settled_text(tokenizer, ids) -> str:
+    """The text of `ids` that can no longer change: a trailing U+FFFD is an unfinished UTF-8 sequence."""
+    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def stop_cases(tokenizer, text: str, ids: list[int]):
+    """From an unstopped greedy answer: a stop string spanning a token boundary, and one whose prefix appears but
+    which never completes. Each with what must come back: (stop, text, ids, finish_reason)."""
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    for k in range(6, len(ids) - 6):   # a boundary between two tokens of settled, clean text
+        boundary = len(settled_text(tokenizer, ids[:k]))
+        spanning = text[boundary - 2:boundary + 3]
+        if (text.startswith(settled_text(tokenizer, ids[:k])) and boundary >= 2 and len(spanning) == 5
+                and "\ufffd" not in spanning and spanning.strip() and len(settled_text(tokenizer, ids[:k + 1])) > boundary):
+            break
+    else:
+        raise AssertionError(f"no clean token boundary in {text!r}")
+    # the oracle: cut before the first match; the ids up to the first token whose settled text completes the match
+    upto = next(k for k in range(1, len(ids) + 1) if spanning in settled_text(tokenizer, ids[:k]))
+    partial = spanning + "\x07\x07"   # its first five characters match, then never
+    assert partial not in text
+    return [(spanning, text[:text.index(spanning)], ids[:upto], "stop"), (partial, text, ids, "length")]
