@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 BLOCK_BYTES = 2 * 2 * 2 * 16 * 16 * 4   # K and V, 2 layers, 2 KV heads, head_dim 16, 16 tokens, fp32
 TIGHT = {"kv_cache_memory_bytes": str(48 * BLOCK_BYTES), "max_num_seqs": "16", "max_queued_requests": "16",
          "num_threads": "2", "max_output_tokens": "160", "max_image_bytes": "200000", "max_prompt_tokens": "300",
-         "max_text_bytes": "4096"}
+         "max_text_bytes": "4096", "encoder_cache_bytes": "0"}   # the prefix cache alone keeps image rows
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,93 @@ def test_beyond_the_queue_limit_the_next_request_is_told_busy(tight_server):
 def test_configured_limits_reach_the_client(tight_server, kw, needle):
     responses, error = send_raw(tight_server.url, inputs_of(**kw))
     assert responses == [] and needle in str(error), str(error)
+
+
+def small_jpeg(image: bytes) -> bytes:
+    """An image under the tight server's max_image_bytes."""
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(image)) as im:
+        im.convert("RGB").resize((256, 192)).save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def prompt_rows(tokenizer, rows_per_image: int, question: str, image_key: str) -> list:
+    """The prompt as the cache sees it, derived here: the conv_bunny text around one image (tokenized on either side
+    of it), the image's rows as (image, row) pairs."""
+    from model_helpers import BUNNY_SYSTEM
+    before = tokenizer.encode(f"{BUNNY_SYSTEM} USER: ", add_special_tokens=False)
+    after = tokenizer.encode(f"\n{question} ASSISTANT:", add_special_tokens=False)
+    return before + [(image_key, r) for r in range(rows_per_image)] + after, len(before)
+
+
+def test_prefix_cache_with_images_matches_the_reference(tight_server, tiny_checkpoint, test_images):
+    """Image requests through the prefix cache, with the encoder cache off: another image after the same text, the
+    same image with another question (a hit that ends inside the image's last block), and the same request again
+    after an eviction. Each answer equals the transformers reference; each hit count on /metrics equals the full
+    16-token blocks the request shares with what is still cached, and the tower runs exactly when some image row
+    is not cached."""
+    from transformers import AutoTokenizer
+
+    from bunny_backend.io.tokenizer import load_tokenizer
+    from bunny_backend.tools.reference import ReferenceBunny
+    from model_helpers import image_feature_rows
+
+    ref, tok = ReferenceBunny.from_pretrained(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    hf_tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    rows = image_feature_rows(tiny_checkpoint)
+    images = {"rocket": test_images[3], "chelsea": small_jpeg(test_images[2])}
+    assert all(len(b) <= 200000 for b in images.values())
+    block = 16
+    cached: list[list] = []   # prompts whose blocks are still in the cache (the test evicts them all below)
+
+    def expected_hit(prompt) -> int:
+        best = 0
+        for other in cached:
+            n = 0
+            while n < min(len(prompt), len(other)) and prompt[n] == other[n]:
+                n += 1
+            best = max(best, n)
+        return min(best, len(prompt) - 1) // block * block   # full blocks only; the last token is always computed
+
+    def ask(question, image_key):
+        server = tight_server
+        before = {n: server.metric(n) for n in ("bunny_prefix_cache_hit_tokens_total", "bunny_encoder_images_total")}
+        responses, err = send_raw(server.url, inputs_of(question, images=[images[image_key]], max_tokens=12))
+        assert err is None, err
+        prompt, n_before = prompt_rows(hf_tok, rows, question, image_key)
+        hit = expected_hit(prompt)
+        got = {n: server.metric(n) - v for n, v in before.items()}
+        assert responses[-1]["prompt"] == len(prompt)
+        assert got["bunny_prefix_cache_hit_tokens_total"] == hit, (question, image_key, got, hit)
+        assert got["bunny_encoder_images_total"] == (1 if hit < n_before + rows else 0), (question, image_key, got)
+        assert responses[-1]["ids"] == ref.chat(tok, question, images[image_key], max_new_tokens=12)[0]
+        cached.append(prompt)
+        return hit, n_before
+
+    def evict():
+        """Distinct prompts without the template, more blocks than the cache holds (48), one after another: every
+        block cached before them is reused by them."""
+        used = 0
+        for i in range(4):
+            words = []
+            while len(hf_tok.encode(" ".join(words + [f"w{i}x{len(words)}"]), add_special_tokens=False)) <= 250:
+                words.append(f"w{i}x{len(words)}")
+            responses, err = send_raw(tight_server.url, inputs_of(" ".join(words), max_tokens=4,
+                                                                   apply_chat_template=False))
+            assert err is None, str(err)
+            used += -(-(responses[-1]["prompt"] + 4) // block)
+        assert used > 48
+        cached.clear()
+
+    q1, q2 = "What is in the picture?", "What colour is it?"
+    evict()                                        # whatever the module's other tests left cached
+    assert ask(q1, "rocket")[0] == 0
+    hit, n_before = ask(q1, "chelsea")             # same text, another image: only the blocks before the image
+    assert 0 < hit <= n_before
+    hit, n_before = ask(q2, "chelsea")             # same image, another question: the hit reaches into the image
+    assert hit >= n_before + rows - block + 1 and hit > n_before
+    evict()
+    assert ask(q1, "chelsea")[0] == 0              # evicted: recomputed, the tower runs again
