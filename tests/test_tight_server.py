@@ -1,6 +1,8 @@
 """A server with a tiny KV cache and tight limits (config.pbtxt parameters through bunny-serve --param)."""
 from __future__ import annotations
 
+import collections
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
 from grpc_helpers import TEXTS, error_kind, inputs_of, joined, send_raw
 from reliability_report import record
-from server_fixture import start_server, stop_process, wait_for
+from server_fixture import alive, start_server, stop_process, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 BLOCK_BYTES = 2 * 2 * 2 * 16 * 16 * 4   # K and V, 2 layers, 2 KV heads, head_dim 16, 16 tokens, fp32
@@ -196,3 +198,38 @@ def test_prefix_cache_with_images_matches_the_reference(tight_server, tiny_check
     assert hit >= n_before + rows - block + 1 and hit > n_before
     evict()
     assert ask(q1, "chelsea")[0] == 0              # evicted: recomputed, the tower runs again
+
+
+def test_zz_sigterm_with_queued_and_streaming_requests_ends_each_once(tight_server):
+    """The module's last test (it stops the module's server): SIGTERM to bunny-serve while 16 streams run and 4
+    requests wait. Each request gets exactly one final response or one error, none hangs; bunny-serve exits 0 and
+    leaves no process behind."""
+    from test_scale_out_server import descendants
+
+    slow = dict(max_tokens=150, ignore_eos=True)
+    first_tokens = threading.Semaphore(0)
+    with ThreadPoolExecutor(20) as pool:
+        streams = [pool.submit(send_raw, tight_server.url, inputs_of(f"Stream {i} {fault_injection.SLOW_MARKER}",
+                                                                     stream=True, **slow),
+                               timeout=60, on_response=lambda r: first_tokens.release()) for i in range(16)]
+        wait_for(lambda: tight_server.metric("bunny_num_requests_running") == 16, 30, "16 streams not running",
+                 poll_s=0.05)
+        queued = [pool.submit(send_raw, tight_server.url, inputs_of(f"Queued {i}", stream=i % 2 == 0, **slow),
+                              timeout=60) for i in range(4)]
+        wait_for(lambda: tight_server.metric("bunny_num_requests_waiting") == 4, 30, "4 requests not queued",
+                 poll_s=0.05)
+        assert first_tokens.acquire(timeout=30)   # at least one stream is mid-stream
+        processes = descendants(tight_server.proc.pid)
+        assert processes
+        rc = stop_process(tight_server.proc)
+        results = [f.result() for f in streams + queued]   # queue.Empty (a hang) fails the test
+    ends = []
+    for responses, error in results:
+        finals = [r for r in responses if r["final"]]
+        assert len(finals) + (error is not None) == 1, (responses[-2:], error)
+        assert all(not r["final"] for r in responses[:-1])
+        ends.append(finals[0]["reason"] if finals else error_kind(error))
+    record("SIGTERM under load", streams=16, queued=4, ends=dict(collections.Counter(ends)), exit_code=rc,
+           errors=sorted({str(e)[:120] for _, e in results if e is not None}))
+    assert rc == 0, tight_server.log_text()[-3000:]
+    wait_for(lambda: not [p for p in processes if alive(p)], 15, f"processes left after SIGTERM: {processes}")
