@@ -63,14 +63,23 @@ class Sender:
         self.asks = 0
         self.ask_delay_s = 0.0
         self.gate: threading.Event | None = None   # when set, send() waits for it (a slow trip to the server)
+        self._sent = threading.Condition()
 
     def send(self, response=None, flags=0):
         if self.gate is not None:
             assert self.gate.wait(10), "the gate was never opened"
         assert not self.done.is_set(), "response sent after the final one"
-        self.responses.append((response, flags))
+        with self._sent:
+            self.responses.append((response, flags))
+            self._sent.notify_all()
         if flags & FINAL:
             self.done.set()
+
+    def wait_for_responses(self, n: int, timeout: float = 10.0) -> None:
+        """Until `n` responses were sent (no sleep: woken by send())."""
+        with self._sent:
+            assert self._sent.wait_for(lambda: len(self.responses) >= n, timeout), \
+                f"{len(self.responses)} responses sent, not {n}"
 
     def is_cancelled(self):
         self.asks += 1
@@ -175,6 +184,8 @@ class FakeEngine:
         self.accept_delay = 0.0   # how long add_request takes to accept one (decoding images, tokenizing)
         self.hold_aborts = False  # leave aborts untaken, the requests running (an engine behind on its aborts)
         self.st = EngineStats(kv_blocks_total=64)
+        self.num_steps = 0                # steps that ran to their end; wait_for_steps() waits on them
+        self._stepped = threading.Condition()
         self.dead: str | None = None      # check_alive() raises EngineDeadError with it
         self.shut_down = False
 
@@ -238,7 +249,17 @@ class FakeEngine:
                     out.finished, out.finish_reason = True, "length"
                     del self.requests[rid]
                 outs.append(out)
+        with self._stepped:
+            self.num_steps += 1
+            self._stepped.notify_all()
         return outs
+
+    def wait_for_steps(self, n: int, timeout: float = 10.0) -> int:
+        """Until `n` more steps ran from now (no sleep: woken by step()); the step count then."""
+        with self._stepped:
+            want = self.num_steps + n
+            assert self._stepped.wait_for(lambda: self.num_steps >= want, timeout), f"the engine did not step {n} times"
+            return self.num_steps
 
     def fail_all(self, message):
         with self.lock:

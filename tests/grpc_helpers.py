@@ -15,8 +15,10 @@ SCALAR_DTYPES = {"max_tokens": np.int32, "temperature": np.float32, "top_p": np.
                  "apply_chat_template": np.bool_}
 
 
-def inputs_of(text=None, images=(), stream=False, **scalars) -> dict[str, np.ndarray]:
+def inputs_of(text=None, images=(), stream=False, stop=(), **scalars) -> dict[str, np.ndarray]:
     out = {"stream": np.array([stream])}
+    if stop:
+        out["stop"] = np.array([s.encode() for s in stop], dtype=object)
     if text is not None:
         out["text_input"] = np.array([text.encode() if isinstance(text, str) else text], dtype=object)
     if images:
@@ -36,11 +38,12 @@ def _response(result, final: bool) -> dict:
 
 
 def send_raw(url: str, inputs: dict[str, np.ndarray], timeout: float = 120.0, cancel_after: int | None = None,
-             cancel_after_s: float | None = None):
+             cancel_after_s: float | None = None, cancel_event=None, on_response=None):
     """One request on its own stream -> (responses as dicts, the error or None; a str when the test stopped it).
 
     cancel_after: cancel once that many responses came; cancel_after_s: cancel when that long passes with no
-    final response (at any moment: queued, in prefill, mid-stream).
+    final response (at any moment: queued, in prefill, mid-stream); cancel_event (a threading.Event): cancel once
+    it is set and no final response came. on_response(dict) is called for each response as it comes.
     Raises queue.Empty when no response came within `timeout` (a hang). The stream is cancelled only while
     the request is unfinished: with Triton 2.51, cancelling a gRPC stream whose request has already completed
     can leave the model referenced, and the server's shutdown then hangs until --exit-timeout-secs."""
@@ -56,8 +59,18 @@ def send_raw(url: str, inputs: dict[str, np.ndarray], timeout: float = 120.0, ca
     try:
         client.async_stream_infer("bunny", tensors, enable_empty_final_response=True)
         deadline = None if cancel_after_s is None else time.monotonic() + cancel_after_s
+        give_up = time.monotonic() + timeout
         while True:
-            if deadline is not None:
+            if cancel_event is not None:
+                try:
+                    result, error = q.get(timeout=0.01)
+                except queue.Empty:
+                    if cancel_event.is_set():
+                        return responses, "cancelled by the test"
+                    if time.monotonic() > give_up:
+                        raise
+                    continue
+            elif deadline is not None:
                 try:
                     result, error = q.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -69,6 +82,8 @@ def send_raw(url: str, inputs: dict[str, np.ndarray], timeout: float = 120.0, ca
                 return responses, error
             final = result.get_response().parameters["triton_final_response"].bool_param
             responses.append(_response(result, final))
+            if on_response is not None:
+                on_response(responses[-1])
             if final:
                 finished = True
                 return responses, None

@@ -78,3 +78,53 @@ def teacher_forced(ref, other, tokenizer, questions, images, device="cpu", new_t
         with torch.device(device):
             got.append(dense_logits(other, full, None if pixels is None else pixels.to(device)))
     return torch.cat(got), torch.cat(want)
+
+
+# Bunny's conv_bunny template (BAAI-DCAI/Bunny), written out here rather than taken from io/conversation.py.
+BUNNY_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def image_feature_rows(model_path) -> int:
+    """Image rows per image from config.json: (image_size // patch_size) ** 2; so400m (no vision_config) is
+    384 px at patch 14: 27 * 27 = 729."""
+    import json
+    from pathlib import Path
+    vision = json.loads((Path(model_path) / "config.json").read_text()).get("vision_config") or {}
+    return (vision.get("image_size", 384) // vision.get("patch_size", 14)) ** 2
+
+
+def expected_prompt_tokens(model_path, question: str, num_images: int) -> int:
+    """prompt_tokens of one user question with `num_images` images placed before it: the template's text around the
+    images counted with the checkpoint's tokenizer, plus each image's feature rows."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    before = f"{BUNNY_SYSTEM} USER: "
+    after = f"{question} ASSISTANT:"
+    pieces = [before] + ["\n"] * (num_images - 1) + ["\n" + after] if num_images else [before + after]
+    text_tokens = sum(len(tok.encode(p, add_special_tokens=False)) for p in pieces)
+    return text_tokens + num_images * image_feature_rows(model_path)
+
+
+def settled_text(tokenizer, ids) -> str:
+    """The text of `ids` that can no longer change: a trailing U+FFFD is an unfinished UTF-8 sequence."""
+    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def stop_cases(tokenizer, text: str, ids: list[int]):
+    """From an unstopped greedy answer: a stop string spanning a token boundary, and one whose prefix appears but
+    which never completes. Each with what must come back: (stop, text, ids, finish_reason)."""
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    for k in range(6, len(ids) - 6):   # a boundary between two tokens of settled, clean text
+        boundary = len(settled_text(tokenizer, ids[:k]))
+        spanning = text[boundary - 2:boundary + 3]
+        if (text.startswith(settled_text(tokenizer, ids[:k])) and boundary >= 2 and len(spanning) == 5
+                and "\ufffd" not in spanning and spanning.strip() and len(settled_text(tokenizer, ids[:k + 1])) > boundary):
+            break
+    else:
+        raise AssertionError(f"no clean token boundary in {text!r}")
+    # the oracle: cut before the first match; the ids up to the first token whose settled text completes the match
+    upto = next(k for k in range(1, len(ids) + 1) if spanning in settled_text(tokenizer, ids[:k]))
+    partial = spanning + "\x07\x07"   # its first five characters match, then never
+    assert partial not in text
+    return [(spanning, text[:text.index(spanning)], ids[:upto], "stop"), (partial, text, ids, "length")]

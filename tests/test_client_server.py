@@ -76,9 +76,6 @@ def test_coco_reports_an_unreadable_image_and_goes_on(server, images, tmp_path, 
 
 def test_reference_matches_coco_greedy(server, images, tmp_path):
     url, model_path = server
-    if model_path is None:
-        pytest.skip("the server fixture does not say which checkpoint it serves")
-    pytest.importorskip("bunny_backend.tools.reference")
     served, ref = tmp_path / "predict_result.json", tmp_path / "gpu_coco_predict.json"
     assert _coco(url, images, served, "--concurrency", "1") == 0
     assert main(["reference", "--model-path", str(model_path), "--images", str(images), "--out", str(ref),

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from tritonclient.utils import deserialize_bytes_tensor
 
 from bunny_client.captions import CaptionWriter, list_images, load_captions, pending_images, write_json_atomic
@@ -186,7 +187,7 @@ def skimage_dir(tmp_path_factory):
 
 def test_clip_scores_in_range_and_side_by_side(tiny_clip, skimage_dir, tmp_path, capsys):
     from bunny_client.cli import main
-    from bunny_client.clip_score import ClipJudge, clip_scores, mean, mean_clip_score, score_files
+    from bunny_client.clip_score import ClipJudge, clip_scores, mean_clip_score, score_files
 
     name, weights = tiny_clip
     a = tmp_path / "gpu_coco_predict.json"
@@ -203,17 +204,37 @@ def test_clip_scores_in_range_and_side_by_side(tiny_clip, skimage_dir, tmp_path,
     assert clip_scores(feats, feats) == pytest.approx([100.0] * 3, abs=1e-3)  # identical embeddings score 100
     assert clip_scores(feats, -feats) == [0.0] * 3  # opposite ones are floored at 0
 
+    # The oracle: each image and caption through the open_clip model alone, the cosine in plain torch.
+    def oracle(captions: dict[str, str]) -> tuple[float, float]:
+        from PIL import Image
+        cos = []
+        for image_name, caption in captions.items():
+            if not (skimage_dir / image_name).is_file():
+                continue
+            with Image.open(skimage_dir / image_name) as im, torch.no_grad():
+                img = judge.model.encode_image(judge.preprocess(im.convert("RGB")).unsqueeze(0)).float()[0]
+                txt = judge.model.encode_text(judge.tokenizer([caption])).float()[0]
+            cos.append(torch.dot(img, txt).item() / (img.norm().item() * txt.norm().item()))
+        return sum(max(0.0, 100.0 * c) for c in cos) / len(cos), sum(cos) / len(cos)
+
+    want = {str(f): oracle(json.loads(f.read_text())) for f in (a, b)}
+    for f in (a, b):
+        assert mean_clip_score(result[str(f)]) == pytest.approx(want[str(f)][0], abs=1e-3)
+
     rc = main(["clip-score", "--captions", str(a), "--captions", str(b), "--images", str(skimage_dir),
                "--model", name, "--weights", str(weights), "--device", "cpu", "--out", str(tmp_path / "s.json")])
     out = capsys.readouterr().out
     assert rc == 0
     for f in (str(a), str(b)):   # both figures: 100 x cosine floored at 0, and MindIE's mean raw cosine
-        assert f"clip score {mean_clip_score(result[f]):.2f}" in out and f"mean cosine {mean(result[f]):.4f}" in out
-    diff = mean_clip_score(result[str(b)]) - mean_clip_score(result[str(a)])
-    assert next(line for line in out.splitlines() if line.startswith("difference")).split()[-1] == f"{diff:+.2f}"
+        line = next(line for line in out.splitlines() if line.startswith("clip score ") and line.endswith(f))
+        assert float(line.split()[2]) == pytest.approx(want[f][0], abs=0.006), (line, want[f])
+        assert float(line.split("mean cosine ")[1].split()[0]) == pytest.approx(want[f][1], abs=6e-5), (line, want[f])
+    diff = want[str(b)][0] - want[str(a)][0]
+    printed_diff = float(next(line for line in out.splitlines() if line.startswith("difference")).split()[-1])
+    assert printed_diff == pytest.approx(diff, abs=0.011)
     saved = json.loads((tmp_path / "s.json").read_text())[str(a)]
-    assert saved["mean"] == pytest.approx(mean_clip_score(result[str(a)]))
-    assert saved["mean_cosine"] == pytest.approx(mean(result[str(a)]))
+    assert saved["mean"] == pytest.approx(want[str(a)][0], abs=1e-3)
+    assert saved["mean_cosine"] == pytest.approx(want[str(a)][1], abs=1e-5)
 
 
 def test_clip_score_missing_weights_is_one_line(skimage_dir, tmp_path, capsys):

@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_kernel_helpers import cpu_takes_panel_dtype, kernels_required, require_kernel, require_panel_linear
 from engine_helpers import QUESTIONS, make_engine, run_all
 
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.model.cpu_decode import CpuDecodeLoop
 from bunny_backend.ops import cpu_kernels
 
-pytestmark = pytest.mark.skipif(cpu_kernels.decoder_ops() is None or cpu_kernels.paged_decode() is None
-                                or cpu_kernels.panel_linear(torch.float32) is None,
-                                reason="the CPU kernels do not build on this machine")
+LOOP_KERNELS = ("decoder_ops", "paged_decode")   # and the float32 panel linear
+
+
+def loop_kernels_available() -> bool:
+    return (cpu_kernels.decoder_ops() is not None and cpu_kernels.paged_decode() is not None
+            and cpu_kernels.panel_linear(torch.float32) is not None)
+
+
+@pytest.fixture
+def loop_kernels(monkeypatch):
+    """Skip (plain pytest) or fail (BUNNY_REQUIRE_CPU_KERNELS=1, as ./build.sh test sets) without the loop's kernels."""
+    for name in LOOP_KERNELS:
+        require_kernel(monkeypatch, name)
+    require_panel_linear(monkeypatch, torch.float32)
 
 
 def _logits_by_step(engine, arrivals, use_loop: bool) -> list[torch.Tensor]:
@@ -45,9 +57,10 @@ def _logits_by_step(engine, arrivals, use_loop: bool) -> list[torch.Tensor]:
     ("float32", dict(seed=11, num_heads=4, num_kv_heads=4)),
     ("bfloat16", dict(seed=12, num_heads=8, num_kv_heads=2)),
 ], ids=["fp32-mha", "bf16-gqa"])
-def test_decode_loop_gives_the_modules_logits(checkpoint_factory, test_images, dtype, config):
-    if dtype == "bfloat16" and cpu_kernels.panel_linear(torch.bfloat16) is None:
-        pytest.skip("no bf16 panel kernel on this CPU")
+def test_decode_loop_gives_the_modules_logits(loop_kernels, monkeypatch, checkpoint_factory, test_images, dtype,
+                                              config):
+    if dtype == "bfloat16":
+        require_panel_linear(monkeypatch, torch.bfloat16)
     path = checkpoint_factory(**config)
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     arrivals = [(0, "a", QUESTIONS[0], [], params), (0, "b", QUESTIONS[1], [test_images[0]], params),
@@ -60,6 +73,15 @@ def test_decode_loop_gives_the_modules_logits(checkpoint_factory, test_images, d
 
 
 def test_decode_loop_only_with_all_its_pieces(tiny_checkpoint, monkeypatch):
-    assert isinstance(make_engine(tiny_checkpoint).model.model.decode_loop, CpuDecodeLoop)
+    """Not under the kernels' skip: where they load (and wherever ./build.sh test requires them) the engine must run
+    the flat loop; where they cannot be built, the portable modules."""
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    if loop_kernels_available():
+        assert isinstance(make_engine(tiny_checkpoint).model.model.decode_loop, CpuDecodeLoop)
+    else:
+        # required: all of them where this CPU takes the float32 panels (AVX-512); without it the loop is legitimately off
+        assert not (kernels_required() and cpu_takes_panel_dtype(torch.float32)), \
+            "BUNNY_REQUIRE_CPU_KERNELS=1 but the decode loop's kernels do not load"
+        assert make_engine(tiny_checkpoint).model.model.decode_loop is None
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")   # the portable code: no kernels, no loop
     assert make_engine(tiny_checkpoint).model.model.decode_loop is None

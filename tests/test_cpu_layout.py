@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bunny_backend.model.cpu_layout import OneDnnLinear, PanelLinear, TransposedLinear, use_cpu_linears
-from bunny_backend.ops import cpu_kernels
+from cpu_kernel_helpers import require_panel_linear
 from bunny_backend.model.loader import load_model
 from model_helpers import dense_logits, pixels_of, prompt_ids
 from bunny_backend.io.tokenizer import load_tokenizer
@@ -12,11 +12,11 @@ from bunny_backend.io.tokenizer import load_tokenizer
 @pytest.mark.parametrize("cls", [OneDnnLinear, TransposedLinear, PanelLinear])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 32), (7, 32), (2, 3, 32)])
-def test_cpu_linear_matches_linear(cls, bias, shape):
+def test_cpu_linear_matches_linear(monkeypatch, cls, bias, shape):
     if cls is OneDnnLinear and not torch.backends.mkldnn.is_available():
         pytest.skip("torch built without oneDNN")
-    if cls is PanelLinear and cpu_kernels.panel_linear(torch.float32) is None:
-        pytest.skip("no panel kernel on this machine (tests/test_cpu_panel_linear.py says why)")
+    if cls is PanelLinear:
+        require_panel_linear(monkeypatch, torch.float32)
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 48, bias=bias)
     x = torch.randn(*shape)

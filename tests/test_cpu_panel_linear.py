@@ -6,18 +6,14 @@ import torch
 
 from bunny_backend.model.cpu_layout import OneDnnLinear, PanelLinear, TransposedLinear, cpu_layout
 from bunny_backend.ops import cpu_kernels
-from cpu_kernel_helpers import require_kernel
+from cpu_kernel_helpers import require_panel_linear
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}   # relative to the largest output
 
 
 def kernel_for(dtype, monkeypatch):
-    require_kernel(monkeypatch, "panel_linear")
-    kernel = cpu_kernels.panel_linear(dtype)
-    if kernel is None:
-        pytest.skip(f"this CPU's build takes {torch.ops.bunny.panel_linear_dtypes()!r}, not {dtype}")
-    return kernel
+    return require_panel_linear(monkeypatch, dtype)
 
 
 def oracle(x, w, bias=None):

@@ -164,3 +164,40 @@ def test_requests_that_cannot_fit_are_refused(model_path, test_images):
     with pytest.raises(BadRequestError, match="at most 1"):
         engine.add_request("z", "hi", [test_images[0], test_images[1]], SamplingParams())
     assert not engine.has_unfinished()
+
+
+def test_top_k_and_repetition_penalty_through_the_engine_against_the_reference(model_path, reference, test_images):
+    """Requests with repetition_penalty (greedy) and top_k (sampled), in one batch with images and chunked prefill.
+    The oracle: the transformers reference's logits, teacher-forced on the engine's own tokens, through transformers'
+    RepetitionPenaltyLogitsProcessor over the prompt's and the output's ids: a greedy row must take that argmax, a
+    top_k row one of its k best; the penalty must change the greedy answer, and top_k=3 must not be greedy."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    ref, tok = reference
+    greedy = dict(max_tokens=16, ignore_eos=True)
+    reqs = [(0, "pen", QUESTIONS[0], [], SamplingParams(repetition_penalty=1.8, **greedy)),
+            (0, "pen-img", QUESTIONS[1], [test_images[0]], SamplingParams(repetition_penalty=1.5, **greedy)),
+            (1, "k3", QUESTIONS[4], [], SamplingParams(temperature=1.0, top_k=3, seed=3, **greedy)),
+            (1, "k3-pen-img", QUESTIONS[3], [test_images[1]],
+             SamplingParams(temperature=1.0, top_k=3, repetition_penalty=1.3, seed=4, **greedy)),
+            (2, "plain", QUESTIONS[0], [], SamplingParams(**greedy))]
+    results = run_all(make_engine(model_path), reqs)
+    off_argmax = 0
+    for _, rid, text, images, params in reqs:
+        prompt, new = prompt_ids(tok, text, bool(images)), results[rid][0]
+        assert len(new) == 16, rid
+        logits = ref.logits(prompt + new[:-1], ref.pixel_values(images) if images else None)
+        first = logits.shape[0] - len(new)   # the row that chose the first new token: the prompt's last
+        seen = [t for t in prompt if t >= 0]
+        for j, token in enumerate(new):
+            row = logits[first + j].unsqueeze(0)
+            if params.repetition_penalty != 1.0:
+                row = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(
+                    torch.tensor([seen + new[:j]]), row.clone())
+            if params.top_k:
+                assert token in row[0].topk(params.top_k).indices.tolist(), (rid, j)
+                off_argmax += token != int(row[0].argmax())
+            else:
+                assert token == int(row[0].argmax()), (rid, j)
+    assert results["pen"][0] != results["plain"][0]   # the penalty changed the greedy answer
+    assert off_argmax > 0                              # top_k sampled, not greedy

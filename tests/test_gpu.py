@@ -115,7 +115,7 @@ def test_cuda_backend_matches_portable_bf16(prefix):
         torch.testing.assert_close(got[part], want[part], atol=2e-2, rtol=2e-2, msg=part)
 
 
-# bf16 against fp32 (and a graph against eager kernels): teacher-forced logits within model_helpers' bf16 tolerance.
+# bf16 against fp32: teacher-forced logits within model_helpers' bf16 tolerance; a graph against eager: identical.
 # The figures are printed (pytest -s) for the GPU session's notes.
 
 
@@ -161,15 +161,17 @@ def _capture_logits(runner):
 @needs_triton
 def test_cuda_graph_decode_matches_eager_decode(checkpoint_factory, test_images):
     """Every decode step of a mixed batch (text and image requests, staggered, batch sizes that pad) runs twice on
-    the same inputs, replayed from a graph and eagerly; the logits agree to bf16 rounding. Then the whole run
-    finishes through the graphs."""
+    the same inputs, replayed from a graph and eagerly: the logits are identical, as docs/backends.md states
+    (measured on an H200: 36 steps, batch sizes 1-12). Then the run through the graphs gives exactly the tokens of
+    an engine that never captures a graph."""
     from bunny_backend.config import EngineConfig
     from bunny_backend.engine.llm_engine import LLMEngine
     from engine_helpers import run_all, twelve_requests
 
     path = str(checkpoint_factory(seed=5, num_kv_heads=2))
-    engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", cuda_graphs=True,
-                                    kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=64))
+    kw = dict(model_path=path, device="cuda", dtype="bfloat16", kv_cache_memory_bytes=8 << 20,
+              max_num_batched_tokens=64)
+    engine = LLMEngine(EngineConfig(cuda_graphs=True, **kw))
     runner = engine.runner
     assert runner.graphs is not None and runner.backend.name == "cuda"
     seen = _capture_logits(runner)
@@ -189,10 +191,13 @@ def test_cuda_graph_decode_matches_eager_decode(checkpoint_factory, test_images)
 
     runner.run = twice
     results = run_all(engine, twelve_requests(test_images))
-    rel, top1 = agreement(torch.cat([g for g, _ in pairs]), torch.cat([e for _, e in pairs]))
+    differing = [i for i, (g, e) in enumerate(pairs) if not torch.equal(g, e)]
     print(f"\ncuda graphs vs eager over {len(pairs)} decode steps (batch sizes {sorted(batch_sizes)}): "
-          f"rel err {rel:.2e}, top-1 agreement {top1:.3f}")
-    assert len(batch_sizes) > 3 and rel < BF16_REL_ERR and top1 >= TOP1_AGREEMENT
+          f"{len(differing)} steps differ")
+    assert len(batch_sizes) > 3 and pairs and differing == [], \
+        f"graph replay differs from eager at decode steps {differing[:10]} of {len(pairs)}"
+    eager = run_all(LLMEngine(EngineConfig(cuda_graphs=False, **kw)), twelve_requests(test_images))
+    assert results == eager
     for i, (ids, _, reason) in enumerate(results.values()):
         assert reason in ("stop", "length") and ids, i
 

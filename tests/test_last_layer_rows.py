@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_kernel_helpers import require_panel_linear
 from engine_helpers import QUESTIONS, make_engine, run_all
 
 import bunny_backend.engine.worker.model_runner as model_runner
@@ -56,8 +57,8 @@ def test_last_layer_on_output_rows_matches_the_whole_layer(checkpoint_factory, t
                                                           config, kernels):
     if not kernels:
         monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
-    elif dtype == "bfloat16" and cpu_kernels.panel_linear(torch.bfloat16) is None:
-        pytest.skip("no bf16 kernels on this CPU")
+    elif dtype == "bfloat16":
+        require_panel_linear(monkeypatch, torch.bfloat16)
     path = checkpoint_factory(**config)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     arrivals = [(0, "a", QUESTIONS[0], [], params), (0, "b", QUESTIONS[1], [test_images[0]], params),

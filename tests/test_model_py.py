@@ -162,7 +162,7 @@ def test_a_response_that_cannot_be_built_ends_its_request_only(model, monkeypatc
 def test_cancelled_request_is_aborted_and_still_gets_a_final(model):
     victim = run(model, text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
     other = run(model, text_input=text("y"), max_tokens=np.array([30], np.int32))
-    time.sleep(0.05)
+    victim.sender.wait_for_responses(1)   # both accepted and stepping
     victim.sender.cancelled = True
     victim.sender.wait()
     assert len(victim.sender.finals) == 1
@@ -191,11 +191,16 @@ def test_a_cancelled_stream_gets_no_more_tokens_only_its_final(model):
     req = run(model, text_input=text("x"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
     wait_for(lambda: len(req.sender.responses) >= 3, 10, "no tokens streamed")
     req.sender.cancelled = True
-    wait_for(lambda: all(f.cancelled for f in model._inflight.values()), 10, "the cancellation was not seen")
-    time.sleep(0.2)   # a send under way when the cancellation was seen ends; the engine goes on making tokens
+    wait_for(lambda: all(f.cancelled for f in model._inflight.values()), 10, "the cancellation was not seen",
+             poll_s=0.005)
+    # What was handed to the responder before the cancellation was seen goes out; then nothing more, although
+    # the engine goes on making tokens for the request (its abort is held).
+    model.engine.wait_for_steps(3)
+    wait_for(lambda: model._outbox.empty(), 10, "the responder did not drain", poll_s=0.005)
     sent = len(req.sender.responses)
-    time.sleep(0.1)
-    assert len(req.sender.responses) == sent
+    model.engine.wait_for_steps(10)
+    wait_for(lambda: model._outbox.empty(), 10, "the responder did not drain", poll_s=0.005)
+    assert len(req.sender.responses) == sent and len(model.engine.requests) == 1   # still running
     model.engine.hold_aborts = False
     req.sender.wait()
     assert [outputs(r)["finish_reason"] for r in req.sender.finals] == [[b"cancelled"]]
@@ -245,7 +250,7 @@ def test_engine_exception_fails_in_flight_requests_and_keeps_serving(model):
     model.engine.step_delay = 0.01
     a = run(model, text_input=text("a"), max_tokens=np.array([100000], np.int32))
     b = run(model, text_input=text("b"), max_tokens=np.array([100000], np.int32), stream=np.array([True]))
-    time.sleep(0.05)
+    b.sender.wait_for_responses(1)   # both accepted and stepping
     model.engine.fail_next_step = True
     for req in (a, b):
         req.sender.wait()
@@ -258,7 +263,7 @@ def test_engine_exception_fails_in_flight_requests_and_keeps_serving(model):
 def test_finalize_gives_every_request_in_flight_its_final(model):
     reqs = [run(model, text_input=text("z"), max_tokens=np.array([100000], np.int32), stream=np.array([s]))
             for s in (True, False, True)]
-    time.sleep(0.05)
+    reqs[2].sender.wait_for_responses(1)   # all three accepted (in order) and stepping
     model.finalize()
     assert not model._thread.is_alive()
     for req in reqs:
@@ -291,7 +296,8 @@ def test_metrics_move(model):
 def test_a_final_response_comes_after_the_counters_it_implies(model, monkeypatch):
     """A client that reads /metrics once its request has ended finds that request's tokens counted."""
     monkeypatch.setattr(sys.modules["bunny_model_under_test"], "STATS_PERIOD_S", 1000.0)
-    time.sleep(0.3)   # the periodic publication already scheduled has passed; the next is far off
+    # the periodic publication already scheduled has passed once the next is far off
+    wait_for(lambda: model._next_stats > time.monotonic() + 100, 10, "no publication after the patch", poll_s=0.01)
     run(model, text_input=text("a b c"), max_tokens=np.array([5], np.int32)).sender.wait()
     assert MetricFamily.families["bunny_generation_tokens_total"].metrics[0].value == 5
 

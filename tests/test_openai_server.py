@@ -17,6 +17,7 @@ import pytest
 
 from bunny_client.cli import main as client_main
 from grpc_helpers import TEXTS, inputs_of, send
+from model_helpers import stop_cases
 from server_fixture import SERVER_PARAMS, start_server, stop_process, wait_for
 
 pytestmark = pytest.mark.server
@@ -143,6 +144,31 @@ def test_streamed_chat_equals_the_whole_answer(server, client, test_images):
     assert len({c.id for c in chunks}) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_openai_stop_cuts_like_the_model(server, client, stream):
+    """OpenAI `stop`: the cut the oracle in model_helpers.stop_cases derives from an unstopped answer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(server.model_path))
+    kw = dict(model="bunny", messages=[user(TEXTS[3])], max_tokens=40, temperature=0,
+              extra_body={"return_token_ids": True, "ignore_eos": True})
+    free = client.chat.completions.create(**kw)
+    assert free.choices[0].finish_reason == "length"
+    for stop, want_text, want_ids, want_reason in stop_cases(tokenizer, *answer(free)):
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, stop=[stop], stream_options={"include_usage": True},
+                                                         **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            ids = [t for c in chunks if c.choices for t in c.choices[0].model_extra.get("token_ids") or []]
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            usage = chunks[-1].usage
+        else:
+            out = client.chat.completions.create(stop=stop, **kw)
+            (text, ids), reason, usage = answer(out), [out.choices[0].finish_reason], out.usage
+        assert (text, ids, reason) == (want_text, want_ids, [want_reason]), stop
+        assert usage.completion_tokens == len(want_ids)
+
+
 def test_sse_ends_with_done(server):
     body = json.dumps({"model": "bunny", "messages": [user("hi")], "max_tokens": 3, "stream": True}).encode()
     req = urllib.request.Request(server.openai_url + "/chat/completions", data=body,
@@ -204,9 +230,13 @@ def test_bad_requests_get_400_naming_the_problem(server, client, test_images, st
 
 
 def test_harmless_fields_are_ignored(client):
-    out = client.chat.completions.create(model="bunny", messages=[user("hi")], max_tokens=2, user="u1",
-                                         metadata={"k": "v"}, n=1, temperature=0)
-    assert out.usage.completion_tokens <= 2
+    """The same answer with and without the fields that change nothing (user, metadata, n=1)."""
+    kw = dict(model="bunny", messages=[user("hi")], max_tokens=6, temperature=0)
+    out = client.chat.completions.create(**kw, user="u1", metadata={"k": "v"}, n=1)
+    plain = client.chat.completions.create(**kw)
+    assert len(out.choices) == 1 and out.choices[0].message.content == plain.choices[0].message.content
+    assert out.usage.completion_tokens == plain.usage.completion_tokens >= 1
+    assert out.choices[0].finish_reason == plain.choices[0].finish_reason
 
 
 def test_32_concurrent_streams_equal_their_sequential_runs(client, test_images):

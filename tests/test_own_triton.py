@@ -12,7 +12,10 @@ import pytest
 
 from bunny_backend.server import tritonserver
 from bunny_backend.server.watchdog import model_status
+from bunny_backend.io.tokenizer import load_tokenizer
+from bunny_backend.tools.reference import ReferenceBunny
 from grpc_helpers import TEXTS, inputs_of, send
+from model_helpers import expected_prompt_tokens
 from server_fixture import free_ports, stop_process, wait_for
 
 pytestmark = pytest.mark.server
@@ -31,7 +34,7 @@ def test_plain_tritonserver_serves_the_tracked_repository(tiny_checkpoint, tmp_p
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     config = repo / "bunny" / "config.pbtxt"
     text = set_parameter(config.read_text(), "model_path", str(Path(tiny_checkpoint).resolve()))
-    for key, value in (("device", "cpu"), ("kv_cache_memory_bytes", str(8 << 20)), ("num_threads", "2")):
+    for key, value in (("device", "cpu"), ("dtype", "float32"), ("kv_cache_memory_bytes", str(8 << 20)), ("num_threads", "2")):
         text = set_parameter(text, key, value)
     config.write_text(text)
 
@@ -51,6 +54,10 @@ def test_plain_tritonserver_serves_the_tracked_repository(tiny_checkpoint, tmp_p
         responses, err = send(f"127.0.0.1:{grpc}", inputs_of(TEXTS[0], [test_images[0]], max_tokens=8))
         assert err is None and len(responses) == 1 and responses[0]["final"]
         r = responses[0]
-        assert r["reason"] in ("stop", "length") and r["completion"] == len(r["ids"]) >= 1 and r["prompt"] > 16
+        assert r["reason"] in ("stop", "length") and r["completion"] == len(r["ids"]) >= 1
+        assert r["prompt"] == expected_prompt_tokens(tiny_checkpoint, TEXTS[0], 1)
+        # the same ids as the transformers-composed reference on the same weights
+        ref, tok = ReferenceBunny.from_pretrained(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+        assert ref.chat(tok, TEXTS[0], test_images[0], max_new_tokens=8)[0] == r["ids"]
     finally:
         assert stop_process(proc) == 0, log.read_text(errors="replace")[-3000:]

@@ -1,10 +1,11 @@
 """Where each engine runs: Triton instances (stub/instance.py) and tensor-parallel ranks (engine/worker/device.py)."""
 import dataclasses
 
+import pytest
 import torch
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine.worker.device import DevicePlan, Placement, host_cores
+from bunny_backend.engine.worker.device import DevicePlan, Placement
 from bunny_backend.stub.instance import placement
 
 
@@ -22,9 +23,27 @@ def test_cpu_kind_instances_take_consecutive_devices_by_their_number():
         Placement(None, 1)
 
 
-def test_ranks_take_the_devices_after_the_first_and_split_the_cores():
+@pytest.mark.parametrize("cores,engines,tp,threads", [
+    (16, 2, 2, 4),    # 4 processes share 16 cores: 4 threads each
+    (16, 1, 2, 8),
+    (16, 3, 1, 5),    # rounded down
+    (2, 2, 2, 1),     # fewer cores than processes: still one thread each
+    (3, 2, 2, 1),
+    (16, 1, 1, 0),    # one engine, one process: 0, torch's default (all cores)
+], ids=["16c-2x2", "16c-tp2", "16c-3inst", "2c-2x2", "3c-2x2", "16c-alone"])
+def test_processes_split_the_host_cores(monkeypatch, cores, engines, tp, threads):
+    """The rule stated as numbers: each of engines x tp processes takes cores // processes threads (at least 1)."""
+    import bunny_backend.engine.worker.device as device
+    monkeypatch.setattr(device, "host_cores", lambda: cores)
+    plan = DevicePlan.resolve(EngineConfig(device="cpu", tensor_parallel_size=tp), Placement(None, engines))
+    assert plan.num_threads == threads
+
+
+def test_ranks_take_the_devices_after_the_first_and_split_the_cores(monkeypatch):
+    import bunny_backend.engine.worker.device as device
+    monkeypatch.setattr(device, "host_cores", lambda: 12)
     plan = DevicePlan.resolve(EngineConfig(device="cpu", tensor_parallel_size=2), Placement(None, 2))
-    assert plan.num_threads == max(1, host_cores() // 4) and plan.for_rank(1) == plan
+    assert plan.num_threads == 3 and plan.for_rank(1) == plan
     assert DevicePlan.resolve(EngineConfig(device="cpu")).num_threads == 0            # one engine: torch's default
     assert DevicePlan.resolve(EngineConfig(device="cpu", num_threads=3, tensor_parallel_size=2)).num_threads == 3
     gpu = dataclasses.replace(plan, device=torch.device("cuda", 2))

@@ -38,6 +38,20 @@ def tp1_outputs(bunny_server, test_images):
     return outputs_of(bunny_server.url, twelve_mixed(test_images))
 
 
+def seeded_mixed(test_images) -> list[dict]:
+    """Sampled with per-request seeds (temperature, top_p, top_k, repetition_penalty), text and image."""
+    return [inputs_of(TEXTS[i % len(TEXTS)], [test_images[i % len(test_images)]] if i % 2 else [],
+                      stream=bool(i % 3 == 0), max_tokens=20, ignore_eos=True, temperature=0.9, top_p=0.95,
+                      **({"top_k": 20} if i % 2 else {"repetition_penalty": 1.2}), seed=1000 + i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tp1_seeded(bunny_server, test_images):
+    out = outputs_of(bunny_server.url, seeded_mixed(test_images))
+    assert outputs_of(bunny_server.url, seeded_mixed(test_images)) == out   # the same seeds, the same tokens
+    return out
+
+
 @pytest.fixture(scope="module")
 def tp_server(tiny_checkpoint, tmp_path_factory):
     server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("tp2") / "server.log",
@@ -79,6 +93,15 @@ def test_tensor_parallel_outputs_equal_tp1(tp_server, tp1_outputs, test_images):
              if "bunny: tensor-parallel rank" in line]
     record("tensor-parallel-size=2 ranks", **{f"rank{i}": r.split(": ", 1)[1] for i, r in enumerate(ranks)})
     assert len(ranks) == 2
+
+
+def test_seeded_sampling_is_equal_across_instances(instances_server, tp1_seeded, test_images):
+    assert outputs_of(instances_server.url, seeded_mixed(test_images) * 2) == tp1_seeded * 2
+
+
+def test_seeded_sampling_is_equal_under_tensor_parallelism(tp_server, tp1_seeded, test_images):
+    """Rank 0 samples from logits gathered over both ranks (fp32): the same draws as one engine."""
+    assert outputs_of(tp_server.url, seeded_mixed(test_images)) == tp1_seeded
 
 
 def test_a_killed_worker_fails_requests_and_stops_the_server(tp_server):

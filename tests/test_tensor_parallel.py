@@ -201,5 +201,8 @@ def test_each_rank_holds_about_half_the_weights(checkpoint_factory):
            **{f"tp2_rank{r}_{k}": mib(v[f"{k}_bytes"]) for r, v in enumerate(two) for k in kinds})
     for rank in two:
         assert 0.4 < rank["weights_bytes"] / one["weights_bytes"] < 0.6, (one, two)
-        assert 0.35 < rank["resident_bytes"] / one["resident_bytes"] < 0.65, (one, two)
+        # One-sided, in the weights' bytes: sharding must save at least 35% of them in resident memory (half, less
+        # what the rank repeats). No lower bound: a loaded machine that swaps or a kernel's page sizes move the
+        # resident figure, not the parameter count checked above.
+        assert rank["resident_bytes"] < one["resident_bytes"] - 0.35 * one["weights_bytes"], (one, two)
 

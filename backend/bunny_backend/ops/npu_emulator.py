@@ -23,7 +23,6 @@ from collections import Counter
 import torch
 
 from bunny_backend.ops.attention_npu import COMPRESSED_MASK_SIZE
-from bunny_backend.ops.attention_torch import gather_blocks
 
 
 class NpuOpContractError(ValueError):
@@ -109,6 +108,15 @@ class EmulatedTorchNpu(types.ModuleType):
 
     # ---- math ----------------------------------------------------------------------------------------------
     @staticmethod
+    def _gather(cache, table_row, total):
+        """The first `total` tokens of one sequence, token by token as ATB addresses them: token t sits at offset
+        t % block_size of block table_row[t // block_size]. Written here on purpose, not taken from the backends
+        (ops/attention_torch.py gather_blocks), so that the emulator stays an oracle independent of them."""
+        block_size = cache.shape[1]
+        table = table_row.tolist()
+        return torch.stack([cache[table[t // block_size], t % block_size] for t in range(total)])
+
+    @staticmethod
     def _attend(q, k, v, scale, q_offset):
         """q [Lq, H, D] at positions q_offset.., k/v [Lk, Hkv, D]; causal; float32."""
         rep = q.shape[1] // k.shape[1]
@@ -179,8 +187,8 @@ class EmulatedTorchNpu(types.ModuleType):
         self._out(op, out, query)
         start = 0
         for i, (n, total) in enumerate(zip(seq_len.tolist(), context_lens.tolist())):
-            k = gather_blocks(key_cache, block_table[i], total)
-            v = gather_blocks(value_cache, block_table[i], total)
+            k = self._gather(key_cache, block_table[i], total)
+            v = self._gather(value_cache, block_table[i], total)
             out[start:start + n] = self._attend(query[start:start + n], k, v, scale_value, total - n).to(out.dtype)
             start += n
 
@@ -192,8 +200,8 @@ class EmulatedTorchNpu(types.ModuleType):
         self._block_table(op, block_table, query.shape[0], key_cache, context_lens, query.device)
         self._out(op, out, query)
         for i, total in enumerate(context_lens.tolist()):
-            k = gather_blocks(key_cache, block_table[i], total)
-            v = gather_blocks(value_cache, block_table[i], total)
+            k = self._gather(key_cache, block_table[i], total)
+            v = self._gather(value_cache, block_table[i], total)
             out[i] = self._attend(query[i:i + 1], k, v, scale_value, total - 1)[0].to(out.dtype)
 
 
