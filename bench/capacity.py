@@ -166,8 +166,9 @@ def main(argv=None) -> int:
                 if system in row:
                     row[f"{system}_over_engine"] = round(row[system]["tokens_per_s"] / row["engine"]["tokens_per_s"], 3)
         rows.append(row)
-    out = args.out or RESULTS / f"capacity-{machine_name()}-{time.strftime('%Y%m%d-%H%M')}.json"
-    out.write_text(json.dumps({"machine": machine_info(), "label": args.label, "max_tokens": args.max_tokens,
+    info = machine_info()
+    out = args.out or RESULTS / f"capacity-{machine_name(info)}-{time.strftime('%Y%m%d-%H%M')}.json"
+    out.write_text(json.dumps({"machine": info, "label": args.label, "max_tokens": args.max_tokens,
                                "model_path": args.model_path, "rows": rows}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -196,10 +196,10 @@ def test_a_cancelled_stream_gets_no_more_tokens_only_its_final(model):
     # What was handed to the responder before the cancellation was seen goes out; then nothing more, although
     # the engine goes on making tokens for the request (its abort is held).
     model.engine.wait_for_steps(3)
-    wait_for(lambda: model._outbox.empty(), 10, "the responder did not drain", poll_s=0.005)
+    wait_for(lambda: model._handover.idle(), 10, "the responder did not drain", poll_s=0.005)
     sent = len(req.sender.responses)
     model.engine.wait_for_steps(10)
-    wait_for(lambda: model._outbox.empty(), 10, "the responder did not drain", poll_s=0.005)
+    wait_for(lambda: model._handover.idle(), 10, "the responder did not drain", poll_s=0.005)
     assert len(req.sender.responses) == sent and len(model.engine.requests) == 1   # still running
     model.engine.hold_aborts = False
     req.sender.wait()
