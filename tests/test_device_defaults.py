@@ -18,6 +18,9 @@ def test_max_num_seqs_defaults_by_device(monkeypatch):
     monkeypatch.setattr(device, "resolve_device", lambda name: torch.device("cuda"))
     assert DevicePlan.resolve(EngineConfig(device="cuda")).max_num_seqs == 256
     assert DevicePlan.resolve(EngineConfig(device="cuda", max_num_seqs=64)).max_num_seqs == 64
+    plans = [DevicePlan.resolve(EngineConfig(device="cuda", **kw)) for kw in (
+        {}, {"max_num_seqs": 400, "max_num_batched_tokens": 4096}, {"max_queued_requests": 5})]
+    assert [p.max_queued_requests for p in plans] == [256, 400, 5]   # 256, or max_num_seqs where that is more
 
 
 @pytest.mark.parametrize("kind,asked,kv_tokens,want", [

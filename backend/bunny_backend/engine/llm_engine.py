@@ -19,17 +19,17 @@ import torch
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine import step_hooks
 from bunny_backend.engine.core.block_manager import BlockManager
+from bunny_backend.engine.core.request_builder import Prompt, RequestBuilder
+from bunny_backend.engine.core.scheduler import Scheduler, SchedulerOutput
+from bunny_backend.engine.core.sequence import Sequence
+from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, EngineStats, RequestOutput,
+                                          ServerBusyError)
+from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.worker.device import DevicePlan, Placement
 from bunny_backend.engine.worker.encoder_cache import EncoderCache
 from bunny_backend.engine.worker.encoder_runner import EncoderRunner
 from bunny_backend.engine.worker.kv_cache import num_kv_blocks
 from bunny_backend.engine.worker.model_runner import ModelRunner
-from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, EngineStats, RequestOutput,
-                                          ServerBusyError)
-from bunny_backend.engine.core.request_builder import Prompt, RequestBuilder
-from bunny_backend.engine.sampling_params import SamplingParams
-from bunny_backend.engine.core.scheduler import Scheduler, SchedulerOutput
-from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
 from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.model.config import BunnyConfig
@@ -57,8 +57,8 @@ class LLMEngine:
         plan = DevicePlan.resolve(config, placement)
         plan.enter()
         self._asked_max_num_seqs = config.max_num_seqs > 0
-        config = dataclasses.replace(config, max_num_seqs=plan.max_num_seqs, max_queued_requests=(
-            config.max_queued_requests or max(256, plan.max_num_seqs)))
+        config = dataclasses.replace(config, max_num_seqs=plan.max_num_seqs,
+                                     max_queued_requests=plan.max_queued_requests)
         self.config = config
         self.device, self.dtype, self.block_size = plan.device, plan.dtype, plan.block_size
         self.tokenizer = load_tokenizer(config.model_path)

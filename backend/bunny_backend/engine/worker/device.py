@@ -129,6 +129,8 @@ class DevicePlan:
     # and 16 was measured (docs/performance.md); an accelerator's step costs about the same at 16 and at 256, so
     # it takes up to 256, as vLLM does, and the engine caps that by what the KV cache holds (kv_cache.py).
     max_num_seqs: int = 16
+    # Requests waiting beyond max_num_seqs before "server busy" (EngineConfig 0: 256, or max_num_seqs if more).
+    max_queued_requests: int = 256
 
     @classmethod
     def resolve(cls, config: EngineConfig, placement: Placement = Placement()) -> "DevicePlan":
@@ -143,6 +145,7 @@ class DevicePlan:
         threads = config.num_threads or (max(1, cores // processes)
                                          if processes > 1 or cores < torch.get_num_threads() else 0)
         seqs = config.max_num_seqs or min(16 if device.type == "cpu" else 256, config.max_num_batched_tokens)
+        queued = config.max_queued_requests or max(256, seqs)
         return cls(device=device, dtype=resolve_dtype(config.dtype, device),
                    block_size=config.block_size or (128 if device.type == "npu" else 16),
                    max_prefill_tokens_while_decoding=(config.max_prefill_tokens_while_decoding
@@ -150,7 +153,8 @@ class DevicePlan:
                    prefill_chunks_while_decoding=(config.prefill_chunks_while_decoding
                                                   or (8 if device.type == "cpu" else 1)),
                    attention_backend=backend, cuda_graphs=config.cuda_graphs,
-                   tensor_parallel_size=config.tensor_parallel_size, num_threads=threads, max_num_seqs=seqs)
+                   tensor_parallel_size=config.tensor_parallel_size, num_threads=threads, max_num_seqs=seqs,
+                   max_queued_requests=queued)
 
     def for_rank(self, rank: int) -> "DevicePlan":
         """The plan of tensor-parallel rank `rank` of this engine: the next devices after rank 0's."""
