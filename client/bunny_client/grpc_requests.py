@@ -18,6 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from bunny_backend.io import wire_schema
 from bunny_backend.io.wire import read_response
 
 MODEL_NAME = "bunny"
@@ -49,19 +50,6 @@ class RequestOptions:
     messages: list[dict] | None = None
 
 
-# name, Triton datatype, numpy dtype of the optional scalar inputs
-_SCALARS = (
-    ("max_tokens", "INT32", np.int32),
-    ("temperature", "FP32", np.float32),
-    ("top_p", "FP32", np.float32),
-    ("top_k", "INT32", np.int32),
-    ("repetition_penalty", "FP32", np.float32),
-    ("seed", "UINT64", np.uint64),
-    ("ignore_eos", "BOOL", np.bool_),
-    ("apply_chat_template", "BOOL", np.bool_),
-)
-
-
 def _tensor(name: str, datatype: str, array: np.ndarray, batched: bool) -> grpcclient.InferInput:
     if batched:  # a model with max_batch_size > 0 takes a leading batch dimension
         array = array[np.newaxis, ...]
@@ -79,10 +67,11 @@ def build_inputs(opts: RequestOptions, batched: bool = False) -> list[grpcclient
     inputs = [_tensor(prompt[0], "BYTES", np.array([prompt[1].encode()], dtype=object), batched)]
     if opts.images:
         inputs.append(_tensor("image", "BYTES", np.array(list(opts.images), dtype=object), batched))
-    for name, datatype, dtype in _SCALARS:
-        value = getattr(opts, name)
-        if value is not None:
-            inputs.append(_tensor(name, datatype, np.array([value], dtype=dtype), batched))
+    for name in wire_schema.SCALAR_INPUTS:
+        value = getattr(opts, name, None)
+        if value is not None and name != "stream":
+            spec = wire_schema.INPUT[name]
+            inputs.append(_tensor(name, spec.datatype, np.array([value], dtype=spec.numpy_dtype), batched))
     if opts.stop:
         inputs.append(_tensor("stop", "BYTES", np.array([s.encode() for s in opts.stop], dtype=object), batched))
     inputs.append(_tensor("stream", "BOOL", np.array([opts.stream], dtype=np.bool_), batched))

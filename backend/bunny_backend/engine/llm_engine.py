@@ -100,7 +100,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.encoder.cache,
                                    plan.max_prefill_tokens_while_decoding, plan.prefill_chunks_while_decoding)
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
-                                      self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits)
+                                      self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits,
+                                      self.scheduler.room)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests
         self._hooks = step_hooks.from_environment()   # None unless BUNNY_ENGINE_HOOKS names some
         self._requests: dict[str, _Request] = {}

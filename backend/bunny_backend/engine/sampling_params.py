@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bunny_backend.io.wire_schema import range_problem
+
 # Stop strings are matched after every token: bound the work one request can add to each step.
 MAX_STOP_STRINGS = 32
 MAX_STOP_CHARS = 1024
@@ -10,7 +12,7 @@ MAX_STOP_CHARS = 1024
 
 @dataclass(slots=True)
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int | None = 256    # None: the rest of the context (RequestBuilder settles it)
     temperature: float = 0.0        # 0: greedy
     top_p: float = 1.0
     top_k: int = 0                  # 0: off
@@ -18,20 +20,18 @@ class SamplingParams:
     seed: int | None = None         # None: random
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int = 0               # top alternatives returned with each token's logprob; 0: no logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0             # EOS and stop strings are ignored before this many new tokens
+    response_format: str | None = None   # OpenAI's response_format JSON; None: free text
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "logprobs",
+                     "presence_penalty", "frequency_penalty", "min_tokens"):
+            value = getattr(self, name)
+            if value is not None and (problem := range_problem(name, value)):
+                raise ValueError(problem)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:

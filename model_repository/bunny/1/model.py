@@ -32,6 +32,7 @@ import triton_python_backend_utils as pb_utils
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, RequestOutput, ServerBusyError
+from bunny_backend.io import wire_schema
 from bunny_backend.stub.bytes_probe import check_bytes_round_trip
 from bunny_backend.stub.engine_thread import start_engine_thread
 from bunny_backend.stub.handover import Handover, Ready
@@ -59,7 +60,12 @@ class _InFlight:
     cancelled: bool = False
 
 
+_WIRE_CODES = {"INVALID_ARG": "invalid_argument", "UNAVAILABLE": "unavailable", "INTERNAL": "internal"}
+
+
 def _error(message: str, code_name: str = "INTERNAL"):
+    """A TritonError whose message starts with the wire code too (a gRPC stream client sees no status code)."""
+    message = wire_schema.tag_error(_WIRE_CODES[code_name], message)
     code = getattr(pb_utils.TritonError, code_name, None)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 

@@ -3,6 +3,7 @@ or a BadRequestError that names the problem: the configured limits, unreadable i
 not match the images, prompts that can never fit."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 
@@ -19,8 +20,9 @@ Prompt = str | list[Message]   # one user message (the whole prompt without the 
 
 class RequestBuilder:
     def __init__(self, config: EngineConfig, tokenizer, image_size: int, num_image_tokens: int,
-                 max_model_len: int, check_fits):
-        """check_fits(num_prompt_tokens, max_tokens) -> why the request can never run, or None (the scheduler's)."""
+                 max_model_len: int, check_fits, room):
+        """check_fits(num_prompt_tokens, max_tokens) -> why the request can never run, or None; room(num_prompt_tokens)
+        -> the most new tokens that fit after it (both the scheduler's)."""
         self.config = config
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -28,6 +30,7 @@ class RequestBuilder:
         # 0 or beyond the context: the scheduler's check_fits names the context length instead
         self.max_prompt_tokens = config.max_prompt_tokens if 0 < config.max_prompt_tokens < max_model_len else 0
         self.check_fits = check_fits
+        self.room = room
 
     def build(self, request_id: str, prompt: Prompt, images: list[bytes], params: SamplingParams,
               apply_chat_template: bool) -> Sequence:
@@ -56,6 +59,11 @@ class RequestBuilder:
         if self.max_prompt_tokens and len(token_ids) > self.max_prompt_tokens:
             raise BadRequestError(f"the prompt is {len(token_ids)} tokens (image features counted), more than "
                                   f"the {self.max_prompt_tokens} allowed (max_prompt_tokens)")
+        if params.max_tokens is None:
+            room = self.room(len(token_ids))
+            if self.config.max_output_tokens:
+                room = min(room, self.config.max_output_tokens)
+            params = dataclasses.replace(params, max_tokens=max(room, 1))   # < 1: check_fits names the problem
         problem = self.check_fits(len(token_ids), params.max_tokens)
         if problem:
             raise BadRequestError(problem)
@@ -82,6 +90,6 @@ class RequestBuilder:
             if len(data) > cfg.max_image_bytes:
                 raise BadRequestError(f"image: {len(data)} bytes, more than the {cfg.max_image_bytes} allowed "
                                       "(max_image_bytes)")
-        if cfg.max_output_tokens and params.max_tokens > cfg.max_output_tokens:
+        if cfg.max_output_tokens and params.max_tokens is not None and params.max_tokens > cfg.max_output_tokens:
             raise BadRequestError(f"max_tokens is {params.max_tokens}, more than the {cfg.max_output_tokens} "
                                   "allowed (max_output_tokens)")

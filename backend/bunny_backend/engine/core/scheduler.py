@@ -119,6 +119,12 @@ class Scheduler:
                     f"blocks but the cache holds {bm.num_blocks} ({bm.num_blocks * bm.block_size} tokens)")
         return None
 
+    def room(self, num_prompt_tokens: int) -> int:
+        """The most new tokens a prompt of this length leaves room for: the rest of the context, as far as the
+        KV cache holds it (max_tokens absent on the OpenAI API)."""
+        bm = self.block_manager
+        return min(self.max_model_len - num_prompt_tokens, bm.num_blocks * bm.block_size - num_prompt_tokens + 1)
+
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bunny_backend.io import wire_schema
 from bunny_backend.io.conversation import IMAGE_TOKEN
 
 from .errors import bad_request
@@ -21,6 +22,7 @@ from .protocol import ChatCompletionRequest, ChatMessage, parse_request
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MESSAGE_FIELDS_REFUSED = ("tool_calls", "function_call", "audio", "tool_call_id")
+INT32_MIN, INT32_MAX = wire_schema.INT32_RANGE
 
 
 @dataclass(slots=True)
@@ -114,16 +116,21 @@ def _scalars(request: ChatCompletionRequest) -> dict[str, np.ndarray]:
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     if request.max_completion_tokens is not None and request.max_tokens not in (None, request.max_completion_tokens):
         raise bad_request("max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
-    if request.seed is not None and not 0 <= request.seed < 2**64:
-        raise bad_request(f"seed must be in [0, 2^64), got {request.seed}", param="seed")
-    for name, value in (("max_tokens", max_tokens), ("top_k", request.top_k)):
-        if value is not None and not -2**31 <= value < 2**31:
-            raise bad_request(f"{name} is out of range: {value}", param=name)
-    values = {"max_tokens": (max_tokens, np.int32), "temperature": (request.temperature, np.float32),
-              "top_p": (request.top_p, np.float32), "seed": (request.seed, np.uint64),
-              "top_k": (request.top_k, np.int32), "repetition_penalty": (request.repetition_penalty, np.float32),
-              "ignore_eos": (request.ignore_eos, np.bool_)}
-    return {name: np.array([value], dtype=dtype) for name, (value, dtype) in values.items() if value is not None}
+    values = {"max_tokens": max_tokens, "temperature": request.temperature, "top_p": request.top_p,
+              "seed": request.seed, "top_k": request.top_k, "repetition_penalty": request.repetition_penalty,
+              "ignore_eos": request.ignore_eos}
+    out = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        spec = wire_schema.INPUT[name]
+        problem = wire_schema.range_problem(name, value)
+        if problem is None and spec.datatype == "INT32" and not INT32_MIN <= value <= INT32_MAX:
+            problem = f"{name} is out of range: {value}"
+        if problem:
+            raise bad_request(problem, param=name)
+        out[name] = np.array([value], dtype=spec.numpy_dtype)
+    return out
 
 
 def _bytes(strings: list[str]) -> np.ndarray:
