@@ -291,12 +291,13 @@ def image_seq(request_id, content, offset=2, length=4, tail=2):
 def test_encoder_budget_stops_a_chunk_before_an_image_it_cannot_encode():
     cached = hashlib.sha256(b"cached").digest()
     sched = make_sched(max_images_per_encoder_batch=1, encoder_cache={cached})
-    x1, y, x2, c = image_seq("x1", b"x"), image_seq("y", b"y"), image_seq("x2", b"x"), image_seq("c", b"cached")
+    x1, y, c = image_seq("x1", b"x"), image_seq("y", b"y"), image_seq("c", b"cached")
+    x2 = image_seq("x2", b"x", offset=3)   # x's image after another text: no block in common with x1
     for s in (x1, y, x2, c):
         sched.add(s)
     out = sched.schedule()
     # x1 takes the one image of the budget; y stops before its image; x2 shares x1's; c's is in the cache
-    assert out.seqs == [x1, y, x2, c] and out.num_new_tokens == [8, 2, 8, 8]
+    assert out.seqs == [x1, y, x2, c] and out.num_new_tokens == [8, 2, 9, 8]
     assert out.images == [x1.images[0], x2.images[0], c.images[0]]
     sched.postprocess(out, [1, None, 2, 3])
     out = sched.schedule()            # the runner filled nothing (no encoder here): y's image is encoded now

@@ -7,7 +7,9 @@ A freed block keeps its hash and stays findable until the free list hands it out
 list is ordered: blocks with no hash go to the front and are reused first, hashed ones go to the back (LRU).
 
 Hashes are registered only after the K/V is written, never at allocation, so a sequence can never hit a block
-that is still waiting for its prefill chunk.
+that is still waiting for its prefill chunk. The hashes of the full blocks a sequence is still to compute are
+kept as pending instead (`in_flight_prefix`): a newcomer whose next block is pending (the n choices of one
+prompt, many users sending the same image) can wait for it rather than compute the same K/V again.
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ class BlockManager:
         self.hash_to_block: dict[bytes, int] = {}
         self.prefix_hit_tokens_total = 0
         self.prefix_query_tokens_total = 0
+        self.pending: dict[bytes, int] = {}                  # hash of a full block being computed -> sequences
+        self._pending_of: dict[int, list[bytes]] = {}        # seq_id -> its pending hashes, in block order
 
     # -- stats ---------------------------------------------------------------------------------------------------
 
@@ -74,26 +78,41 @@ class BlockManager:
 
     # -- allocation ----------------------------------------------------------------------------------------------
 
-    def _match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks for the leading full blocks of seq, stopping at the first miss.
+    def _hashes(self, seq: Sequence, num_full: int):
+        """(hash, token ids, extra) of seq's first num_full full blocks, chained."""
+        bs, h = self.block_size, _ROOT_HASH
+        for i in range(num_full):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            extra = seq.block_hash_extra(i * bs, (i + 1) * bs)
+            h = block_hash(h, tokens, extra)
+            yield h, tokens, extra
+
+    def _match_prefix(self, seq: Sequence, miss: list | None = None) -> list[int]:
+        """Cached blocks for the leading full blocks of seq, stopping at the first miss (whose hash goes to
+        `miss` when given).
 
         Only blocks entirely before the last token may hit: at least one token must be computed to get logits.
         """
         if not self.enable_prefix_caching:
             return []
-        bs, hits, h = self.block_size, [], _ROOT_HASH
-        for i in range((seq.num_tokens - 1) // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            extra = seq.block_hash_extra(i * bs, (i + 1) * bs)
-            h = block_hash(h, tokens, extra)
+        hits = []
+        for h, tokens, extra in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
             block_id = self.hash_to_block.get(h)
-            if block_id is None:
-                break
-            block = self.blocks[block_id]
-            if block.hash != h or block.token_ids != tokens or block.extra != extra:
+            block = None if block_id is None else self.blocks[block_id]
+            if block is None or block.hash != h or block.token_ids != tokens or block.extra != extra:
+                if miss is not None:
+                    miss.append(h)
                 break
             hits.append(block_id)
         return hits
+
+    def in_flight_prefix(self, seq: Sequence) -> bool:
+        """Whether seq's first block not in the cache is being computed by a running sequence's prefill."""
+        if not self.pending:
+            return False
+        miss: list[bytes] = []
+        self._match_prefix(seq, miss)
+        return bool(miss) and miss[0] in self.pending
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._match_prefix(seq)
@@ -118,6 +137,28 @@ class BlockManager:
         seq.num_sealed_blocks = len(hits)
         self.prefix_hit_tokens_total += hit_tokens
         self.prefix_query_tokens_total += seq.num_tokens
+        if self.enable_prefix_caching:
+            pending = [h for h, _, _ in self._hashes(seq, seq.num_tokens // self.block_size)][len(hits):]
+            for h in pending:
+                self.pending[h] = self.pending.get(h, 0) + 1
+            self._pending_of[seq.seq_id] = pending
+
+    def _drop_pending(self, seq: Sequence, count: int | None = None) -> None:
+        """Take seq's first `count` pending hashes (all when None) off the pending set."""
+        mine = self._pending_of.get(seq.seq_id)
+        if not mine:
+            return
+        done = mine if count is None else mine[:count]
+        for h in done:
+            left = self.pending[h] - 1
+            if left:
+                self.pending[h] = left
+            else:
+                del self.pending[h]
+        if count is None or count >= len(mine):
+            del self._pending_of[seq.seq_id]
+        else:
+            del mine[:count]
 
     def _take_free_block(self) -> int:
         if not self.free_block_ids:
@@ -142,6 +183,7 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_cached_tokens = 0
         seq.num_sealed_blocks = 0
+        self._drop_pending(seq)
 
     # -- decode growth -------------------------------------------------------------------------------------------
 
@@ -175,4 +217,5 @@ class BlockManager:
             owner = self.hash_to_block.get(block.hash)
             if owner is None or self.blocks[owner].hash != block.hash:
                 self.hash_to_block[block.hash] = block.block_id
+        self._drop_pending(seq, max(0, num_full - seq.num_sealed_blocks))
         seq.num_sealed_blocks = max(seq.num_sealed_blocks, num_full)
