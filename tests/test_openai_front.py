@@ -59,8 +59,9 @@ def test_parts_become_placeholders_where_they_stand():
     (dict(messages=[{"role": "user", "content": None}]), "has no content"),
     (dict(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]), "['tool_calls']"),
     (dict(messages=[]), "messages must not be empty"),
-    (dict(top_logprobs=2), "unsupported field(s) ['top_logprobs']"),
-    (dict(presence_penalty=0.5), "unsupported field(s) ['presence_penalty']"),
+    (dict(top_logprobs=2), "top_logprobs needs logprobs set to true"),
+    (dict(presence_penalty=3), "presence_penalty must be in [-2, 2], got 3"),
+    (dict(logit_bias={"1": 1}), "unsupported field(s) ['logit_bias']"),
 ])
 def test_translation_refuses_what_it_cannot_honour(fields, needle):
     with pytest.raises(OpenAIError) as err:

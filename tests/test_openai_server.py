@@ -181,9 +181,9 @@ def test_sse_ends_with_done(server):
 
 
 BAD = [
-    (dict(n=2), "unsupported field(s) ['n']"),
+    (dict(n=0), "n must be in [1, 128], got 0"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported field(s) ['tools']"),
-    (dict(logprobs=True), "unsupported field(s) ['logprobs']"),
+    (dict(top_logprobs=2), "top_logprobs needs logprobs set to true"),
     (dict(response_format={"type": "json_object"}), "unsupported field(s) ['response_format']"),
     (dict(frobnicate=1), "unknown field(s) ['frobnicate']"),
     (dict(model="gpt-4o"), "model 'gpt-4o' is not served here"),
@@ -224,8 +224,8 @@ def test_bad_requests_get_400_naming_the_problem(server, client, test_images, st
         assert needle in error["message"] and error["type"] == "invalid_request_error", (fields, error)
     status, reply = post(server, b"{not json")
     assert status == 400 and "not valid JSON" in reply["error"]["message"]
-    with pytest.raises(openai.BadRequestError, match="unsupported field"):
-        client.chat.completions.create(model="bunny", messages=[user("hi")], n=3)
+    with pytest.raises(openai.BadRequestError, match="n must be in"):
+        client.chat.completions.create(model="bunny", messages=[user("hi")], n=129)
     assert_idle(server)
 
 
@@ -292,6 +292,56 @@ def test_a_client_that_drops_before_its_whole_answer_frees_its_kv_blocks(server)
 def test_literal_image_tag_without_an_image_is_a_clear_grpc_error(server):
     responses, err = send(server.url, inputs_of("what is <image>?", max_tokens=4))
     assert responses == [] and "1 <image> placeholder(s) but 0 image(s)" in err and "internal" not in err
+
+
+# ---- /v1/completions, n choices, logprobs ---------------------------------------------------------------------
+
+def test_completions_equal_the_grpc_path_without_the_template(server, client):
+    prompts = [TEXTS[1], TEXTS[4]]
+    kw = dict(model="bunny", prompt=prompts, max_tokens=12, **GREEDY)
+    out = client.completions.create(**kw)
+    assert out.object == "text_completion" and [c.index for c in out.choices] == [0, 1]
+    want = []
+    for text in prompts:
+        responses, err = send(server.url, inputs_of(text, max_tokens=12, apply_chat_template=False))
+        assert err is None, err
+        want.append(responses[0])
+    assert [(c.text, c.model_extra["token_ids"], c.finish_reason) for c in out.choices] == \
+        [(r["text"], r["ids"], r["reason"]) for r in want]
+    assert out.usage.prompt_tokens == sum(r["prompt"] for r in want)
+    assert out.usage.completion_tokens == sum(r["completion"] for r in want)
+    chunks = list(client.completions.create(stream=True, **kw))
+    for i, c in enumerate(out.choices):
+        assert "".join(k.choices[0].text for k in chunks if k.choices and k.choices[0].index == i) == c.text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_n_seeded_choices_are_each_the_request_with_seed_s_plus_i(server, client, stream):
+    kw = dict(model="bunny", messages=[user(TEXTS[3])], n=4, seed=11, temperature=0.9, max_tokens=10,
+              extra_body={"return_token_ids": True, "ignore_eos": True})
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        got = [[t for c in chunks if c.choices and c.choices[0].index == i
+                for t in c.choices[0].model_extra.get("token_ids") or []] for i in range(4)]
+    else:
+        got = [c.model_extra["token_ids"] for c in client.chat.completions.create(**kw).choices]
+    want = [grpc_messages(server.url, [{"role": "user", "content": TEXTS[3]}], seed=11 + i, temperature=0.9,
+                          max_tokens=10, ignore_eos=True)[1] for i in range(4)]
+    assert got == want and len({tuple(ids) for ids in got}) > 1
+    assert_idle(server)
+
+
+def test_chat_logprobs_are_consistent_with_the_answer(client):
+    """Greedy: each token is its position's most likely one, its bytes join to the text, logprobs are <= 0."""
+    out = client.chat.completions.create(model="bunny", messages=[user(TEXTS[1])], max_tokens=12, logprobs=True,
+                                         top_logprobs=3, **GREEDY)
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(out.choices[0].model_extra["token_ids"]) == out.usage.completion_tokens
+    assert bytes(b for t in content for b in t.bytes).decode() == out.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].bytes == t.bytes and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
 
 
 # ---- Triton's own HTTP generate endpoints (text requests) ------------------------------------------------------

@@ -28,11 +28,16 @@ def bytes_elements(raw: bytes) -> list[bytes]:
     return out
 
 
+def raw_outputs(response) -> dict[str, bytes]:
+    """A ModelInferResponse's outputs by name, each its raw contents."""
+    return dict(zip((o.name for o in response.outputs), response.raw_output_contents))
+
+
 def read_response(response) -> WireResponse:
     """A ModelInferResponse (tritonclient's `InferResult.get_response()`), an empty flags-only final included."""
     params = response.parameters
     final = "triton_final_response" in params and params["triton_final_response"].bool_param
-    raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents))
+    raw = raw_outputs(response)
     ints = {name: np.frombuffer(raw[name], dtype="<i4") for name in ("output_ids", "prompt_tokens", "completion_tokens")
             if name in raw}
     reason = bytes_elements(raw.get("finish_reason", b""))
@@ -45,3 +50,35 @@ def read_response(response) -> WireResponse:
         completion_tokens=int(completion[0]) if completion is not None and completion.size else None,
         final=bool(final),
     )
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token with logprobs: its id, logprob and bytes, and the k most likely (id, logprob, bytes)."""
+    id: int
+    logprob: float
+    bytes: bytes
+    top: list[tuple[int, float, bytes]]
+
+
+def read_logprobs(raw: dict[str, bytes]) -> list[TokenLogprob] | None:
+    """The logprob outputs of a response (raw contents by name, see raw_outputs), one entry per id of output_ids;
+    None when the response carries none (the request did not ask for logprobs)."""
+    if "output_logprobs" not in raw:
+        return None
+    ids = np.frombuffer(raw.get("output_ids", b""), dtype="<i4").tolist()
+    logprobs = np.frombuffer(raw["output_logprobs"], dtype="<f4").tolist()
+    token_bytes = bytes_elements(raw.get("output_token_bytes", b""))
+    top_ids = np.frombuffer(raw.get("top_logprob_ids", b""), dtype="<i4").tolist()
+    top_logprobs = np.frombuffer(raw.get("top_logprobs", b""), dtype="<f4").tolist()
+    top_bytes = bytes_elements(raw.get("top_token_bytes", b""))
+    n = len(ids)
+    if not (len(logprobs) == len(token_bytes) == n and len(top_ids) == len(top_logprobs) == len(top_bytes)
+            and (n == 0 or len(top_ids) % n == 0)):
+        raise ValueError(f"the logprob outputs do not fit {n} output ids: {len(logprobs)} logprobs, "
+                         f"{len(token_bytes)} token bytes, {len(top_ids)} top ids, {len(top_logprobs)} top logprobs, "
+                         f"{len(top_bytes)} top bytes")
+    k = len(top_ids) // n if n else 0
+    return [TokenLogprob(ids[i], logprobs[i], token_bytes[i],
+                         [(top_ids[j], top_logprobs[j], top_bytes[j]) for j in range(i * k, (i + 1) * k)])
+            for i in range(n)]

@@ -1,21 +1,26 @@
-"""The FastAPI app: POST /v1/chat/completions, GET /v1/models, GET /health, all through Triton's gRPC.
+"""The FastAPI app: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, all through
+Triton's gRPC.
 
 The event loop only moves bytes: parsing the body and decoding base64 images run in worker threads, and the
-images themselves are decoded by the model in Triton. A client that goes away cancels its Triton request.
+images themselves are decoded by the model in Triton. A client that goes away cancels its Triton requests.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable
+from typing import Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from . import responses as oai
+from . import answers
+from .completion_responses import TextCompletionShape, text_completion
+from .completions import prepare_completion
 from .errors import OpenAIError
+from .fanout import Fanout, plan_choices
+from .responses import ChatShape, Completion
 from .translate import TritonRequest, prepare
 from .triton_client import TritonClient
 
@@ -62,56 +67,36 @@ def create_app(triton_url: str, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await request.body()
-        prepared = await asyncio.to_thread(prepare, body, model_name)
-        c = oai.Completion(model_name)
-        answer = app.state.triton.generate(prepared.inputs, request_id=c.id)
-        try:
-            if not prepared.stream:
-                return JSONResponse(await _until_gone(request, _whole(c, prepared, answer)))
-            first = await _until_gone(request, anext(answer))
-        except _ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        except BaseException:
-            await answer.aclose()
-            raise
-        return StreamingResponse(_events(c, prepared, first, answer), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        prepared = await asyncio.to_thread(prepare, await request.body(), model_name)
+        shape = ChatShape(prepared.top_logprobs, prepared.return_token_ids)
+        return await _answer(request, app.state.triton, prepared, Completion(model_name), shape)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        prepared = await asyncio.to_thread(prepare_completion, await request.body(), model_name)
+        shape = TextCompletionShape(prepared.top_logprobs, prepared.return_token_ids)
+        return await _answer(request, app.state.triton, prepared, text_completion(model_name), shape)
 
     return app
 
 
-async def _whole(c: oai.Completion, prepared: TritonRequest, answer: AsyncIterator) -> dict:
-    texts, ids = [], []
-    async for response in answer:
-        texts.append(response.text)
-        ids += response.ids
-        if response.final:
-            return oai.completion(c, response, "".join(texts), ids if prepared.return_token_ids else None)
-    raise OpenAIError(503, "the Triton stream ended without a final response")
-
-
-async def _events(c: oai.Completion, prepared: TritonRequest, response, answer: AsyncIterator):
-    """Server-sent events: a role chunk, one chunk per new piece of text, the finish chunk, usage, [DONE]."""
-    usage_field = prepared.include_usage
+async def _answer(request: Request, triton: TritonClient, prepared: TritonRequest, c: Completion, shape) -> Response:
+    """Run every choice's Triton request; the whole answer, or a stream once every choice has its first response
+    (so a request the model refuses gets its status line)."""
+    fan = Fanout(triton, plan_choices(prepared), c.id)
+    streaming = False
     try:
-        yield oai.chunk(c, {"role": "assistant", "content": ""}, with_usage_field=usage_field)
-        while True:
-            if response.text or (prepared.return_token_ids and response.ids):
-                yield oai.chunk(c, {"content": response.text}, ids=response.ids if prepared.return_token_ids else None,
-                                with_usage_field=usage_field)
-            if response.final:
-                break
-            response = await anext(answer)
-        yield oai.chunk(c, {}, reason=oai.finish_reason(response), with_usage_field=usage_field)
-        if prepared.include_usage:
-            yield oai.usage_chunk(c, response)
-        yield oai.DONE
-    except OpenAIError as e:   # mid-stream: the status line is long gone, so the error is an event
-        yield oai.event(e.body())
-        yield oai.DONE
+        if not prepared.stream:
+            return JSONResponse(await _until_gone(request, answers.whole(c, shape, fan)))
+        started = await _until_gone(request, fan.until_each_started())
+        streaming = True   # the stream closes the fan-out from here on
+    except _ClientGone:
+        return Response(status_code=CLIENT_GONE)
     finally:
-        await answer.aclose()
+        if not streaming:
+            await fan.aclose()
+    return StreamingResponse(answers.events(c, shape, fan, started, prepared.include_usage),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _until_gone(request: Request, awaitable: Awaitable):

@@ -1,4 +1,5 @@
-"""The request of `POST /v1/chat/completions` as pydantic models, and the fields this server refuses or ignores.
+"""The requests of `POST /v1/chat/completions` (and the sampling fields `/v1/completions` shares, see
+completions.py) as pydantic models, and the fields this server refuses or ignores.
 
 Fields that would change the result and that Bunny behind Triton cannot honour are refused by name (400), so a
 client never gets an answer to a different question than it asked; harmless ones are accepted and ignored.
@@ -37,23 +38,33 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None   # no obfuscation padding is sent; accepted for the SDK's sake
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """The fields chat and (legacy) completions share: how to sample, how many choices, how to answer."""
     model_config = ConfigDict(extra="allow")
     model: str
-    messages: list[ChatMessage]
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # Extensions under vLLM's names, for clients that pass them in extra_body.
-    top_k: int | None = None
+    top_k: int | None = None                 # -1 is off, as in vLLM
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    min_tokens: int | None = None
     return_token_ids: bool | None = False   # each choice (and chunk) also carries the new token ids
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 def _set(value) -> bool:
@@ -62,17 +73,12 @@ def _set(value) -> bool:
 
 # field -> whether the value asks for something this server cannot do
 REFUSED = {
-    "n": lambda v: v not in (None, 1),
     "tools": _set,
     "tool_choice": lambda v: v not in (None, "none"),
     "functions": _set,
     "function_call": lambda v: v not in (None, "none"),
-    "logprobs": _set,
-    "top_logprobs": _set,
     "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
     "logit_bias": _set,
-    "presence_penalty": _set,
-    "frequency_penalty": _set,
     "audio": _set,
     "modalities": lambda v: v not in (None, ["text"]),
     "prediction": _set,
@@ -85,17 +91,23 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
-    """The JSON body -> a request; OpenAIError(400) naming bad, unsupported or unknown fields."""
+    """The JSON body of a chat request -> the request; OpenAIError(400) naming bad, unsupported or unknown fields."""
+    return parse_body(body, ChatCompletionRequest, REFUSED)
+
+
+def parse_body(body: bytes, kind: type[SamplingFields], refused_fields: dict) -> SamplingFields:
+    """The JSON body -> a request of `kind`; OpenAIError(400) naming bad fields, the `refused_fields` whose check
+    says they ask for what this server cannot do, and unknown fields."""
     try:
-        request = ChatCompletionRequest.model_validate_json(body)
+        request = kind.model_validate_json(body)
     except ValidationError as e:
         raise bad_request("invalid request: " + "; ".join(_describe(err) for err in e.errors()[:5])) from None
     extra: dict[str, Any] = request.model_extra or {}
-    refused = sorted(k for k, check in REFUSED.items() if k in extra and check(extra[k]))
+    refused = sorted(k for k, check in refused_fields.items() if k in extra and check(extra[k]))
     if refused:
-        raise bad_request(f"unsupported field(s) {refused}: this server returns one plain-text choice without "
-                          "tools, logprobs, response formats, logit biases or penalties", param=refused[0])
-    unknown = sorted(k for k in extra if k not in REFUSED and k not in IGNORED)
+        raise bad_request(f"unsupported field(s) {refused}: this server answers in plain text, without tools, "
+                          "response formats or logit biases", param=refused[0])
+    unknown = sorted(k for k in extra if k not in refused_fields and k not in IGNORED)
     if unknown:
         raise bad_request(f"unknown field(s) {unknown}", param=unknown[0])
     if request.stream_options is not None and not request.stream:

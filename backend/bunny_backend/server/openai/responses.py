@@ -1,4 +1,7 @@
-"""OpenAI's response objects: a chat.completion, the chat.completion.chunk events of a stream, usage."""
+"""OpenAI's chat response objects (a chat.completion, the chat.completion.chunk events of a stream) and what every
+answer shares: the ids, finish reasons, usage and server-sent events. answers.py drives them; the legacy
+text_completion objects are in completion_responses.py.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +9,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from bunny_backend.io.wire import TokenLogprob
+
+from . import logprobs as lp
 from .errors import OpenAIError
 from .triton_client import TritonResponse
 
@@ -28,36 +34,45 @@ def finish_reason(response: TritonResponse) -> str:
                       "server may be shutting down")
 
 
-def usage(response: TritonResponse) -> dict:
-    return {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens,
-            "total_tokens": response.prompt_tokens + response.completion_tokens}
-
-
-def completion(c: Completion, final: TritonResponse, text: str, ids: list[int] | None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-              "finish_reason": finish_reason(final)}
-    if ids is not None:
-        choice["token_ids"] = ids
-    return {"id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
-            "choices": [choice], "usage": usage(final)}
-
-
-def chunk(c: Completion, delta: dict, reason: str | None = None, ids: list[int] | None = None,
-          with_usage_field: bool = False) -> str:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-    if ids is not None:
-        choice["token_ids"] = ids
-    body = {"id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
-            "choices": [choice]}
-    if with_usage_field:   # stream_options.include_usage: null on every chunk but the last
-        body["usage"] = None
-    return event(body)
-
-
-def usage_chunk(c: Completion, final: TritonResponse) -> str:
-    return event({"id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
-                  "choices": [], "usage": usage(final)})
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class ChatShape:
+    """The choices of a chat answer, whole or streamed. `top_logprobs` None: no logprobs."""
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, top_logprobs: int | None, return_token_ids: bool):
+        self.top_logprobs, self.return_token_ids = top_logprobs, return_token_ids
+
+    def whole(self, index: int, text: str, ids: list[int], tokens: list[TokenLogprob], reason: str) -> dict:
+        choice = {"index": index, "message": {"role": "assistant", "content": text},
+                  "logprobs": self._logprobs(tokens), "finish_reason": reason}
+        if self.return_token_ids:
+            choice["token_ids"] = ids
+        return choice
+
+    def opening(self, index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def piece(self, index: int, response: TritonResponse) -> dict | None:
+        """A streamed response's choice; None when it brings nothing to show."""
+        if not (response.text or (response.ids and (self.return_token_ids or self.top_logprobs is not None))):
+            return None
+        choice = {"index": index, "delta": {"content": response.text},
+                  "logprobs": self._logprobs(response.logprobs or []), "finish_reason": None}
+        if self.return_token_ids:
+            choice["token_ids"] = response.ids
+        return choice
+
+    def finish(self, index: int, reason: str) -> dict:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+
+    def _logprobs(self, tokens: list[TokenLogprob]) -> dict | None:
+        return None if self.top_logprobs is None else lp.chat_logprobs(tokens, self.top_logprobs)

@@ -10,36 +10,44 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from bunny_backend.io import wire_schema
 from bunny_backend.io.conversation import IMAGE_TOKEN
 
 from .errors import bad_request
-from .protocol import ChatCompletionRequest, ChatMessage, parse_request
+from .protocol import ChatCompletionRequest, ChatMessage, SamplingFields, parse_request
+from .sampling import choices_per_prompt, logprobs_input, sampling_inputs
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MESSAGE_FIELDS_REFUSED = ("tool_calls", "function_call", "audio", "tool_call_id")
-INT32_MIN, INT32_MAX = wire_schema.INT32_RANGE
 
 
 @dataclass(slots=True)
 class TritonRequest:
+    """What one HTTP request asks of the model: for each prompt, n choices, each one Triton request of `inputs`
+    and the prompt's own inputs (fanout.py gives each its seed)."""
     inputs: dict[str, np.ndarray]
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    n: int = 1
+    top_logprobs: int | None = None   # None: no logprobs; else how many alternatives each token lists
+    prompts: list[dict[str, np.ndarray]] = field(default_factory=lambda: [{}])
 
 
 def prepare(body: bytes, served_model: str) -> TritonRequest:
     """The whole translation of one HTTP body; OpenAIError(400) naming the problem."""
     request = parse_request(body)
+    check_model(request, served_model)
+    return to_triton(request)
+
+
+def check_model(request: SamplingFields, served_model: str) -> None:
     if request.model != served_model:
         raise bad_request(f"model {request.model!r} is not served here; this server serves {served_model!r} "
                           "(GET /v1/models)", param="model")
-    return to_triton(request)
 
 
 def to_triton(request: ChatCompletionRequest) -> TritonRequest:
@@ -52,13 +60,29 @@ def to_triton(request: ChatCompletionRequest) -> TritonRequest:
               "stream": np.array([bool(request.stream)])}
     if images:
         inputs["image"] = np.array(images, dtype=object)
-    for name, value in _scalars(request).items():
-        inputs[name] = value
+    top_logprobs = _top_logprobs(request)
+    inputs.update(sampling_inputs(request, _max_tokens(request), logprobs_input(top_logprobs, "top_logprobs")))
+    inputs.update(stop_input(request))
+    return TritonRequest(inputs, bool(request.stream), include_usage(request), bool(request.return_token_ids),
+                         n=choices_per_prompt(request), top_logprobs=top_logprobs)
+
+
+def stop_input(request: SamplingFields) -> dict[str, np.ndarray]:
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
-    if stop:
-        inputs["stop"] = _bytes(stop)
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return TritonRequest(inputs, bool(request.stream), include_usage, bool(request.return_token_ids))
+    return {"stop": _bytes(stop)} if stop else {}
+
+
+def include_usage(request: SamplingFields) -> bool:
+    return bool(request.stream_options and request.stream_options.include_usage)
+
+
+def _top_logprobs(request: ChatCompletionRequest) -> int | None:
+    """How many alternatives each token lists (None: no logprobs); top_logprobs needs logprobs true, as in OpenAI."""
+    if not request.logprobs:
+        if request.top_logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        return None
+    return request.top_logprobs or 0
 
 
 def _message(i: int, message: ChatMessage, images: list[bytes]) -> dict:
@@ -112,25 +136,10 @@ def decode_data_url(url: str, where: str) -> bytes:
     return image
 
 
-def _scalars(request: ChatCompletionRequest) -> dict[str, np.ndarray]:
-    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+def _max_tokens(request: ChatCompletionRequest) -> int | None:
     if request.max_completion_tokens is not None and request.max_tokens not in (None, request.max_completion_tokens):
         raise bad_request("max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
-    values = {"max_tokens": max_tokens, "temperature": request.temperature, "top_p": request.top_p,
-              "seed": request.seed, "top_k": request.top_k, "repetition_penalty": request.repetition_penalty,
-              "ignore_eos": request.ignore_eos}
-    out = {}
-    for name, value in values.items():
-        if value is None:
-            continue
-        spec = wire_schema.INPUT[name]
-        problem = wire_schema.range_problem(name, value)
-        if problem is None and spec.datatype == "INT32" and not INT32_MIN <= value <= INT32_MAX:
-            problem = f"{name} is out of range: {value}"
-        if problem:
-            raise bad_request(problem, param=name)
-        out[name] = np.array([value], dtype=spec.numpy_dtype)
-    return out
+    return request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
 
 
 def _bytes(strings: list[str]) -> np.ndarray:

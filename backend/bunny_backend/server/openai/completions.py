@@ -1,0 +1,74 @@
+"""`POST /v1/completions` (OpenAI's legacy completions) -> the Triton model's inputs. Each prompt is the model's
+`text_input` as it is (`apply_chat_template` false); the sampling fields are chat's (sampling.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import bad_request
+from .protocol import SamplingFields, parse_body
+from .sampling import MAX_CHOICES, choices_per_prompt, logprobs_input, sampling_inputs
+from .translate import TritonRequest, check_model, include_usage, stop_input
+
+DEFAULT_MAX_TOKENS = 16   # OpenAI's and vLLM's default for the legacy completions (chat's is the rest of the context)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any = None              # a string or a list of strings; checked in prompts() for a clear message
+    logprobs: int | None = None     # the k most likely tokens at each position, plus the chosen one
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# field -> whether the value asks for something this server cannot do
+REFUSED = {
+    "logit_bias": lambda v: bool(v),
+    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+}
+
+
+def prepare_completion(body: bytes, served_model: str) -> TritonRequest:
+    """The whole translation of one HTTP body; OpenAIError(400) naming the problem."""
+    request = parse_body(body, CompletionRequest, REFUSED)
+    check_model(request, served_model)
+    return to_triton(request)
+
+
+def to_triton(request: CompletionRequest) -> TritonRequest:
+    texts = prompts(request.prompt)
+    n = choices_per_prompt(request)
+    if len(texts) * n > MAX_CHOICES:
+        raise bad_request(f"{len(texts)} prompts x n={n} is {len(texts) * n} choices; at most {MAX_CHOICES} are "
+                          "allowed per request", param="n")
+    if request.echo:
+        raise bad_request("echo is not supported: the answer holds the completion only", param="echo")
+    if request.suffix:
+        raise bad_request("suffix is not supported (no fill-in-the-middle)", param="suffix")
+    if request.best_of not in (None, n):
+        raise bad_request(f"best_of must equal n ({n}) or be left out: this server returns every choice it makes",
+                          param="best_of")
+    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    inputs = {"apply_chat_template": np.array([False]), "stream": np.array([bool(request.stream)])}
+    inputs.update(sampling_inputs(request, max_tokens, logprobs_input(request.logprobs, "logprobs")))
+    inputs.update(stop_input(request))
+    own = [{"text_input": np.array([t.encode("utf-8", "surrogatepass")], dtype=object)} for t in texts]
+    return TritonRequest(inputs, bool(request.stream), include_usage(request), bool(request.return_token_ids),
+                         n=n, top_logprobs=request.logprobs, prompts=own)
+
+
+def prompts(prompt: Any) -> list[str]:
+    """`prompt` as a list of texts; a clear 400 for token ids and anything else."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) and not isinstance(p, bool)
+                                                   for p in prompt):
+        raise bad_request("token-id prompts are not supported: send the prompt as a string or a list of strings",
+                          param="prompt")
+    if prompt is None or prompt == []:
+        raise bad_request("prompt is required: a string or a list of strings", param="prompt")
+    raise bad_request("prompt must be a string or a list of strings", param="prompt")
