@@ -12,9 +12,6 @@ from .protocol import SamplingFields, parse_body
 from .sampling import MAX_CHOICES, choices_per_prompt, logprobs_input, sampling_inputs
 from .translate import TritonRequest, check_model, include_usage, stop_input
 
-DEFAULT_MAX_TOKENS = 16   # OpenAI's and vLLM's default for the legacy completions (chat's is the rest of the context)
-
-
 class CompletionRequest(SamplingFields):
     prompt: Any = None              # a string or a list of strings; checked in prompts() for a clear message
     logprobs: int | None = None     # the k most likely tokens at each position, plus the chosen one
@@ -50,9 +47,8 @@ def to_triton(request: CompletionRequest) -> TritonRequest:
     if request.best_of not in (None, n):
         raise bad_request(f"best_of must equal n ({n}) or be left out: this server returns every choice it makes",
                           param="best_of")
-    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     inputs = {"apply_chat_template": np.array([False]), "stream": np.array([bool(request.stream)])}
-    inputs.update(sampling_inputs(request, max_tokens, logprobs_input(request.logprobs, "logprobs")))
+    inputs.update(sampling_inputs(request, request.max_tokens, logprobs_input(request.logprobs, "logprobs")))
     inputs.update(stop_input(request))
     own = [{"text_input": np.array([t.encode("utf-8", "surrogatepass")], dtype=object)} for t in texts]
     return TritonRequest(inputs, bool(request.stream), include_usage(request), bool(request.return_token_ids),
