@@ -1,7 +1,9 @@
 """The FastAPI app: POST /v1/chat/completions, GET /v1/models, GET /health, all through Triton's gRPC.
 
-The event loop only moves bytes: parsing the body and decoding base64 images run in worker threads, and the
-images themselves are decoded by the model in Triton. A client that goes away cancels its Triton request.
+The event loop only moves bytes: parsing the body and decoding base64 images run in worker threads, remote images
+are fetched asynchronously, and the images themselves are decoded by the model in Triton. A client that goes away
+cancels its Triton request. Bodies over the request limit get 413 (body_limit.py); the model's image limits are read
+from its Triton config (limits.py) and checked before any image is decoded or fetched.
 """
 from __future__ import annotations
 
@@ -15,7 +17,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from . import responses as oai
+from .body_limit import BodyLimit
 from .errors import OpenAIError
+from .limits import LimitsCache, image_cap, request_cap
+from .media import MediaFetcher
+from .options import FrontOptions
+from .served_models import ServedModels
 from .translate import TritonRequest, prepare
 from .triton_client import TritonClient
 
@@ -27,14 +34,25 @@ class _ClientGone(Exception):
     pass
 
 
-def create_app(triton_url: str, model_name: str) -> FastAPI:
+def create_app(options: FrontOptions) -> FastAPI:
+    served = ServedModels(options.names)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.triton = TritonClient(triton_url, model_name)   # in the server's event loop
+        app.state.triton = TritonClient(options)   # these three in the server's event loop
+        app.state.limits = LimitsCache(app.state.triton.model_config)
+        app.state.media = MediaFetcher(options.media_timeout_s)
         yield
+        await app.state.media.close()
         await app.state.triton.close()
 
+    async def request_limit() -> int:
+        if options.max_request_bytes is not None:
+            return options.max_request_bytes
+        return request_cap(await app.state.limits.get(), None)
+
     app = FastAPI(title="bunny-triton: OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=request_limit)
     started = int(time.time())
 
     @app.exception_handler(OpenAIError)
@@ -53,18 +71,26 @@ def create_app(triton_url: str, model_name: str) -> FastAPI:
     async def health():
         if await app.state.triton.ready():
             return Response(status_code=200)
-        raise OpenAIError(503, f"the model {model_name!r} is not ready on Triton at {triton_url}")
+        raise OpenAIError(503, f"the model {options.model!r} is not ready on Triton at {options.triton_url} "
+                          "(or Triton cannot be reached yet)")
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "bunny-triton"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started,
+                                            "owned_by": "bunny-triton"} for name in served.names]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await request.body()
-        prepared = await asyncio.to_thread(prepare, body, model_name)
-        c = oai.Completion(model_name)
+        limits = await app.state.limits.get()
+        prepared = await asyncio.to_thread(prepare, body, served, limits, options.allowed_media_domains)
+        if any(image.url for image in prepared.images):
+            try:
+                await _until_gone(request, app.state.media.fetch_all(prepared.images, image_cap(limits)))
+            except _ClientGone:
+                return Response(status_code=CLIENT_GONE)
+        prepared.attach_images()
+        c = oai.Completion(prepared.model)
         answer = app.state.triton.generate(prepared.inputs, request_id=c.id)
         try:
             if not prepared.stream:

@@ -39,7 +39,7 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str
+    model: str | None = None   # absent: the first served name (vLLM)
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
