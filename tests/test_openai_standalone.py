@@ -3,7 +3,9 @@
 model tags them with, and the command line's refusals."""
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 
 import openai
 import pytest
@@ -106,3 +108,17 @@ def test_model_errors_become_statuses_by_their_code(message, status, shown, stre
 def test_bunny_openai_refuses_bad_flags(argv, needle, capsys):
     assert cli.main(["--triton-url", "127.0.0.1:1", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_bunny_openai_runs_without_triton_and_stops_cleanly():
+    port, triton_port = free_ports(2)
+    proc = subprocess.Popen([sys.executable, "-m", "bunny_backend.server.openai.cli", "--triton-url",
+                             f"127.0.0.1:{triton_port}", "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        status, reply = request(f"http://127.0.0.1:{port}/health")
+        assert status == 503 and "cannot be reached" in reply["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 0 and f"serving bunny on http://127.0.0.1:{port}/v1" in err and "Traceback" not in err

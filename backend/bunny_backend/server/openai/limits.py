@@ -57,21 +57,23 @@ def request_cap(limits: ImageLimits | None, override: int | None) -> int:
 
 
 class LimitsCache:
-    """The limits, read through `read_config` on first use and kept once read; while they cannot be read, each use
-    tries again (Triton may not be up yet) and gets None."""
+    """The limits, read through `read_config` on first use and kept once read (None: the config has none); while
+    the config cannot be read, each use tries again (Triton may not be up yet) and gets None."""
 
     def __init__(self, read_config: Callable[[], Awaitable[dict]]):
         self._read = read_config
         self._limits: ImageLimits | None = None
+        self._known = False
         self._lock = asyncio.Lock()
 
     async def get(self) -> ImageLimits | None:
-        if self._limits is not None:
+        if self._known:
             return self._limits
         async with self._lock:
-            if self._limits is None:
+            if not self._known:
                 try:
                     self._limits = ImageLimits.from_config(await self._read())
                 except Exception:   # noqa: BLE001 - unreachable, not loaded, timed out: the defaults apply
                     return None
+                self._known = True
             return self._limits

@@ -25,7 +25,7 @@ class ImageSource:
     """One image_url part: `data` once known; `url` while it still has to be fetched."""
     where: str                  # e.g. messages[1].content[0], for error messages
     data: bytes | None = None
-    base64: str | None = None   # a data URL's payload, until decoded
+    b64: str | None = None      # a data URL's base64 payload, until decoded
     url: str | None = None      # an http(s) URL of an allowed host
 
 
@@ -52,7 +52,7 @@ def image_source(url: str, where: str, allowed_hosts: tuple[str, ...]) -> ImageS
         raise bad_request(f"{where}: the data URL must be base64 data of type image/..., got {head!r}", param=where)
     if not payload:
         raise bad_request(f"{where}: the data URL holds no data", param=where)
-    return ImageSource(where, base64=payload)
+    return ImageSource(where, b64=payload)
 
 
 def base64_size(payload: str) -> int:
@@ -66,11 +66,11 @@ def check_and_decode(images: list[ImageSource], limits: ImageLimits | None) -> N
     if limits is not None:
         limits.check_count(len(images))
         for image in images:
-            if image.base64 is not None:
-                limits.check_size(base64_size(image.base64), image.where)
+            if image.b64 is not None:
+                limits.check_size(base64_size(image.b64), image.where)
     for image in images:
-        if image.base64 is not None:
-            image.data, image.base64 = decode_base64(image.base64, image.where), None
+        if image.b64 is not None:
+            image.data, image.b64 = decode_base64(image.b64, image.where), None
 
 
 def decode_base64(payload: str, where: str) -> bytes:

@@ -88,10 +88,10 @@ def _headers(items: list[str]) -> dict[str, str]:
 
 
 def _host(domain: str) -> str:
-    host = domain.strip().lower()
-    if not host or "/" in host or ":" in host.strip("[]") and not host.startswith("["):
+    host = domain.strip().lower().strip("[]")   # an IPv6 address may come bracketed, as in a URL
+    if not host or "/" in host or host.count(":") == 1:   # a URL, or host:port
         raise ValueError(f"--allowed-media-domains takes host names (example.com), got {domain!r}")
-    return host.strip("[]")
+    return host
 
 
 def _positive_int(text: str) -> int:

@@ -37,11 +37,15 @@ def _server(options: FrontOptions):
 
 def serve_forever(sock: socket.socket, options: FrontOptions) -> None:
     """Serve in this (main) thread until SIGTERM/SIGINT, then return."""
-    # uvicorn stops on the signal, then raises it again under the handler it found: let that one return
+    server = _server(options)
+
+    def stop(*_):   # uvicorn's own handlers take over once it runs; it then raises the signal again, under this one
+        server.should_exit = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, stop)
     try:
-        _server(options).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()
 
