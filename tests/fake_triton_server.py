@@ -4,6 +4,8 @@ Enough of the protocol for client tests without tritonserver: ServerLive, ModelR
 ModelStreamInfer. The fake model answers "caption <n>" words for an image (n = the image's byte count mod
 1000), or "answer", then the prompt's first three words, one response per word when streaming; an image PIL
 cannot open gets a Triton-style error response. The prompt is `text_input` or the last message of `messages`.
+It keeps the images and the gRPC metadata each request came with, and answers a text "FAIL:<message>" with the
+error <message>, as the real server would send it.
 
 For the OpenAI front's tests it also: puts "s<seed>" after the first word when a seed is given; with `logprobs`
 k > 0, returns the logprob outputs (see fake_logprobs); with `rest_of_context` and no `max_tokens`, answers up to
@@ -61,19 +63,28 @@ def fake_answer(text: str, image: bytes | None, max_tokens: int, ignore_eos: boo
 
 
 class FakeBunny(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, token_delay_s: float = 0.0):
+    def __init__(self, token_delay_s: float = 0.0, parameters: dict[str, str] | None = None):
         self.token_delay_s = token_delay_s
+        self.parameters = parameters or {}   # the model config's parameters (string values)
         self.requests = 0
         self.seen: list[dict[str, np.ndarray]] = []
         self.cancelled = 0
+        self.images: list[list[bytes]] = []       # each request's images, in order
+        self.metadata: list[dict[str, str]] = []  # each call's gRPC metadata
+        self.config_reads = 0
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
         self.hanging = threading.Event()   # a "hang" request has answered its first word
+
+    def _seen(self, context) -> None:
+        with self._lock:
+            self.metadata.append(dict(context.invocation_metadata()))
 
     def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
     def ModelReady(self, request, context):
+        self._seen(context)
         return service_pb2.ModelReadyResponse(ready=request.name == "bunny")
 
     def ServerMetadata(self, request, context):
@@ -88,7 +99,12 @@ class FakeBunny(service_pb2_grpc.GRPCInferenceServiceServicer):
         return meta
 
     def ModelConfig(self, request, context):
+        self._seen(context)
+        with self._lock:
+            self.config_reads += 1
         config = model_config_pb2.ModelConfig(name="bunny", max_batch_size=0, backend="python")
+        for key, value in self.parameters.items():
+            config.parameters[key].string_value = value
         config.model_transaction_policy.decoupled = True
         for name, dtype, dims in INPUTS:
             config.input.add(name=name, data_type=model_config_pb2.DataType.Value("TYPE_" + dtype.replace("BYTES", "STRING")),
@@ -154,7 +170,13 @@ class FakeBunny(service_pb2_grpc.GRPCInferenceServiceServicer):
             text = json.loads(x["messages"][0])[-1]["content"]
         else:
             text = x["text_input"][0].decode()
-        image = x["image"][0] if "image" in x else None
+        images = [bytes(i) for i in x["image"]] if "image" in x else []
+        with self._lock:
+            self.images.append(images)
+        if text.startswith("FAIL:"):
+            yield self._error(request, text[len("FAIL:"):])
+            return
+        image = images[0] if images else None
         if image is not None:
             try:
                 Image.open(io.BytesIO(image)).verify()
@@ -184,7 +206,7 @@ class FakeBunny(service_pb2_grpc.GRPCInferenceServiceServicer):
             if seed == FAILING_SEED:
                 if "hang" in text:   # fail once a hanging neighbour has answered its first word
                     assert self.hanging.wait(10), "no hanging request answered"
-                yield self._error(request, f"engine error: RuntimeError: seed {FAILING_SEED} fails")
+                yield self._error(request, f"[internal] engine error: RuntimeError: seed {FAILING_SEED} fails")
                 return
             if "hang" in text:
                 self.hanging.set()
@@ -193,6 +215,7 @@ class FakeBunny(service_pb2_grpc.GRPCInferenceServiceServicer):
         yield self._response(request, "", [], reason, prompt, len(pieces), True, [] if k > 0 else None)
 
     def ModelStreamInfer(self, request_iterator, context):
+        self._seen(context)
         rpc_ended, answered = threading.Event(), threading.Event()
 
         def on_end():
@@ -221,13 +244,19 @@ class FakeBunny(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 class FakeServer:
-    """Start on a free port of 127.0.0.1; `url` is host:port; `stop()` ends it."""
+    """Start on 127.0.0.1 (a free port unless `port` is given; TLS with `credentials`, grpc.ssl_server_credentials);
+    `url` is host:port; `stop()` ends it."""
 
-    def __init__(self, token_delay_s: float = 0.0):
-        self.servicer = FakeBunny(token_delay_s)
+    def __init__(self, token_delay_s: float = 0.0, parameters: dict[str, str] | None = None, port: int = 0,
+                 credentials=None):
+        self.servicer = FakeBunny(token_delay_s, parameters)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        address = f"127.0.0.1:{port}"
+        if credentials is None:
+            port = self.server.add_insecure_port(address)
+        else:
+            port = self.server.add_secure_port(address, credentials)
         self.url = f"127.0.0.1:{port}"
         self.server.start()
 

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from tritonclient.utils import deserialize_bytes_tensor
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from bunny_client.captions import CaptionWriter, list_images, load_captions, pending_images, write_json_atomic
-from bunny_client.grpc_requests import RequestOptions, build_inputs, parse_response
+from bunny_client.grpc_requests import RequestOptions, build_inputs, describe_error, parse_response
 from bunny_client.perf_analyzer import input_data, serialize_bytes
 from bunny_client.perf_stats import RequestTiming, parse_batch_sizes, summarize
 
@@ -89,6 +89,17 @@ def test_parse_response_reads_raw_contents():
     assert (last.text, last.ids, last.final, last.finish_reason, last.completion_tokens) == ("", [], True, "length", 3)
     empty = parse_response(_infer_result([], final=True), t=3.0)
     assert (empty.text, empty.ids, empty.final, empty.prompt_tokens, empty.finish_reason) == ("", [], True, None, "")
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("in stream: [invalid_argument] max_tokens must be >= 1, got 0", "max_tokens must be >= 1, got 0"),
+    ("[unavailable] server busy: failed to connect is not what happened", "server busy: failed to connect is not "
+                                                                          "what happened"),
+    ("failed to connect to all addresses", "cannot reach the Triton server at h:1 (is it running?)"),
+    ("Request for unknown model: 'bunny' is not found", "Request for unknown model: 'bunny' is not found"),
+])
+def test_describe_error_shows_the_models_message_without_its_code(message, shown):
+    assert describe_error(InferenceServerException(message), "h:1") == shown
 
 
 def test_parse_batch_sizes():

@@ -146,7 +146,9 @@ def test_a_dead_engine_fails_what_is_in_flight_refuses_the_rest_and_ends_the_pro
     model.engine.dead = "tensor-parallel rank 1 (pid 9) was killed by SIGKILL"
     for s in streams:
         s.sender.wait()
-        assert "model unavailable: tensor-parallel rank 1 (pid 9)" in s.sender.finals[0].error.message()
+        error = s.sender.finals[0].error   # tagged unavailable (the front's 503), not internal
+        assert error.message().startswith("[unavailable] model unavailable: tensor-parallel rank 1 (pid 9)")
+        assert error.code == 14
     wait_for(lambda: ended == [1], 5, "the process was not ended with status 1")
     assert model.engine.shut_down
     late = run(model, text_input=text("late")).sender.wait()

@@ -15,6 +15,7 @@ import pytest
 from fake_triton_server import FAILING_SEED, FAKE_CONTEXT, FakeServer, fake_answer, fake_logprobs
 
 from bunny_backend.server.launch import free_ports
+from bunny_backend.server.openai.options import FrontOptions
 from bunny_backend.server.openai.runner import OpenAIFront
 
 HI = [{"role": "user", "content": "hi there"}]
@@ -31,7 +32,7 @@ def fake():
 @pytest.fixture(scope="module")
 def front(fake):
     port = free_ports(1)[0]
-    front = OpenAIFront("127.0.0.1", port, fake.url, "bunny")
+    front = OpenAIFront("127.0.0.1", port, FrontOptions(fake.url))
     yield port
     front.stop()
 
@@ -106,6 +107,12 @@ def test_an_error_in_one_choice_fails_the_whole_answer_and_cancels_the_rest(clie
         client.chat.completions.create(model="bunny", messages=[{"role": "user", "content": "hang"}], n=2,
                                        seed=FAILING_SEED - 1, max_tokens=5)
     fake.servicer.wait_for_cancelled(cancelled + 1)
+
+
+def test_completions_for_a_model_not_served_are_a_404(client, seen):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="gpt", prompt="hi")
+    assert err.value.body["code"] == "model_not_found" and seen() == []
 
 
 def test_an_error_mid_stream_is_an_event(client):
@@ -276,7 +283,6 @@ BAD = [
     ("completions", dict(prompt=["a"] * 65, n=2), "65 prompts x n=2 is 130 choices"),
     ("completions", dict(n=200), "n must be in [1, 128], got 200"),
     ("completions", dict(logit_bias={"1": 2}), "unsupported field(s) ['logit_bias']"),
-    ("completions", dict(model="gpt"), "model 'gpt' is not served here"),
 ]
 
 

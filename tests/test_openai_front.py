@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 
 from bunny_backend.server.launch import free_ports
-from bunny_backend.server.openai import translate
+from bunny_backend.server.openai import media, translate
 from bunny_backend.server.openai.errors import OpenAIError, from_triton
+from bunny_backend.server.openai.options import FrontOptions
 from bunny_backend.server.openai.runner import OpenAIFront
+from bunny_backend.server.openai.served_models import ServedModels
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+BUNNY = ServedModels(("bunny",))
 
 
 def body(**fields) -> bytes:
@@ -36,7 +39,8 @@ def test_parts_become_placeholders_where_they_stand():
                                              {"type": "text", "text": "this?"}]}]
     req = translate.prepare(json.dumps({"model": "bunny", "messages": messages, "max_completion_tokens": 5,
                                         "stop": "END", "seed": 3, "stream": True,
-                                        "stream_options": {"include_usage": True}}).encode(), "bunny")
+                                        "stream_options": {"include_usage": True}}).encode(), BUNNY)
+    req.attach_images()
     assert json.loads(req.inputs["messages"][0]) == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is it?"},
         {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And\n<image>\nthis?"}]
@@ -65,27 +69,36 @@ def test_parts_become_placeholders_where_they_stand():
 ])
 def test_translation_refuses_what_it_cannot_honour(fields, needle):
     with pytest.raises(OpenAIError) as err:
-        translate.prepare(body(**fields), "bunny")
+        translate.prepare(body(**fields), BUNNY)
     assert err.value.status == 400 and needle in err.value.message
 
 
-@pytest.mark.parametrize("message, status", [
-    ("server busy: 272 requests in flight, the limit is 272", 503),
-    ("Stub process 'bunny_0_0' is not healthy.", 503),
-    ("internal error: KeyError: 'x'", 500),
-    ("engine error: RuntimeError: boom", 500),
-    ("image: the data is not a readable image", 400),
-    ("max_tokens must be >= 1, got 0", 400),
+@pytest.mark.parametrize("message, status, shown", [
+    ("[unavailable] server busy: 272 requests in flight, the limit is 272", 503, None),
+    ("[internal] internal error: KeyError: 'x'", 500, None),
+    ("[internal] engine error: RuntimeError: boom", 500, None),
+    ("[invalid_argument] image: the data is not a readable image", 400, None),
+    ("in stream: [invalid_argument] max_tokens must be >= 1,\n got 0", 400, "max_tokens must be >= 1, got 0"),
+    ("[unavailable] model unavailable: rank 1 died", 503, None),
+    # untagged: Triton's own words
+    ("Stub process 'bunny_0_0' is not healthy.", 503, "Stub process 'bunny_0_0' is not healthy."),
+    ("Request for unknown model: 'bunny' has no available versions", 503, None),
+    ("failed to connect to all addresses", 503, None),
+    ("unexpected shape for input 'max_tokens' for model 'bunny'", 400, None),
+    # the model's words without a tag are no longer read for keywords
+    ("[bogus] server busy", 400, "[bogus] server busy"),
 ])
-def test_triton_errors_map_to_http_statuses(message, status):
+def test_triton_errors_map_to_http_statuses_by_their_code(message, status, shown):
     error = from_triton(message)
-    assert error.status == status and error.body()["error"]["message"] == message
+    if shown is None:
+        shown = message.partition("] ")[2] if message.startswith("[") else message
+    assert error.status == status and error.body()["error"]["message"] == shown
 
 
 @pytest.fixture
 def front_without_triton():
     port, dead = free_ports(2)
-    front = OpenAIFront("127.0.0.1", port, f"127.0.0.1:{dead}", "bunny")
+    front = OpenAIFront("127.0.0.1", port, FrontOptions(f"127.0.0.1:{dead}"))
     yield f"http://127.0.0.1:{port}"
     front.stop()
 
@@ -117,14 +130,14 @@ def test_without_triton_health_and_chat_answer_503(front_without_triton):
 
 def test_image_work_stays_off_the_event_loop(front_without_triton, monkeypatch):
     entered, release = threading.Event(), threading.Event()
-    real = translate.decode_data_url
+    real = media.decode_base64
 
-    def held_decode(url, where):   # a huge image's base64, held until the test has had its answer
+    def held_decode(payload, where):   # a huge image's base64, held until the test has had its answer
         entered.set()
         release.wait(30)
-        return real(url, where)
+        return real(payload, where)
 
-    monkeypatch.setattr(translate, "decode_data_url", held_decode)
+    monkeypatch.setattr(media, "decode_base64", held_decode)
     data = json.dumps({"model": "bunny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": PNG_URL}}]}]}).encode()
     slow = threading.Thread(target=request, args=(front_without_triton + "/v1/chat/completions", data))

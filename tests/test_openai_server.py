@@ -186,10 +186,9 @@ BAD = [
     (dict(top_logprobs=2), "top_logprobs needs logprobs set to true"),
     (dict(response_format={"type": "json_object"}), "unsupported field(s) ['response_format']"),
     (dict(frobnicate=1), "unknown field(s) ['frobnicate']"),
-    (dict(model="gpt-4o"), "model 'gpt-4o' is not served here"),
     (dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]),
-     "only data URLs (data:image/...;base64,...) are accepted"),
+     "this server does not fetch images from 'example.com' (it allows none"),
     (dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]), "base64 data is invalid"),
     (dict(messages=[{"role": "user", "content": [
@@ -222,6 +221,8 @@ def test_bad_requests_get_400_naming_the_problem(server, client, test_images, st
         assert status == 400, (fields, reply)
         error = reply["error"]
         assert needle in error["message"] and error["type"] == "invalid_request_error", (fields, error)
+    status, reply = post(server, {"model": "gpt-4o", "messages": [user("hi")], "stream": stream})
+    assert status == 404 and reply["error"]["code"] == "model_not_found", reply
     status, reply = post(server, b"{not json")
     assert status == 400 and "not valid JSON" in reply["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="n must be in"):

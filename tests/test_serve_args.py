@@ -95,3 +95,27 @@ def test_bad_scale_out_flags_are_refused(tmp_path):
         args = cli.parse_args(["--model-path", "/m", *argv])
         with pytest.raises(ValueError, match=message):
             cli.write_repository(tritonserver.MODEL_REPOSITORY, tmp_path / argv[0], cli.overrides(args), args.instances)
+
+
+def test_the_openai_flags_reach_the_front(monkeypatch):
+    from bunny_backend.server.openai import runner
+    from bunny_backend.server.openai.options import FrontOptions
+
+    seen = []
+
+    class Front:
+        def __init__(self, address, port, options):
+            seen.append((address, port, options))
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(runner, "OpenAIFront", Front)
+    monkeypatch.setattr(cli, "serve_triton", lambda args: 0)
+    args = cli.parse_args(["--model-path", "/m", "--grpc-port", "8101", "--openai-port", "9001",
+                           "--served-model-name", "a", "b", "--allowed-media-domains", "Images.Example.org",
+                           "--max-request-bytes", "4096", "--media-timeout-s", "2.5"])
+    assert cli.serve(args) == 0
+    assert seen == [("127.0.0.1", 9001, FrontOptions("127.0.0.1:8101", "bunny", ("a", "b"),
+                                                     allowed_media_domains=("images.example.org",),
+                                                     max_request_bytes=4096, media_timeout_s=2.5))]

@@ -104,7 +104,9 @@ def describe_error(err: Exception, url: str) -> str:
     """One readable line for a tritonclient/gRPC failure."""
     status = str(getattr(err, "status", lambda: "")() or "")
     msg = (err.message() if hasattr(err, "message") else str(err)) or str(err)
-    msg = " ".join(str(msg).split())
+    code, msg = wire_schema.read_error(str(msg))
+    if code is not None:   # the model's own error: its message, without the code in front
+        return msg
     if "UNAVAILABLE" in status or "failed to connect" in msg.lower() or "connection refused" in msg.lower():
         return f"cannot reach the Triton server at {url} (is it running?)"
     if "DEADLINE_EXCEEDED" in status:

@@ -29,6 +29,7 @@ from pathlib import Path
 from bunny_backend.config import EngineConfig
 from bunny_backend.server import tritonserver, watchdog
 from bunny_backend.server.launch import die_with_parent
+from bunny_backend.server.openai.options import add_shared_arguments, from_args
 
 MODEL_NAME = "bunny"
 STOP_KILL_GRACE_S = 10.0
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--openai-port", type=int,
                    help="also serve the OpenAI-compatible API (/v1/chat/completions) on this port (default: off)")
+    add_shared_arguments(p.add_argument_group("the OpenAI API's options (with --openai-port)"))
     p.add_argument("--address", default="127.0.0.1",
                    help="address every endpoint binds (default 127.0.0.1; 0.0.0.0 exposes the server)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -172,7 +174,12 @@ def serve(args: argparse.Namespace) -> int:
         host = tritonserver.Ports(address=args.address).probe_host
         grpc_url = f"[{host}]:{args.grpc_port}" if ":" in host else f"{host}:{args.grpc_port}"
         try:
-            front = OpenAIFront(args.address, args.openai_port, grpc_url, MODEL_NAME)
+            options = from_args(args, triton_url=grpc_url, model=MODEL_NAME)
+        except ValueError as e:
+            print(f"bunny-serve: {e}", file=sys.stderr)
+            return 2
+        try:
+            front = OpenAIFront(args.address, args.openai_port, options)
         except OSError as e:
             print(f"bunny-serve: cannot serve the OpenAI API on {args.address}:{args.openai_port}: {e.strerror or e}",
                   file=sys.stderr)

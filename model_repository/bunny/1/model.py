@@ -288,7 +288,10 @@ class TritonPythonModel:
 
     def _respond(self, f: _InFlight, ready: Ready) -> None:
         if ready.final and ready.finish_reason == "error":
-            self._send(f.sender, pb_utils.InferenceResponse(error=_error(ready.error or "internal error")), FINAL)
+            # a request ends with an error when its step failed (internal), or when the engine is down (_go_down)
+            code_name = "UNAVAILABLE" if self._down else "INTERNAL"
+            self._send(f.sender, pb_utils.InferenceResponse(error=_error(ready.error or "internal error", code_name)),
+                       FINAL)
             return
         arrays = response_arrays(ready.text, ready.token_ids, ready.finish_reason or "", ready.prompt_tokens,
                                  ready.completion_tokens, f.outputs)

@@ -10,7 +10,8 @@ import numpy as np
 from .errors import bad_request
 from .protocol import SamplingFields, parse_body
 from .sampling import MAX_CHOICES, choices_per_prompt, logprobs_input, sampling_inputs
-from .translate import TritonRequest, check_model, include_usage, stop_input
+from .served_models import ServedModels
+from .translate import TritonRequest, include_usage, stop_input
 
 class CompletionRequest(SamplingFields):
     prompt: Any = None              # a string or a list of strings; checked in prompts() for a clear message
@@ -27,11 +28,14 @@ REFUSED = {
 }
 
 
-def prepare_completion(body: bytes, served_model: str) -> TritonRequest:
-    """The whole translation of one HTTP body; OpenAIError(400) naming the problem."""
+def prepare_completion(body: bytes, served: ServedModels, *_image_options) -> TritonRequest:
+    """The whole translation of one HTTP body (prepare's signature: completions carry no images); OpenAIError
+    naming the problem (404 for a model not served)."""
     request = parse_body(body, CompletionRequest, REFUSED)
-    check_model(request, served_model)
-    return to_triton(request)
+    model = served.resolve(request.model)
+    prepared = to_triton(request)
+    prepared.model = model
+    return prepared
 
 
 def to_triton(request: CompletionRequest) -> TritonRequest:

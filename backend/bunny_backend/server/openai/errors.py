@@ -1,11 +1,12 @@
 """Errors in OpenAI's JSON shape, and which HTTP status a Triton error message maps to."""
 from __future__ import annotations
 
-# Triton 2.51 hands a decoupled model's errors to gRPC stream clients without their status code, so the model's
-# messages are told apart by what they say (model.py and the engine word them so).
-_UNAVAILABLE = ("server busy", "Stub process", "engine thread has stopped", "failed to connect",
-                "is not ready", "unavailable", "Socket closed")
-_INTERNAL = ("internal error", "engine error")
+from bunny_backend.io import wire_schema
+
+# Untagged messages come from Triton itself (the model tags all of its own, wire_schema.tag_error). Of those, the
+# ones that say the model cannot be reached or run right now are 503; any other (an input Triton refuses, say) 400.
+_TRITON_UNAVAILABLE = ("is not ready", "unavailable", "unknown model", "has no available versions",
+                       "stub process", "failed to connect", "socket closed")
 
 
 class OpenAIError(Exception):
@@ -28,12 +29,12 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 
 def from_triton(message: str) -> OpenAIError:
-    """A Triton error message -> 503 (busy, not ready, unreachable), 500 (internal) or 400 (the model refused the
-    request: it names the input and the problem)."""
-    message = " ".join((message or "the Triton server answered with an empty error").split())
-    low = message.lower()
-    if any(needle.lower() in low for needle in _UNAVAILABLE):
-        return OpenAIError(503, message)
-    if any(low.startswith(needle) for needle in _INTERNAL):
-        return OpenAIError(500, message)
-    return OpenAIError(400, message)
+    """A Triton error message -> the status its code says ([invalid_argument] 400, [unavailable] 503, [internal]
+    500), shown without the code; an untagged message is Triton's own: 503 if it says the model is unavailable,
+    else 400."""
+    code, text = wire_schema.read_error(message)
+    text = text or "the Triton server answered with an empty error"
+    if code is not None:
+        return OpenAIError(wire_schema.ERROR_CODES[code], text)
+    low = text.lower()
+    return OpenAIError(503 if any(needle in low for needle in _TRITON_UNAVAILABLE) else 400, text)

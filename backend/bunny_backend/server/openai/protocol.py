@@ -41,7 +41,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """The fields chat and (legacy) completions share: how to sample, how many choices, how to answer."""
     model_config = ConfigDict(extra="allow")
-    model: str
+    model: str | None = None   # absent: the first served name (vLLM)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -3,12 +3,11 @@ off the event loop.
 
 Each message becomes {"role", "content"} of the model's `messages` input; its parts are joined with "\\n" and each
 image part becomes an `<image>` placeholder where it stands (an image before the text gives Bunny's own
-"<image>\\n{text}"). The images go, in order, to the `image` input.
+"<image>\\n{text}"). The images go, in order, to the `image` input: data URLs are decoded here (after their count
+and sizes are checked against the model's limits), remote ones are fetched by the app (media.MediaFetcher).
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass, field
 
@@ -17,8 +16,11 @@ import numpy as np
 from bunny_backend.io.conversation import IMAGE_TOKEN
 
 from .errors import bad_request
+from .limits import ImageLimits
+from .media import ImageSource, check_and_decode, image_source
 from .protocol import ChatCompletionRequest, ChatMessage, SamplingFields, parse_request
 from .sampling import choices_per_prompt, logprobs_input, sampling_inputs
+from .served_models import ServedModels
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MESSAGE_FIELDS_REFUSED = ("tool_calls", "function_call", "audio", "tool_call_id")
@@ -35,36 +37,39 @@ class TritonRequest:
     n: int = 1
     top_logprobs: int | None = None   # None: no logprobs; else how many alternatives each token lists
     prompts: list[dict[str, np.ndarray]] = field(default_factory=lambda: [{}])
+    model: str = ""    # the served name the request used, which its answer carries
+    images: list[ImageSource] = field(default_factory=list)   # in order; remote ones still to fetch
+
+    def attach_images(self) -> None:
+        """The `image` input, once every image's bytes are known."""
+        if self.images:
+            self.inputs["image"] = np.array([image.data for image in self.images], dtype=object)
 
 
-def prepare(body: bytes, served_model: str) -> TritonRequest:
-    """The whole translation of one HTTP body; OpenAIError(400) naming the problem."""
+def prepare(body: bytes, served: ServedModels, limits: ImageLimits | None = None,
+            allowed_hosts: tuple[str, ...] = ()) -> TritonRequest:
+    """The whole translation of one HTTP body; OpenAIError naming the problem (404 for a model not served)."""
     request = parse_request(body)
-    check_model(request, served_model)
-    return to_triton(request)
+    model = served.resolve(request.model)
+    prepared = to_triton(request, allowed_hosts)
+    check_and_decode(prepared.images, limits)
+    prepared.model = model
+    return prepared
 
 
-def check_model(request: SamplingFields, served_model: str) -> None:
-    if request.model != served_model:
-        raise bad_request(f"model {request.model!r} is not served here; this server serves {served_model!r} "
-                          "(GET /v1/models)", param="model")
-
-
-def to_triton(request: ChatCompletionRequest) -> TritonRequest:
+def to_triton(request: ChatCompletionRequest, allowed_hosts: tuple[str, ...] = ()) -> TritonRequest:
     if not request.messages:
         raise bad_request("messages must not be empty", param="messages")
     messages, images = [], []
     for i, message in enumerate(request.messages):
-        messages.append(_message(i, message, images))
+        messages.append(_message(i, message, images, allowed_hosts))
     inputs = {"messages": _bytes([json.dumps(messages, ensure_ascii=False)]),
               "stream": np.array([bool(request.stream)])}
-    if images:
-        inputs["image"] = np.array(images, dtype=object)
     top_logprobs = _top_logprobs(request)
     inputs.update(sampling_inputs(request, _max_tokens(request), logprobs_input(top_logprobs, "top_logprobs")))
     inputs.update(stop_input(request))
     return TritonRequest(inputs, bool(request.stream), include_usage(request), bool(request.return_token_ids),
-                         n=choices_per_prompt(request), top_logprobs=top_logprobs)
+                         n=choices_per_prompt(request), top_logprobs=top_logprobs, images=images)
 
 
 def stop_input(request: SamplingFields) -> dict[str, np.ndarray]:
@@ -85,7 +90,7 @@ def _top_logprobs(request: ChatCompletionRequest) -> int | None:
     return request.top_logprobs or 0
 
 
-def _message(i: int, message: ChatMessage, images: list[bytes]) -> dict:
+def _message(i: int, message: ChatMessage, images: list[ImageSource], allowed_hosts: tuple[str, ...]) -> dict:
     role = ROLES.get(message.role)
     if role is None:
         raise bad_request(f"messages[{i}]: role {message.role!r} is not supported; roles are system (or "
@@ -106,7 +111,7 @@ def _message(i: int, message: ChatMessage, images: list[bytes]) -> dict:
         elif part.type == "image_url" and part.image_url is not None:
             if role != "user":
                 raise bad_request(f"{where}: images are accepted in user messages only", param=where)
-            images.append(decode_data_url(part.image_url.url, where))
+            images.append(image_source(part.image_url.url, where, allowed_hosts))
             pieces.append(IMAGE_TOKEN)
         elif part.type in ("text", "image_url"):
             raise bad_request(f"{where}: a {part.type} part needs its {part.type!r} field", param=where)
@@ -114,26 +119,6 @@ def _message(i: int, message: ChatMessage, images: list[bytes]) -> dict:
             raise bad_request(f"{where}: content part type {part.type!r} is not supported; parts are text and "
                               "image_url", param=where)
     return {"role": role, "content": "\n".join(pieces)}
-
-
-def decode_data_url(url: str, where: str) -> bytes:
-    """`data:image/...;base64,...` -> the image file's bytes (decoded by the model, which names bad images)."""
-    if url.startswith(("http://", "https://")):
-        raise bad_request(f"{where}: only data URLs (data:image/...;base64,...) are accepted; this server does "
-                          "not fetch remote images", param=where)
-    head, sep, data = url.partition(",")
-    if not (url.startswith("data:") and sep):
-        raise bad_request(f"{where}: image_url must be a data URL: data:image/...;base64,...", param=where)
-    media, *params = head[len("data:"):].split(";")
-    if not media.startswith("image/") or "base64" not in params:
-        raise bad_request(f"{where}: the data URL must be base64 data of type image/..., got {head!r}", param=where)
-    try:
-        image = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{where}: the data URL's base64 data is invalid", param=where) from None
-    if not image:
-        raise bad_request(f"{where}: the data URL holds no data", param=where)
-    return image
 
 
 def _max_tokens(request: ChatCompletionRequest) -> int | None:

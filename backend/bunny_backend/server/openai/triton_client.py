@@ -20,8 +20,10 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from bunny_backend.io.wire import TokenLogprob, raw_outputs, read_logprobs, read_response
 
 from .errors import OpenAIError, from_triton
+from .options import FrontOptions
 
 STREAM_END_TIMEOUT_S = 10.0   # how long the server may take to close a stream after its final response
+CONFIG_TIMEOUT_S = 5.0
 _ids = itertools.count(1)
 
 
@@ -40,15 +42,23 @@ class TritonResponse:
 class TritonClient:
     """Create it inside the event loop that will use it (grpc.aio channels belong to their loop)."""
 
-    def __init__(self, url: str, model: str):
-        self.url, self.model = url, model
-        self._client = grpcaio.InferenceServerClient(url)
+    def __init__(self, options: FrontOptions):
+        self.url, self.model = options.triton_url, options.model
+        self._headers = dict(options.headers) or None
+        self._client = grpcaio.InferenceServerClient(
+            options.triton_url, ssl=options.ssl, root_certificates=options.root_certificates,
+            private_key=options.private_key, certificate_chain=options.certificate_chain)
 
     async def ready(self, timeout_s: float = 2.0) -> bool:
         try:
-            return await self._client.is_model_ready(self.model, client_timeout=timeout_s)
+            return await self._client.is_model_ready(self.model, headers=self._headers, client_timeout=timeout_s)
         except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError):
             return False
+
+    async def model_config(self) -> dict:
+        """The model's config as JSON (get_model_config); raises when Triton or the model cannot be reached."""
+        return await self._client.get_model_config(self.model, headers=self._headers, as_json=True,
+                                                   client_timeout=CONFIG_TIMEOUT_S)
 
     async def close(self) -> None:
         await self._client.close()
@@ -67,7 +77,7 @@ class TritonClient:
         async def one_request():
             yield request
 
-        call = self._client.stream_infer(one_request())
+        call = self._client.stream_infer(one_request(), headers=self._headers)
         finished = False
         try:
             async for result, error in call:
