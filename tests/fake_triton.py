@@ -174,6 +174,7 @@ class FakeEngine:
 
     def __init__(self, config, placement=None):
         self.config, self.placement = config, placement
+        self.tokenizer = None     # the adapter's token bytes read it only for requests that ask for logprobs
         self.requests: dict[str, dict] = {}
         self.aborts: list[str] = []
         self.lock = threading.Lock()

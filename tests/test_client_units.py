@@ -54,6 +54,24 @@ def test_build_inputs_types_shapes_and_values():
     assert np.frombuffer(raw("apply_chat_template"), np.bool_)[0] == np.False_
 
 
+def test_the_chat_flags_reach_the_new_inputs():
+    """--presence-penalty, --frequency-penalty, --min-tokens and --logprobs become the model's inputs."""
+    import argparse
+
+    from bunny_client.chat import add_sampling_args, sampling_from_args
+    parser = argparse.ArgumentParser()
+    add_sampling_args(parser)
+    args = parser.parse_args(["--presence-penalty", "0.5", "--frequency-penalty", "-1", "--min-tokens", "4",
+                              "--logprobs", "3"])
+    t = _tensors(RequestOptions(text="hi", **sampling_from_args(args)))
+    got = {name: (t[name].datatype(), np.frombuffer(t[name]._get_content(), dtype)[0]) for name, dtype in
+           [("presence_penalty", np.float32), ("frequency_penalty", np.float32), ("min_tokens", np.int32),
+            ("logprobs", np.int32)]}
+    assert got == {"presence_penalty": ("FP32", 0.5), "frequency_penalty": ("FP32", -1.0),
+                   "min_tokens": ("INT32", 4), "logprobs": ("INT32", 3)}
+    assert set(t) == {"text_input", "stream", *got}
+
+
 def test_build_inputs_batched_model_gets_leading_dim():
     t = _tensors(RequestOptions(text="x", images=[b"a"], max_tokens=3), batched=True)
     assert t["text_input"].shape() == [1, 1] and t["image"].shape() == [1, 1] and t["max_tokens"].shape() == [1, 1]

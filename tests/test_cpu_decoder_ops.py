@@ -123,7 +123,7 @@ def test_an_all_greedy_cpu_batch_is_sampled_by_argmax_rows(ops, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_kernels, "decoder_ops", lambda: calls.append(1) or ops)
     logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    greedy = Sampler()(logits, [SamplingParams()] * 3, [None] * 3, [[]] * 3)
+    greedy = Sampler()(logits, [SamplingParams()] * 3, [None] * 3, [[]] * 3).tokens
     assert calls == [1] and torch.equal(greedy, logits.float().argmax(-1))
     Sampler()(logits, [SamplingParams(temperature=0.7)] * 3, [torch.Generator()] * 3, [[]] * 3)
     assert calls == [1]   # a sampled batch takes the float32 path

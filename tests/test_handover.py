@@ -6,14 +6,19 @@ import random
 
 import pytest
 
-from bunny_backend.engine.outputs import EngineStats, RequestOutput
+from bunny_backend.engine.outputs import EngineStats, RequestOutput, TokenLogprobs
 from bunny_backend.stub.handover import Handover
 
 
-def token(rid: str, i: int, final: bool = False) -> RequestOutput:
+def token(rid: str, i: int, final: bool = False, logprobs: bool = False) -> RequestOutput:
     return RequestOutput(rid, delta_text=f"<{rid}:{i}>", delta_token_ids=[i], finished=final,
                          finish_reason="length" if final else None, prompt_tokens=7, completion_tokens=i + 1,
-                         ttft_s=0.5 if i == 0 else None, inter_token_latencies_s=[] if i == 0 else [0.01])
+                         ttft_s=0.5 if i == 0 else None, inter_token_latencies_s=[] if i == 0 else [0.01],
+                         logprobs=[logprob_of(i)] if logprobs else None)
+
+
+def logprob_of(i: int) -> TokenLogprobs:
+    return TokenLogprobs(-float(i), [i, i + 1], [-float(i), -float(i) - 1])
 
 
 @pytest.mark.parametrize("interval", [1, 3])
@@ -23,6 +28,7 @@ def test_taken_responses_reassemble_every_request_and_keep_the_rules(interval, s
     handover = Handover(stream_interval=interval)
     lengths = {f"r{i}": rng.randint(1, 12) for i in range(8)}
     streams = {rid: rng.random() < 0.7 for rid in lengths}
+    asked = {rid: rng.random() < 0.5 for rid in lengths}   # logprobs
     for rid in lengths:
         handover.open(rid, streams[rid])
     made = {rid: 0 for rid in lengths}
@@ -30,7 +36,8 @@ def test_taken_responses_reassemble_every_request_and_keep_the_rules(interval, s
     ttfts, itls = [], []
     while any(r for r in got if not (got[r] and got[r][-1].final)):
         live = [rid for rid in lengths if made[rid] < lengths[rid]]
-        step = [token(rid, made[rid], made[rid] + 1 == lengths[rid]) for rid in live if rng.random() < 0.8]
+        step = [token(rid, made[rid], made[rid] + 1 == lengths[rid], asked[rid]) for rid in live
+                if rng.random() < 0.8]
         for out in step:
             made[out.request_id] += 1
         handover.merge(step, t=0.0)
@@ -44,6 +51,10 @@ def test_taken_responses_reassemble_every_request_and_keep_the_rules(interval, s
         n = lengths[rid]
         assert "".join(r.text for r in responses) == "".join(f"<{rid}:{i}>" for i in range(n))
         assert sum((r.token_ids for r in responses), []) == list(range(n))
+        if asked[rid]:   # each response's logprobs are its tokens'
+            assert all(r.logprobs == [logprob_of(i) for i in r.token_ids] for r in responses)
+        else:
+            assert all(r.logprobs is None for r in responses)
         assert [r.final for r in responses] == [False] * (len(responses) - 1) + [True]
         last = responses[-1]
         assert (last.finish_reason, last.completion_tokens, last.prompt_tokens) == ("length", n, 7)

@@ -1,5 +1,5 @@
-"""Logprobs in OpenAI's shapes, token by token: the model's raw logprob outputs read back (io/wire.read_logprobs),
-token strings of bytes that are not UTF-8 alone, text offsets over a character split between tokens, and the
+"""Logprobs in OpenAI's shapes, token by token (the model's outputs are read back by io/wire.read_response,
+tests/test_logprob_outputs.py): token strings of bytes that are not UTF-8 alone, text offsets over a character split between tokens, and the
 floor for -inf. The expected values are written out by hand."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 from tritonclient.utils import serialize_byte_tensor
 
-from bunny_backend.io.wire import TokenLogprob, read_logprobs
+from bunny_backend.io.wire import TokenLogprob
 from bunny_backend.server.openai.logprobs import LegacyLogprobs, chat_content
 
 E_ACUTE = "é".encode()   # b"\xc3\xa9": two bytes, here one per token
@@ -47,21 +47,3 @@ def test_legacy_offsets_point_into_the_text_in_one_piece_or_many():
 
 def test_legacy_top_logprobs_with_k_0_list_the_chosen_token():
     assert LegacyLogprobs(0).take(tokens()[:1])["top_logprobs"] == [{"caf": -0.5}]
-
-
-def _raw(ids, logprobs, token_bytes, top_ids, top_logprobs, top_bytes) -> dict[str, bytes]:
-    def text(items):
-        return serialize_byte_tensor(np.array(items, dtype=object)).item() if items else b""
-    return {"output_ids": np.array(ids, "<i4").tobytes(), "output_logprobs": np.array(logprobs, "<f4").tobytes(),
-            "output_token_bytes": text(token_bytes), "top_logprob_ids": np.array(top_ids, "<i4").tobytes(),
-            "top_logprobs": np.array(top_logprobs, "<f4").tobytes(), "top_token_bytes": text(top_bytes)}
-
-
-def test_read_logprobs_from_raw_outputs():
-    raw = _raw([5, 6], [-0.5, -0.25], [b"a", b"\xc3"], [5, 1, 2, 6, 3, 4], [-0.5, -1, -2, -0.25, -3, -4],
-               [b"a", b"b", b"c", b"\xc3", b"d", b"e"])
-    assert read_logprobs(raw) == [TokenLogprob(5, -0.5, b"a", [(5, -0.5, b"a"), (1, -1.0, b"b"), (2, -2.0, b"c")]),
-                                  TokenLogprob(6, -0.25, b"\xc3", [(6, -0.25, b"\xc3"), (3, -3.0, b"d"),
-                                                                   (4, -4.0, b"e")])]
-    assert read_logprobs({"output_ids": b""}) is None
-    assert read_logprobs(_raw([], [], [], [], [], [])) == []

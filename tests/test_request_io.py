@@ -33,13 +33,16 @@ def test_every_input_is_read():
         "temperature": np.array([0.5], np.float32), "top_p": np.array([0.9], np.float32),
         "top_k": np.array([40], np.int32), "repetition_penalty": np.array([1.1], np.float32),
         "seed": np.array([2**64 - 1], np.uint64), "stop": b("\n", "END"), "ignore_eos": np.array([True]),
-        "stream": np.array([True]), "apply_chat_template": np.array([False]),
+        "stream": np.array([True]), "apply_chat_template": np.array([False]), "logprobs": np.array([20], np.int32),
+        "presence_penalty": np.array([-2.0], np.float32), "frequency_penalty": np.array([1.5], np.float32),
+        "min_tokens": np.array([7], np.int32),
     })
     assert r.prompt == "描述这张图" and r.images == [b"\x89PNG..."] and r.stream and not r.apply_chat_template
     p = r.params
     assert p.max_tokens == 7 and p.temperature == pytest.approx(0.5) and p.top_p == pytest.approx(0.9)
     assert p.top_k == 40 and p.repetition_penalty == pytest.approx(1.1) and p.seed == 2**64 - 1
     assert p.stop == ["\n", "END"] and p.ignore_eos is True
+    assert (p.logprobs, p.presence_penalty, p.frequency_penalty, p.min_tokens) == (20, -2.0, 1.5, 7)
 
 
 @pytest.mark.parametrize("inputs, needle", [
@@ -74,6 +77,12 @@ def test_every_input_is_read():
     ({"text_input": b("hi"), "repetition_penalty": np.array([0.0], np.float32)}, "repetition_penalty must be > 0"),
     ({"text_input": b("hi"), "seed": np.array([-1], np.int64)}, "seed must be in"),
     ({"text_input": b("hi"), "stop": b("")}, "stop strings must not be empty"),
+    ({"text_input": b("hi"), "logprobs": np.array([21], np.int32)}, "logprobs must be in [0, 20]"),
+    ({"text_input": b("hi"), "presence_penalty": np.array([2.5], np.float32)}, "presence_penalty must be in [-2, 2]"),
+    ({"text_input": b("hi"), "frequency_penalty": np.array([-3], np.float32)}, "frequency_penalty must be in [-2, 2]"),
+    ({"text_input": b("hi"), "min_tokens": np.array([-1], np.int32)}, "min_tokens must be >= 0"),
+    ({"text_input": b("hi"), "max_tokens": np.array([3], np.int32), "min_tokens": np.array([5], np.int32)},
+     "min_tokens (5) is more than max_tokens (3)"),
     ({"text_input": b("hi"), "stream": np.array([1], np.int32)}, "stream must be BOOL"),
     ({"text_input": b("hi"), "bogus": np.array([1])}, "unknown input"),
 ])

@@ -15,7 +15,7 @@ def gens(*seeds):
 
 def sample(logits, params, seeds, prev=None):
     prev = prev if prev is not None else [[] for _ in params]
-    return Sampler()(logits, params, gens(*seeds), prev)
+    return Sampler()(logits, params, gens(*seeds), prev).tokens
 
 
 def random_logits(batch, seed=0):
@@ -25,7 +25,7 @@ def random_logits(batch, seed=0):
 def test_temperature_zero_is_argmax():
     logits = random_logits(4).to(torch.bfloat16)
     params = [SamplingParams()] * 4
-    out = Sampler()(logits, params, [None] * 4, [[]] * 4)
+    out = Sampler()(logits, params, [None] * 4, [[]] * 4).tokens
     assert out.dtype == torch.int64
     assert torch.equal(out, logits.float().argmax(-1))
 
@@ -45,7 +45,7 @@ def test_tiny_top_p_is_greedy():
 def test_mixed_batch_greedy_rows_are_argmax():
     logits = random_logits(4)
     params = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=2.0)]
-    out = Sampler()(logits, params, [None, *gens(5), None, *gens(6)], [[]] * 4)
+    out = Sampler()(logits, params, [None, *gens(5), None, *gens(6)], [[]] * 4).tokens
     assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
 
 
@@ -70,7 +70,7 @@ def test_same_seed_same_tokens_whatever_the_batch():
             ps, gs = [params, other_params, other_params], [g, *gens(step, step + 1)]
             if not batch_first:
                 ps, gs = ps[1:] + ps[:1], gs[1:] + gs[:1]
-            out = Sampler()(logits, ps, gs, [[]] * 3)
+            out = Sampler()(logits, ps, gs, [[]] * 3).tokens
             tokens.append(int(out[0] if batch_first else out[2]))
         return tokens
     replay = run(True, 200, SamplingParams(temperature=1.0))
@@ -152,7 +152,7 @@ def test_repetition_penalty_ragged_rows_ignore_negative_ids():
 def test_greedy_uses_penalised_logits():
     logits = torch.zeros(1, V)
     logits[0, 3], logits[0, 4] = 2.0, 1.5
-    out = Sampler()(logits, [SamplingParams(repetition_penalty=2.0)], [None], [[1, 3]])
+    out = Sampler()(logits, [SamplingParams(repetition_penalty=2.0)], [None], [[1, 3]]).tokens
     assert out.tolist() == [4]
 
 

@@ -15,6 +15,7 @@ from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.server.openai.errors import OpenAIError
 from bunny_backend.server.openai.triton_client import TritonClient
+from bunny_client.grpc_requests import BunnyStream, RequestOptions
 from grpc_helpers import TEXTS, inputs_of, joined, send
 from server_fixture import SERVER_PARAMS, start_server, stop_process
 
@@ -67,6 +68,33 @@ def test_coalesced_stream_equals_the_whole_answer(server, solo, test_images, tex
     assert [d["final"] for d in deltas] == [False] * (len(deltas) - 1) + [True]
     assert all(d["reason"] == "" for d in deltas[:-1]) and deltas[-1]["reason"] == "length"
     assert deltas[-1]["completion"] == 40 and deltas[-1]["prompt"] == whole[0]["prompt"]
+
+
+def test_logprobs_travel_with_their_tokens_through_coalesced_streams(server, solo, test_images):
+    """logprobs 3 (with penalties and min_tokens on): every response's logprob records match its output_ids, the
+    streamed ones (coalesced) concatenate to the whole answer's, the tokens are the in-process engine's; a request
+    that did not ask gets none."""
+    kw = dict(max_tokens=24, ignore_eos=True, presence_penalty=0.5, frequency_penalty=0.3, min_tokens=4)
+    with BunnyStream(server.url) as conn:
+        whole = list(conn.generate(RequestOptions(text=TEXTS[2], images=[test_images[0]], logprobs=3, **kw)))
+        deltas = list(conn.generate(RequestOptions(text=TEXTS[2], images=[test_images[0]], logprobs=3, stream=True,
+                                                   **kw)))
+        plain = list(conn.generate(RequestOptions(text=TEXTS[2], images=[test_images[0]], stream=True, **kw)))
+    assert len(whole) == 1 and max(len(d.ids) for d in deltas) > 1
+    for d in whole + deltas:
+        assert len(d.logprobs) == len(d.ids)
+        for lp in d.logprobs:
+            assert len(lp.top) == 3 and [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+            # every id of the demo vocabulary has bytes
+            assert lp.logprob <= 0 and lp.bytes and all(t.bytes for t in lp.top)
+            # a record belongs to its id: where the id is among the top, the logprobs agree
+            assert all(t.logprob == lp.logprob for t in lp.top if t.id == lp.id)
+    streamed = [lp for d in deltas for lp in d.logprobs]
+    assert [(lp.id, lp.bytes, [t.id for t in lp.top]) for lp in streamed] == \
+        [(lp.id, lp.bytes, [t.id for t in lp.top]) for lp in whole[0].logprobs]
+    assert [lp.logprob for lp in streamed] == pytest.approx([lp.logprob for lp in whole[0].logprobs], abs=1e-5)
+    assert whole[0].ids == solo(TEXTS[2], [test_images[0]], **kw)[1]
+    assert all(d.logprobs is None for d in plain) and sum((d.ids for d in plain), []) == whole[0].ids
 
 
 def test_the_openai_sdk_reassembles_coalesced_chunks(server, solo):

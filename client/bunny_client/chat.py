@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .grpc_requests import DEFAULT_URL, BunnyClientError, BunnyStream, RequestOptions
+from .grpc_requests import DEFAULT_URL, BunnyClientError, BunnyStream, RequestOptions, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -21,6 +21,7 @@ class ChatResult:
     completion_tokens: int
     ttft_s: float | None   # time to the first response that carried tokens; None unless streamed (one response)
     elapsed_s: float
+    logprobs: list[TokenLogprob] | None = None   # one per id when the request asked for logprobs
 
     @property
     def tokens_per_s(self) -> float:
@@ -34,7 +35,11 @@ def run_request(stream: BunnyStream, opts: RequestOptions, on_text: Callable[[st
     ids: list[int] = []
     ttft = None
     reason, prompt, completion = "", None, None
+    logprobs = None
     for delta in stream.generate(opts):
+        if delta.logprobs is not None:
+            logprobs = logprobs if logprobs is not None else []
+            logprobs.extend(delta.logprobs)
         if ttft is None and (delta.ids or delta.text):
             ttft = delta.t - t0
         texts.append(delta.text)
@@ -53,6 +58,7 @@ def run_request(stream: BunnyStream, opts: RequestOptions, on_text: Callable[[st
         completion_tokens=completion if completion is not None else len(ids),
         ttft_s=(ttft if ttft is not None else elapsed) if opts.stream else None,
         elapsed_s=elapsed,
+        logprobs=logprobs,
     )
 
 
@@ -75,10 +81,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--presence-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float)
+    p.add_argument("--min-tokens", type=int, help="no EOS and no stop strings before this many new tokens")
+    p.add_argument("--logprobs", type=int, metavar="K",
+                   help="print each token's logprob and the K most likely tokens (1 to 20) on stderr")
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
-    keys = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos")
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos",
+            "presence_penalty", "frequency_penalty", "min_tokens", "logprobs")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -130,8 +142,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"bunny-client: {err}", file=sys.stderr)
         return 1
     print("" if args.stream else result.text)
+    if result.logprobs is not None:
+        print_logprobs(result.logprobs)
     print_stats(result)
     return 0
+
+
+def print_logprobs(logprobs: list[TokenLogprob]) -> None:
+    """One line per token on stderr: its bytes and logprob, then the top alternatives."""
+    for lp in logprobs:
+        top = "  ".join(f"{t.bytes!r} {t.logprob:.4f}" for t in lp.top)
+        print(f"{lp.bytes!r} {lp.logprob:.4f} | {top}", file=sys.stderr)
 
 
 def latency_label(result: ChatResult) -> str:

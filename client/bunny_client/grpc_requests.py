@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from bunny_backend.io import wire_schema
-from bunny_backend.io.wire import read_response
+from bunny_backend.io.wire import TokenLogprob, read_response
 
 MODEL_NAME = "bunny"
 DEFAULT_URL = "127.0.0.1:8001"
@@ -48,6 +48,10 @@ class RequestOptions:
     stream: bool = False
     apply_chat_template: bool | None = None
     messages: list[dict] | None = None
+    logprobs: int | None = None             # k > 0: each token's logprob and the k most likely tokens
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
 
 
 def _tensor(name: str, datatype: str, array: np.ndarray, batched: bool) -> grpcclient.InferInput:
@@ -90,6 +94,7 @@ class Delta:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     request_id: str = ""
+    logprobs: list[TokenLogprob] | None = None   # one per id when the request asked for logprobs
 
 
 def parse_response(result, t: float) -> Delta:
@@ -97,7 +102,7 @@ def parse_response(result, t: float) -> Delta:
     response's raw contents (bunny_backend.io.wire)."""
     r = read_response(result.get_response())
     return Delta(text=r.text, ids=r.ids, t=t, final=r.final, finish_reason=r.finish_reason,
-                 prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+                 prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, logprobs=r.logprobs)
 
 
 def describe_error(err: Exception, url: str) -> str:

@@ -23,7 +23,7 @@ from bunny_backend.engine.core.request_builder import Prompt, RequestBuilder
 from bunny_backend.engine.core.scheduler import Scheduler, SchedulerOutput
 from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, EngineStats, RequestOutput,
-                                          ServerBusyError)
+                                          ServerBusyError, TokenLogprobs)
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.worker.device import DevicePlan, Placement
 from bunny_backend.engine.worker.encoder_cache import EncoderCache
@@ -48,6 +48,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     sent_tokens: int = 0
+    unsent_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
 
 
 class LLMEngine:
@@ -91,7 +92,7 @@ class LLMEngine:
             self.runner = ModelRunner(self.model, backend, num_blocks, self.block_size, self.device, self.dtype,
                                       graph_capture=plan.graph_capture(model_config.text.head_dim),
                                       max_graph_batch=config.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq,
-                                      workers=self.workers)
+                                      workers=self.workers, eos_token_ids=self.eos_token_ids)
         except BaseException:
             self.shutdown()
             raise
@@ -195,12 +196,12 @@ class LLMEngine:
             raise
         except Exception as e:   # noqa: BLE001 - isolate the request that broke the step, keep serving
             return outputs + self._on_step_failure(sched, e)
-        self.scheduler.postprocess(sched, sampled)   # advances the cache, seals full blocks, appends tokens
+        self.scheduler.postprocess(sched, sampled.tokens)   # advances the cache, seals full blocks, appends tokens
         now = time.perf_counter()
-        for seq, token in zip(sched.seqs, sampled):
+        for seq, token, logprobs in zip(sched.seqs, sampled.tokens, sampled.logprobs):
             if token is not None:
                 try:
-                    outputs.append(self._on_token(seq, token, now))
+                    outputs.append(self._on_token(seq, token, logprobs, now))
                 except Exception as e:   # noqa: BLE001 - e.g. a detokenizer failure: this request only
                     log.exception("bunny: output processing failed for %s", seq.request_id)
                     outputs.append(self._fail(seq, f"engine error: {type(e).__name__}: {e}"))
@@ -222,9 +223,12 @@ class LLMEngine:
         self._finish(seq, "error", out)
         return out
 
-    def _on_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
-        """`token` has just been appended to `seq`: detokenize, check the stop conditions, build the output."""
+    def _on_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None, now: float) -> RequestOutput:
+        """`token` has just been appended to `seq`: detokenize, check the stop conditions, build the output.
+        Before min_tokens new tokens stop strings are not looked for (and EOS could not be sampled)."""
         req = self._requests[seq.request_id]
+        if logprobs is not None:
+            req.unsent_logprobs.append(logprobs)
         first = seq.num_completion_tokens == 1
         self._stats.generation_tokens_total += 1
         out = RequestOutput(seq.request_id, prompt_tokens=seq.num_prompt_tokens)
@@ -238,7 +242,7 @@ class LLMEngine:
         if token in self.eos_token_ids and not seq.params.ignore_eos:
             reason = "stop"
         else:
-            out.delta_text = req.detok.add(token)
+            out.delta_text = req.detok.add(token, match_stop=seq.num_completion_tokens >= seq.params.min_tokens)
             if req.detok.stopped:
                 reason = "stop"
         if reason is None and seq.num_completion_tokens >= seq.params.max_tokens:
@@ -250,6 +254,8 @@ class LLMEngine:
             self._finish(seq, reason, out)
         out.delta_token_ids = seq.completion_token_ids[req.sent_tokens:]
         req.sent_tokens = seq.num_completion_tokens
+        if seq.params.logprobs:
+            out.logprobs, req.unsent_logprobs = req.unsent_logprobs, []
         out.completion_tokens = seq.num_completion_tokens
         return out
 

@@ -18,6 +18,15 @@ class EngineDeadError(RuntimeError):
 
 
 @dataclass(slots=True)
+class TokenLogprobs:
+    """One generated token's raw logprob (log-softmax of the model's logits, before any penalty or temperature)
+    and the request's `logprobs` most likely tokens at that position, most likely first."""
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     delta_text: str = ""
@@ -29,6 +38,7 @@ class RequestOutput:
     completion_tokens: int = 0           # generated so far
     ttft_s: float | None = None          # set on the output that carries the first token
     inter_token_latencies_s: list[float] = field(default_factory=list)  # for tokens after the first
+    logprobs: list[TokenLogprobs] | None = None   # one per delta_token_ids when the request asked for logprobs
 
 
 @dataclass(slots=True)

@@ -32,6 +32,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (problem := range_problem(name, value)):
                 raise ValueError(problem)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(min_tokens_problem(self.min_tokens, self.max_tokens))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -42,3 +44,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def min_tokens_problem(min_tokens: int, max_tokens: int) -> str:
+    return f"min_tokens ({min_tokens}) is more than max_tokens ({max_tokens})"

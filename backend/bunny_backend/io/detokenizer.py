@@ -37,8 +37,9 @@ class IncrementalDetokenizer:
         """Everything emitted so far."""
         return self._text
 
-    def add(self, token_id: int) -> str:
-        """Feed one generated id; return the text it finalises (often empty)."""
+    def add(self, token_id: int, match_stop: bool = True) -> str:
+        """Feed one generated id; return the text it finalises (often empty). match_stop false: its text is
+        released without looking for stop strings (a request's min_tokens)."""
         if self.stopped or token_id in self._special_ids:
             return ""
         self._ids.append(token_id)
@@ -48,7 +49,7 @@ class IncrementalDetokenizer:
             if pending < _MAX_PENDING_TOKENS:
                 return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return self._release(new_text[len(prefix_text):], final=False)
+        return self._release(new_text[len(prefix_text):], final=False, match_stop=match_stop)
 
     def finish(self) -> str:
         """End of generation: flush the held text and any undecoded tail (an incomplete character decodes as-is)."""
@@ -65,17 +66,17 @@ class IncrementalDetokenizer:
         kwargs = dict(skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
         return decode(window[:read], **kwargs), decode(window, **kwargs)
 
-    def _release(self, delta: str, final: bool) -> str:
+    def _release(self, delta: str, final: bool, match_stop: bool = True) -> str:
         held = self._held + delta
         # Held text never contains a whole stop string, so a match can't start in text already emitted.
-        hits = [(held.find(s), s) for s in self.stop_strings]
+        hits = [(held.find(s), s) for s in self.stop_strings] if match_stop else []
         hits = [(at, s) for at, s in hits if at >= 0]
         if hits:
             at, self.stop_string = min(hits, key=lambda hit: hit[0])
             self.stopped = True
             out, self._held = held[:at], ""
         else:
-            keep = 0 if final else self._stop_prefix_len(held)
+            keep = 0 if final or not match_stop else self._stop_prefix_len(held)
             out, self._held = held[:len(held) - keep], held[len(held) - keep:]
         self._text += out
         return out

@@ -4,8 +4,24 @@ and tritonclient's InferResult.as_numpy per output costs ~3x the CPU. numpy only
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+
+
+class TopLogprob(NamedTuple):
+    id: int
+    logprob: float
+    bytes: bytes
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One token of `ids`: its raw logprob and bytes, and the most likely tokens at its position, best first."""
+    id: int
+    logprob: float
+    bytes: bytes
+    top: list[TopLogprob]
 
 
 @dataclass(slots=True)
@@ -16,6 +32,7 @@ class WireResponse:
     prompt_tokens: int | None       # None when the response does not carry it
     completion_tokens: int | None
     final: bool
+    logprobs: list[TokenLogprob] | None = None   # one per id; None when the response carries no logprobs
 
 
 def bytes_elements(raw: bytes) -> list[bytes]:
@@ -28,16 +45,12 @@ def bytes_elements(raw: bytes) -> list[bytes]:
     return out
 
 
-def raw_outputs(response) -> dict[str, bytes]:
-    """A ModelInferResponse's outputs by name, each its raw contents."""
-    return dict(zip((o.name for o in response.outputs), response.raw_output_contents))
-
-
 def read_response(response) -> WireResponse:
     """A ModelInferResponse (tritonclient's `InferResult.get_response()`), an empty flags-only final included."""
     params = response.parameters
     final = "triton_final_response" in params and params["triton_final_response"].bool_param
-    raw = raw_outputs(response)
+    raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents))
+    shapes = {o.name: list(o.shape) for o in response.outputs}
     ints = {name: np.frombuffer(raw[name], dtype="<i4") for name in ("output_ids", "prompt_tokens", "completion_tokens")
             if name in raw}
     reason = bytes_elements(raw.get("finish_reason", b""))
@@ -49,36 +62,33 @@ def read_response(response) -> WireResponse:
         prompt_tokens=int(prompt[0]) if prompt is not None and prompt.size else None,
         completion_tokens=int(completion[0]) if completion is not None and completion.size else None,
         final=bool(final),
+        logprobs=_logprobs(raw, shapes, ints["output_ids"].tolist() if "output_ids" in ints else []),
     )
 
 
-@dataclass(slots=True)
-class TokenLogprob:
-    """One generated token with logprobs: its id, logprob and bytes, and the k most likely (id, logprob, bytes)."""
-    id: int
-    logprob: float
-    bytes: bytes
-    top: list[tuple[int, float, bytes]]
+_TOP_OUTPUTS = ("top_logprob_ids", "top_logprobs", "top_token_bytes")
 
 
-def read_logprobs(raw: dict[str, bytes]) -> list[TokenLogprob] | None:
-    """The logprob outputs of a response (raw contents by name, see raw_outputs), one entry per id of output_ids;
-    None when the response carries none (the request did not ask for logprobs)."""
+def _logprobs(raw: dict, shapes: dict, ids: list[int]) -> list[TokenLogprob] | None:
+    """The logprob outputs, one record per id; None when the response has no output_logprobs. An output the
+    client did not ask for reads as NaN logprobs, empty bytes or id -1."""
     if "output_logprobs" not in raw:
         return None
-    ids = np.frombuffer(raw.get("output_ids", b""), dtype="<i4").tolist()
-    logprobs = np.frombuffer(raw["output_logprobs"], dtype="<f4").tolist()
-    token_bytes = bytes_elements(raw.get("output_token_bytes", b""))
-    top_ids = np.frombuffer(raw.get("top_logprob_ids", b""), dtype="<i4").tolist()
-    top_logprobs = np.frombuffer(raw.get("top_logprobs", b""), dtype="<f4").tolist()
-    top_bytes = bytes_elements(raw.get("top_token_bytes", b""))
     n = len(ids)
-    if not (len(logprobs) == len(token_bytes) == n and len(top_ids) == len(top_logprobs) == len(top_bytes)
-            and (n == 0 or len(top_ids) % n == 0)):
-        raise ValueError(f"the logprob outputs do not fit {n} output ids: {len(logprobs)} logprobs, "
-                         f"{len(token_bytes)} token bytes, {len(top_ids)} top ids, {len(top_logprobs)} top logprobs, "
-                         f"{len(top_bytes)} top bytes")
-    k = len(top_ids) // n if n else 0
-    return [TokenLogprob(ids[i], logprobs[i], token_bytes[i],
-                         [(top_ids[j], top_logprobs[j], top_bytes[j]) for j in range(i * k, (i + 1) * k)])
-            for i in range(n)]
+    k = next((shapes[name][1] for name in _TOP_OUTPUTS if name in shapes), 0)
+
+    def values(name: str, count: int, default) -> list:
+        if name not in raw:
+            return [default] * count
+        out = bytes_elements(raw[name]) if name.endswith("bytes") else \
+            np.frombuffer(raw[name], dtype="<i4" if name.endswith("ids") else "<f4").tolist()
+        if len(out) != count:
+            raise ValueError(f"{name} holds {len(out)} values for {n} output ids")
+        return out
+
+    logprobs, token_bytes = values("output_logprobs", n, None), values("output_token_bytes", n, b"")
+    top_ids, top_logprobs = values("top_logprob_ids", n * k, -1), values("top_logprobs", n * k, float("nan"))
+    top_bytes = values("top_token_bytes", n * k, b"")
+    return [TokenLogprob(ids[j], logprobs[j], token_bytes[j],
+                         [TopLogprob(top_ids[i], top_logprobs[i], top_bytes[i]) for i in range(j * k, (j + 1) * k)])
+            for j in range(n)]

@@ -1,4 +1,8 @@
-"""Batched next-token sampling: repetition penalty, temperature, top-k, top-p, greedy rows.
+"""Batched next-token sampling: raw logprobs, penalties (repetition, presence, frequency), banned tokens,
+temperature, top-k, top-p, greedy rows.
+
+The order, vLLM's: the model's raw logits -> the logprobs of the rows that asked for them (raw: before anything
+else touches the logits) -> penalties and banned tokens -> temperature, top-k/top-p and the draw.
 
 Per-request reproducibility: a sampled row's randomness is one uniform drawn from its own CPU generator, turned into
 a token by inverse CDF over that row's truncated distribution. Nothing else in the batch touches that generator, and
@@ -8,6 +12,8 @@ and in whatever order.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,9 +38,20 @@ class RowParams(Protocol):
     top_p: float
     top_k: int
     repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    logprobs: int
 
     @property
     def greedy(self) -> bool: ...
+
+
+def raw_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of logits [n, V]: the log-softmax in float32 [n, V], and its k largest values per row, most likely first,
+    with their ids ([n, k] each)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = logprobs.topk(k, dim=-1)
+    return logprobs, top.values, top.indices
 
 
 def apply_repetition_penalty_(logits: torch.Tensor, penalties: list[float],
@@ -63,28 +80,116 @@ def apply_repetition_penalty_(logits: torch.Tensor, penalties: list[float],
     return logits.scatter_(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
+def apply_presence_frequency_penalties_(logits: torch.Tensor, presence: list[float], frequency: list[float],
+                                        output_token_ids: list[list[int]]) -> torch.Tensor:
+    """In place, OpenAI's rule: logit[j] -= frequency * c[j] + presence * (c[j] > 0), where c[j] counts j among
+    the row's generated tokens. Rows with both penalties 0 are untouched; ids < 0 or >= V are ignored. `logits`
+    is float32 [B, V]; returned for chaining."""
+    batch, vocab = logits.shape
+    rows = [i for i in range(batch) if (presence[i] or frequency[i]) and output_token_ids[i]]
+    if not rows:
+        return logits
+    device = logits.device
+    lengths = torch.tensor([len(output_token_ids[i]) for i in rows])
+    ids = torch.full((len(rows), int(lengths.max())), vocab, dtype=torch.long)
+    ids[torch.arange(ids.shape[1]) < lengths[:, None]] = torch.tensor(
+        list(itertools.chain.from_iterable(output_token_ids[i] for i in rows)), dtype=torch.long)
+    # Padding and ignored ids count in one spare column past the vocabulary, dropped after.
+    ids = torch.where((ids >= 0) & (ids < vocab), ids, vocab).to(device, non_blocking=True)
+    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
+        1, ids, torch.ones(ids.shape, device=device))[:, :vocab]
+    presence_t = torch.tensor([presence[i] for i in rows], dtype=torch.float32).to(device, non_blocking=True)
+    frequency_t = torch.tensor([frequency[i] for i in rows], dtype=torch.float32).to(device, non_blocking=True)
+    penalty = frequency_t[:, None] * counts + presence_t[:, None] * (counts > 0)
+    return logits.index_add_(0, torch.tensor(rows, device=device), penalty, alpha=-1)
+
+
+def ban_tokens_(logits: torch.Tensor, banned_token_ids: list[Collection[int]]) -> torch.Tensor:
+    """In place: the logits of each row's banned ids become -inf (ids < 0 or >= V ignored); returned for chaining."""
+    vocab = logits.shape[1]
+    pairs = [(i, j) for i, ids in enumerate(banned_token_ids) for j in ids if 0 <= j < vocab]
+    if pairs:
+        rows, cols = torch.tensor(pairs, dtype=torch.long).to(logits.device, non_blocking=True).unbind(1)
+        logits[rows, cols] = float("-inf")
+    return logits
+
+
+@dataclass(slots=True)
+class Logprobs:
+    """The raw logprobs of the rows that asked for them (params.logprobs > 0)."""
+    rows: list[int]                 # those rows of the batch, in order
+    chosen: torch.Tensor            # [n] float32: the logprob of each one's sampled token
+    top_ids: torch.Tensor           # [n, k] int64, k the largest asked: the most likely first
+    top_logprobs: torch.Tensor      # [n, k] float32
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    tokens: torch.Tensor            # [B] int64, on the logits' device
+    logprobs: Logprobs | None       # None when no row asked
+
+
 class Sampler:
-    """`sampler(logits [B, V], params, generators, prev_token_ids) -> token ids [B] int64` on logits' device.
+    """`sampler(logits [B, V], params, generators, prev_token_ids, ...) -> SamplerOutput`.
 
     generators[i] is a CPU torch.Generator; it may be None for a greedy row (greedy rows draw nothing).
-    prev_token_ids[i] is prompt + generated ids, only read when the row's repetition_penalty != 1."""
+    prev_token_ids[i] is prompt + generated ids: all of it is read for a repetition penalty != 1, the generated
+    part (from num_prompt_tokens[i] on; default 0) for presence and frequency penalties != 0.
+    banned_token_ids[i]: ids the row may not sample (min_tokens keeps EOS out this way)."""
 
-    def __call__(self, logits: torch.Tensor, params: list[RowParams],
-                 generators: list[torch.Generator | None], prev_token_ids: list[list[int]]) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, params: list[RowParams], generators: list[torch.Generator | None],
+                 prev_token_ids: list[list[int]], num_prompt_tokens: list[int] | None = None,
+                 banned_token_ids: list[Collection[int]] | None = None) -> SamplerOutput:
         batch, vocab = logits.shape
-        if not (len(params) == len(generators) == len(prev_token_ids) == batch):
+        num_prompt_tokens = num_prompt_tokens if num_prompt_tokens is not None else [0] * batch
+        banned_token_ids = banned_token_ids if banned_token_ids is not None else [()] * batch
+        if not (len(params) == len(generators) == len(prev_token_ids) == len(num_prompt_tokens)
+                == len(banned_token_ids) == batch):
             raise ValueError(f"batch of {batch} logits rows but {len(params)} params, {len(generators)} generators, "
-                             f"{len(prev_token_ids)} token lists")
-        device = logits.device
-        penalties = [p.repetition_penalty for p in params]
-        greedy = [p.greedy for p in params]
-        if any(p != 1.0 for p in penalties):
-            logits = apply_repetition_penalty_(logits.to(torch.float32, copy=True), penalties, prev_token_ids)
-        elif all(greedy) and (tokens := _cpu_argmax(logits)) is not None:
-            return tokens
-        else:
-            logits = logits.float()
+                             f"{len(prev_token_ids)} token lists, {len(num_prompt_tokens)} prompt lengths, "
+                             f"{len(banned_token_ids)} banned lists")
+        asked = [i for i, p in enumerate(params) if p.logprobs > 0]
+        if asked:
+            index = torch.tensor(asked, device=logits.device)
+            rows = logits if len(asked) == batch else logits[index]
+            logprobs, top_logprobs, top_ids = raw_logprobs(rows, min(max(params[i].logprobs for i in asked), vocab))
+        adjusted = self._penalised(logits, params, prev_token_ids, num_prompt_tokens, banned_token_ids)
+        tokens = self._pick(logits if adjusted is None else adjusted, params, generators, adjusted is None)
+        if not asked:
+            return SamplerOutput(tokens, None)
+        chosen = logprobs.gather(1, tokens[index][:, None]).squeeze(1)
+        return SamplerOutput(tokens, Logprobs(asked, chosen, top_ids, top_logprobs))
 
+    @staticmethod
+    def _penalised(logits: torch.Tensor, params: list[RowParams], prev_token_ids: list[list[int]],
+                   num_prompt_tokens: list[int], banned_token_ids: list[Collection[int]]) -> torch.Tensor | None:
+        """A float32 copy of the logits with the rows' penalties and banned tokens applied; None when no row has
+        any (the logits are then sampled as they are)."""
+        repetition = [p.repetition_penalty for p in params]
+        presence = [p.presence_penalty for p in params]
+        frequency = [p.frequency_penalty for p in params]
+        if all(r == 1.0 for r in repetition) and not any(presence) and not any(frequency) \
+                and not any(banned_token_ids):
+            return None
+        logits = logits.to(torch.float32, copy=True)
+        if any(r != 1.0 for r in repetition):
+            apply_repetition_penalty_(logits, repetition, prev_token_ids)
+        if any(presence) or any(frequency):
+            generated = [ids[n:] if pp or fp else [] for ids, n, pp, fp in
+                         zip(prev_token_ids, num_prompt_tokens, presence, frequency)]
+            apply_presence_frequency_penalties_(logits, presence, frequency, generated)
+        return ban_tokens_(logits, banned_token_ids)
+
+    def _pick(self, logits: torch.Tensor, params: list[RowParams], generators: list[torch.Generator | None],
+              raw: bool) -> torch.Tensor:
+        """Each row's token: greedy rows the argmax, the others drawn (temperature, top-k/top-p). raw: the logits
+        are the model's own, in its dtype (a CPU greedy batch then takes the fused argmax)."""
+        batch = logits.shape[0]
+        device = logits.device
+        greedy = [p.greedy for p in params]
+        if raw and all(greedy) and (tokens := _cpu_argmax(logits)) is not None:
+            return tokens
+        logits = logits.float()
         if all(greedy):
             return logits.argmax(dim=-1)
 

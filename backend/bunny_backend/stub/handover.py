@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from bunny_backend.engine.outputs import EngineStats, RequestOutput
+from bunny_backend.engine.outputs import EngineStats, RequestOutput, TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -30,6 +30,7 @@ class Ready:
     finish_reason: str | None    # set when final: stop, length, cancelled or error
     error: str | None
     handed: float                # when the engine thread last merged into it
+    logprobs: list[TokenLogprobs] | None = None   # one per token_ids when the request asked for logprobs
 
 
 @dataclass(slots=True)
@@ -37,6 +38,7 @@ class _Pending:
     stream: bool
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished: bool = False
@@ -92,6 +94,9 @@ class Handover:
                     continue
                 p.text.append(out.delta_text)
                 p.ids.extend(out.delta_token_ids)
+                if out.logprobs is not None:
+                    p.logprobs = p.logprobs if p.logprobs is not None else []
+                    p.logprobs.extend(out.logprobs)
                 p.prompt_tokens, p.completion_tokens = out.prompt_tokens, out.completion_tokens
                 if out.finished:
                     p.finished, p.finish_reason, p.error = True, out.finish_reason, out.error
@@ -114,11 +119,11 @@ class Handover:
                 if not due:
                     continue   # looked at again when more is merged into it
                 ready.append(Ready(rid, "".join(p.text), p.ids, p.prompt_tokens, p.completion_tokens, p.finished,
-                                   p.finish_reason if p.finished else None, p.error, p.handed))
+                                   p.finish_reason if p.finished else None, p.error, p.handed, p.logprobs))
                 if p.finished:
                     del self._pending[rid]
                 else:
-                    p.text, p.ids, p.sent_first = [], [], True
+                    p.text, p.ids, p.logprobs, p.sent_first = [], [], None, True
             self._dirty = {}
             taken = Taken(ready, self._stats, self._ttfts, self._itls)
             self._stats, self._ttfts, self._itls = None, [], []

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from bunny_backend.engine.core.request_builder import Prompt
+from bunny_backend.engine.outputs import TokenLogprobs
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.io import wire_schema
 from bunny_backend.io.conversation import ConversationError, parse_messages
@@ -34,7 +35,7 @@ class ParsedRequest:
 
 INPUT_NAMES = tuple(t.name for t in wire_schema.INPUTS)
 # Inputs on the wire whose behaviour is not built yet: refused unless they hold their default.
-NOT_YET = {"logprobs", "presence_penalty", "frequency_penalty", "min_tokens", "response_format"}
+NOT_YET = {"response_format"}
 
 
 def _scalar(name: str, array: np.ndarray):
@@ -145,9 +146,13 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ParsedRequest:
 
 
 def response_arrays(text: str, token_ids: list[int], finish_reason: str | None, prompt_tokens: int,
-                    completion_tokens: int, names: frozenset | None = None) -> dict[str, np.ndarray]:
+                    completion_tokens: int, names: frozenset | None = None,
+                    logprobs: list[TokenLogprobs] | None = None, top_k: int = 0,
+                    token_bytes: Callable[[list[int]], list[bytes]] | None = None) -> dict[str, np.ndarray]:
     """The output arrays of one response (finish_reason empty before the final one); only those in `names`, the
-    outputs the client asked for, when given (Triton would drop the others after they were built and sent)."""
+    outputs the client asked for, when given (Triton would drop the others after they were built and sent).
+    logprobs (one per token id, for a request that asked for `top_k` of them; None: it did not) add the logprob
+    outputs, with each token's bytes from token_bytes."""
     build = {
         "text_output": lambda: np.array([text.encode("utf-8")], dtype=np.object_),
         "output_ids": lambda: np.asarray(token_ids, dtype=np.int32).reshape(-1),
@@ -155,4 +160,25 @@ def response_arrays(text: str, token_ids: list[int], finish_reason: str | None, 
         "prompt_tokens": lambda: np.array([prompt_tokens], dtype=np.int32),
         "completion_tokens": lambda: np.array([completion_tokens], dtype=np.int32),
     }
+    if logprobs is not None:
+        build.update(_logprob_builders(token_ids, logprobs, top_k, token_bytes))
     return {name: make() for name, make in build.items() if names is None or name in names}
+
+
+def _logprob_builders(token_ids: list[int], logprobs: list[TokenLogprobs], k: int, token_bytes) -> dict:
+    n = len(token_ids)
+    if len(logprobs) != n or any(len(t.top_ids) != k for t in logprobs):
+        raise ValueError(f"{len(logprobs)} logprob records for {n} tokens, or top lists not of {k}")
+
+    def byte_strings(ids: list[int]) -> np.ndarray:
+        out = np.empty(len(ids), dtype=np.object_)
+        out[:] = token_bytes(ids)
+        return out
+
+    return {
+        "output_logprobs": lambda: np.array([t.logprob for t in logprobs], dtype=np.float32),
+        "output_token_bytes": lambda: byte_strings(list(token_ids)),
+        "top_logprob_ids": lambda: np.array([t.top_ids for t in logprobs], dtype=np.int32).reshape(n, k),
+        "top_logprobs": lambda: np.array([t.top_logprobs for t in logprobs], dtype=np.float32).reshape(n, k),
+        "top_token_bytes": lambda: byte_strings([i for t in logprobs for i in t.top_ids]).reshape(n, k),
+    }

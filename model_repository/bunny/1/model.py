@@ -33,6 +33,7 @@ from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, RequestOutput, ServerBusyError
 from bunny_backend.io import wire_schema
+from bunny_backend.io.token_bytes import TokenBytes
 from bunny_backend.stub.bytes_probe import check_bytes_round_trip
 from bunny_backend.stub.engine_thread import start_engine_thread
 from bunny_backend.stub.handover import Handover, Ready
@@ -56,6 +57,7 @@ class _InFlight:
     stream: bool
     client_id: str = ""      # the client's request id (timeline only)
     outputs: frozenset | None = None   # the output names the client asked for; None: all of them
+    logprobs: int = 0        # the top alternatives asked with each token's logprob; 0: no logprob outputs
     accepted: bool = False   # the engine has it: an abort before that would find no request and be lost
     cancelled: bool = False
 
@@ -94,6 +96,7 @@ class TritonPythonModel:
         # built on the thread that steps it (stub/engine_thread.py says why); it starts looping at _engine_go
         self.engine, self._thread, self._engine_go = start_engine_thread(lambda: LLMEngine(self.config, where),
                                                                          self._loop)
+        self._token_bytes = TokenBytes(self.engine.tokenizer)   # the responder thread's only
         self.metrics = BunnyMetrics(pb_utils, args.get("model_name", "bunny"), args.get("model_instance_name", ""))
         self._down: str | None = None            # why the engine can run no more
         self._inflight: dict[str, _InFlight] = {}
@@ -141,7 +144,8 @@ class TritonPythonModel:
         request_id = str(next(self._ids))
         client_id = request.request_id() if self._timeline.enabled else ""
         with self._lock:
-            self._inflight[request_id] = _InFlight(sender, parsed.stream, client_id, _requested_outputs(request))
+            self._inflight[request_id] = _InFlight(sender, parsed.stream, client_id, _requested_outputs(request),
+                                                   parsed.params.logprobs)
         self._handover.open(request_id, parsed.stream)
         try:
             self.engine.add_request(request_id, parsed.prompt, parsed.images, parsed.params, parsed.apply_chat_template)
@@ -293,8 +297,9 @@ class TritonPythonModel:
             self._send(f.sender, pb_utils.InferenceResponse(error=_error(ready.error or "internal error", code_name)),
                        FINAL)
             return
+        logprobs = (ready.logprobs or []) if f.logprobs else None
         arrays = response_arrays(ready.text, ready.token_ids, ready.finish_reason or "", ready.prompt_tokens,
-                                 ready.completion_tokens, f.outputs)
+                                 ready.completion_tokens, f.outputs, logprobs, f.logprobs, self._token_bytes)
         response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
         self._send(f.sender, response, FINAL if ready.final else 0)
 

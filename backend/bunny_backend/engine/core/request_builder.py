@@ -9,7 +9,7 @@ import time
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.outputs import BadRequestError
-from bunny_backend.engine.sampling_params import SamplingParams
+from bunny_backend.engine.sampling_params import SamplingParams, min_tokens_problem
 from bunny_backend.engine.core.sequence import ImageSpan, Sequence
 from bunny_backend.io.conversation import Message, build_prompt
 from bunny_backend.io.image import ImageError, decode_image, preprocess_image
@@ -63,6 +63,9 @@ class RequestBuilder:
             room = self.room(len(token_ids))
             if self.config.max_output_tokens:
                 room = min(room, self.config.max_output_tokens)
+            if params.min_tokens > room:
+                raise BadRequestError(f"{min_tokens_problem(params.min_tokens, room)}: max_tokens was not given, "
+                                      f"and {room} new tokens are what this request may have")
             params = dataclasses.replace(params, max_tokens=max(room, 1))   # < 1: check_fits names the problem
         problem = self.check_fits(len(token_ids), params.max_tokens)
         if problem:

@@ -7,30 +7,42 @@ of them run `forward` on it; rank 0 alone samples. Each rank's KV cache holds th
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 
 from bunny_backend.engine.worker.decode_graphs import DecodeGraphs
-from bunny_backend.engine.outputs import EngineDeadError
+from bunny_backend.engine.outputs import EngineDeadError, TokenLogprobs
 from bunny_backend.engine.core.scheduler import SchedulerOutput
 from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.engine.executor.step_channel import StepInputs
 from bunny_backend.model.bunny import BunnyForCausalLM
-from bunny_backend.ops.sampler import Sampler
+from bunny_backend.ops.sampler import Sampler, SamplerOutput
 from bunny_backend.utils.context import paged_context, reset_context, set_context, token_slots
 
 
 log = logging.getLogger("bunny.engine")
 
 
+@dataclass(slots=True)
+class Sampled:
+    """One step's sampled tokens, per scheduled sequence: None where a prefill chunk did not reach the end; and
+    the token's logprobs where the sequence asked for them (else None)."""
+    tokens: list[int | None]
+    logprobs: list[TokenLogprobs | None]
+
+
 class ModelRunner:
     def __init__(self, model: BunnyForCausalLM, backend, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, graph_capture=None, max_graph_batch: int = 0,
-                 max_blocks_per_seq: int = 0, workers=None):
+                 max_blocks_per_seq: int = 0, workers=None, eos_token_ids: Collection[int] = ()):
         """graph_capture (decode_graphs.GraphCapture, or another capture(fn) -> Captured): capture decode steps of up to
         max_graph_batch sequences with block tables of up to max_blocks_per_seq blocks; None runs eagerly.
-        workers: rank 0's tp_group.WorkerGroup under tensor parallelism, else None."""
+        workers: rank 0's tp_group.WorkerGroup under tensor parallelism, else None. eos_token_ids: what a
+        sequence may not sample before its min_tokens (unless it ignores EOS)."""
         self.model, self.backend, self.workers = model, backend, workers
+        self.eos_token_ids = tuple(eos_token_ids)
         self.device, self.dtype = device, dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.sampler = Sampler()
@@ -87,9 +99,9 @@ class ModelRunner:
 
     # ---- step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, step: SchedulerOutput) -> list[int | None]:
+    def run(self, step: SchedulerOutput) -> Sampled:
         """One forward over the step's decodes and prefill chunks (image features already filled in by the
-        encoder phase). Returns the sampled token per sequence, or None where a prefill chunk did not reach the end."""
+        encoder phase), and the sampled tokens."""
         seqs = step.seqs
         if (step.num_decodes == len(seqs) and self.graphs is not None
                 and self.graphs.can_run(len(seqs), max(len(s.block_table) for s in seqs))):
@@ -102,7 +114,7 @@ class ModelRunner:
                             [last_rows[i] for i in want], image_embeds)
         logits = self.execute(inputs)
         if not want:
-            return [None] * len(seqs)
+            return Sampled([None] * len(seqs), [None] * len(seqs))
         return self._sample(logits, seqs, want)
 
     def execute(self, step: StepInputs) -> torch.Tensor | None:
@@ -131,12 +143,28 @@ class ModelRunner:
             hidden = hidden[step.logit_rows]
         return self.model.compute_logits(hidden)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], want: list[int]) -> list[int | None]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], want: list[int]) -> Sampled:
         """logits[j] belongs to seqs[want[j]]; the others get None."""
         picked = [seqs[i] for i in want]
-        tokens = self.sampler(logits, [s.params for s in picked], [s.generator for s in picked],
-                              [s.token_ids for s in picked]).tolist()
-        out: list[int | None] = [None] * len(seqs)
-        for i, t in zip(want, tokens):
-            out[i] = t
+        banned = [self.eos_token_ids if s.num_completion_tokens < s.params.min_tokens and not s.params.ignore_eos
+                  else () for s in picked]
+        sampled = self.sampler(logits, [s.params for s in picked], [s.generator for s in picked],
+                               [s.token_ids for s in picked], [s.num_prompt_tokens for s in picked], banned)
+        out = Sampled([None] * len(seqs), [None] * len(seqs))
+        for i, t in zip(want, sampled.tokens.tolist()):
+            out.tokens[i] = t
+        for i, lp in zip(want, _token_logprobs(sampled, picked)):
+            out.logprobs[i] = lp
         return out
+
+
+def _token_logprobs(sampled: SamplerOutput, seqs: list[Sequence]) -> list[TokenLogprobs | None]:
+    """Per sampled row: its logprobs, with the top list cut to what its sequence asked for; None if it did not ask."""
+    out: list[TokenLogprobs | None] = [None] * len(seqs)
+    lp = sampled.logprobs
+    if lp is None:
+        return out
+    for row, chosen, ids, values in zip(lp.rows, lp.chosen.tolist(), lp.top_ids.tolist(), lp.top_logprobs.tolist()):
+        k = seqs[row].params.logprobs
+        out[row] = TokenLogprobs(chosen, ids[:k], values[:k])
+    return out

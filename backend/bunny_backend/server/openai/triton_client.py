@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from bunny_backend.io.wire import TokenLogprob, raw_outputs, read_logprobs, read_response
+from bunny_backend.io.wire import TokenLogprob, read_response
 
 from .errors import OpenAIError, from_triton
 from .options import FrontOptions
@@ -115,11 +115,9 @@ async def _wait_for_end(call) -> None:
 
 
 def _parse(result) -> TritonResponse:
-    response = result.get_response()
-    r = read_response(response)
     try:
-        logprobs = read_logprobs(raw_outputs(response))
+        r = read_response(result.get_response())
     except ValueError as e:
         raise OpenAIError(500, f"internal error: the model's logprob outputs are malformed: {e}") from None
     return TritonResponse(text=r.text, ids=r.ids, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens or 0,
-                          completion_tokens=r.completion_tokens or 0, final=r.final, logprobs=logprobs)
+                          completion_tokens=r.completion_tokens or 0, final=r.final, logprobs=r.logprobs)
