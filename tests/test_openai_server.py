@@ -338,7 +338,8 @@ def test_chat_logprobs_are_consistent_with_the_answer(client):
                                          top_logprobs=3, **GREEDY)
     content = out.choices[0].logprobs.content
     assert len(content) == len(out.choices[0].model_extra["token_ids"]) == out.usage.completion_tokens
-    assert bytes(b for t in content for b in t.bytes).decode() == out.choices[0].message.content
+    # random weights may emit bytes that are not UTF-8 (the text then holds U+FFFD where they stand)
+    assert bytes(b for t in content for b in t.bytes).decode("utf-8", "replace") == out.choices[0].message.content
     for t in content:
         assert len(t.top_logprobs) == 3 and t.logprob <= 0
         assert t.top_logprobs[0].bytes == t.bytes and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
