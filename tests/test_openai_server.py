@@ -14,10 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
+import torch
 
+from bunny_backend.io.tokenizer import load_tokenizer
+from bunny_backend.tools.reference import ReferenceBunny
 from bunny_client.cli import main as client_main
 from grpc_helpers import TEXTS, inputs_of, send
-from model_helpers import stop_cases
+from model_helpers import prompt_ids, stop_cases
 from server_fixture import SERVER_PARAMS, start_server, stop_process, wait_for
 
 pytestmark = pytest.mark.server
@@ -344,6 +347,25 @@ def test_chat_logprobs_are_consistent_with_the_answer(client):
         assert len(t.top_logprobs) == 3 and t.logprob <= 0
         assert t.top_logprobs[0].bytes == t.bytes and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
         assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, seed=5, presence_penalty=1.5,
+                                                                frequency_penalty=0.5)], ids=["greedy", "sampled"])
+def test_chat_logprobs_are_the_reference_log_softmax(client, tiny_checkpoint, sampling):
+    """float32 server: each token's logprob is the transformers reference's raw log-softmax at its position within
+    1e-4, whatever chose the token; the alternatives are the reference's best, sorted."""
+    out = client.chat.completions.create(model="bunny", messages=[user(TEXTS[2])], max_tokens=8, logprobs=True,
+                                         top_logprobs=4, extra_body={"return_token_ids": True, "ignore_eos": True},
+                                         **sampling)
+    ids, content = out.choices[0].model_extra["token_ids"], out.choices[0].logprobs.content
+    ref, tok = ReferenceBunny.from_pretrained(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    prompt = prompt_ids(tok, TEXTS[2], False)
+    want = torch.log_softmax(ref.logits(prompt + ids[:-1], None).double(), dim=-1)[len(prompt) - 1:]
+    assert len(content) == len(ids) == want.shape[0] == 8
+    for row, token, got in zip(want, ids, content):
+        assert got.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        best = row.topk(4)
+        assert [a.logprob for a in got.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
 # ---- Triton's own HTTP generate endpoints (text requests) ------------------------------------------------------
