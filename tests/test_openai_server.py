@@ -335,6 +335,19 @@ def test_n_seeded_choices_are_each_the_request_with_seed_s_plus_i(server, client
     assert_idle(server)
 
 
+def test_n_greedy_choices_are_equal_and_share_the_prompt_s_kv(server, client):
+    """n=4 greedy: four equal answers; the prompt is computed once, the three others take it from the prefix cache
+    (a prompt no earlier test sent; 16-token blocks on the CPU)."""
+    text = "Count the rabbits in this long and unusual meadow of clover, " * 8
+    hits = server.metric("bunny_prefix_cache_hit_tokens_total")
+    out = client.chat.completions.create(model="bunny", messages=[user(text)], n=4, max_tokens=4, **GREEDY)
+    answers = [c.model_extra["token_ids"] for c in out.choices]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3] and all(a == answers[0] for a in answers)
+    assert_idle(server)
+    prompt = out.usage.prompt_tokens
+    assert prompt > 64 and server.metric("bunny_prefix_cache_hit_tokens_total") - hits == 3 * ((prompt - 1) // 16 * 16)
+
+
 def test_chat_logprobs_are_consistent_with_the_answer(client):
     """Greedy: each token is its position's most likely one, its bytes join to the text, logprobs are <= 0."""
     out = client.chat.completions.create(model="bunny", messages=[user(TEXTS[1])], max_tokens=12, logprobs=True,
