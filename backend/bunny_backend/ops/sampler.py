@@ -67,10 +67,13 @@ class Sampler:
     """`sampler(logits [B, V], params, generators, prev_token_ids) -> token ids [B] int64` on logits' device.
 
     generators[i] is a CPU torch.Generator; it may be None for a greedy row (greedy rows draw nothing).
-    prev_token_ids[i] is prompt + generated ids, only read when the row's repetition_penalty != 1."""
+    prev_token_ids[i] is prompt + generated ids, only read when the row's repetition_penalty != 1.
+    mask: what `mask.apply(logits)` turns into logits with the tokens a row's grammar forbids at -inf (a copy), or
+    None (engine/structured_output.py's TokenMask)."""
 
     def __call__(self, logits: torch.Tensor, params: list[RowParams],
-                 generators: list[torch.Generator | None], prev_token_ids: list[list[int]]) -> torch.Tensor:
+                 generators: list[torch.Generator | None], prev_token_ids: list[list[int]],
+                 mask=None) -> torch.Tensor:
         batch, vocab = logits.shape
         if not (len(params) == len(generators) == len(prev_token_ids) == batch):
             raise ValueError(f"batch of {batch} logits rows but {len(params)} params, {len(generators)} generators, "
@@ -80,10 +83,12 @@ class Sampler:
         greedy = [p.greedy for p in params]
         if any(p != 1.0 for p in penalties):
             logits = apply_repetition_penalty_(logits.to(torch.float32, copy=True), penalties, prev_token_ids)
-        elif all(greedy) and (tokens := _cpu_argmax(logits)) is not None:
+        elif all(greedy) and mask is None and (tokens := _cpu_argmax(logits)) is not None:
             return tokens
         else:
             logits = logits.float()
+        if mask is not None:   # structured output: after the penalties, before temperature, top-k and top-p
+            logits = mask.apply(logits)
 
         if all(greedy):
             return logits.argmax(dim=-1)

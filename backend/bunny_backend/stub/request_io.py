@@ -34,7 +34,7 @@ class ParsedRequest:
 
 INPUT_NAMES = tuple(t.name for t in wire_schema.INPUTS)
 # Inputs on the wire whose behaviour is not built yet: refused unless they hold their default.
-NOT_YET = {"logprobs", "presence_penalty", "frequency_penalty", "min_tokens", "response_format"}
+NOT_YET = {"logprobs", "presence_penalty", "frequency_penalty", "min_tokens"}
 
 
 def _scalar(name: str, array: np.ndarray):

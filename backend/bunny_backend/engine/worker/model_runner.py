@@ -15,6 +15,7 @@ from bunny_backend.engine.outputs import EngineDeadError
 from bunny_backend.engine.core.scheduler import SchedulerOutput
 from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.engine.executor.step_channel import StepInputs
+from bunny_backend.engine.structured_output import TokenMask
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler
 from bunny_backend.utils.context import paged_context, reset_context, set_context, token_slots
@@ -134,8 +135,9 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], want: list[int]) -> list[int | None]:
         """logits[j] belongs to seqs[want[j]]; the others get None."""
         picked = [seqs[i] for i in want]
+        mask = TokenMask.for_batch([s.grammar for s in picked], logits.shape[-1])
         tokens = self.sampler(logits, [s.params for s in picked], [s.generator for s in picked],
-                              [s.token_ids for s in picked]).tolist()
+                              [s.token_ids for s in picked], mask).tolist()
         out: list[int | None] = [None] * len(seqs)
         for i, t in zip(want, tokens):
             out[i] = t
