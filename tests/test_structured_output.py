@@ -189,8 +189,9 @@ def test_cancelled_mid_way_leaves_nothing_behind(engine):
     engine.add_request("c", "Describe a pet.", [], SamplingParams(temperature=1.0, seed=3, max_tokens=120,
                                                                   response_format=JSON_SCHEMA))
     outputs = []
-    while sum(len(o.delta_token_ids) for o in outputs) < 5:
+    for _ in range(5):   # a token each (its prompt is prefilled in one step)
         outputs += engine.step()
+    assert [o.finish_reason for o in outputs] == [None] * 5
     engine.abort("c")
     outputs += engine.step()
     assert outputs[-1].finish_reason == "cancelled"
@@ -248,3 +249,14 @@ def test_token_mask_matches_the_bits_on_its_rows_only():
             if not (word >> (token % 32)) & 1:
                 want[row, token] = float("-inf")
     assert torch.equal(out, want)
+
+
+def test_length_bounded_strings_hold_no_raw_control_characters(engine, tokenizer):
+    """JSON forbids raw U+0000-U+001F in strings (json.loads says so); xgrammar 0.2.9's maxLength alone allows them."""
+    schema = {"type": "object", "properties": {"n": {"type": "string", "maxLength": 4}}, "required": ["n"]}
+    with pytest.raises(json.JSONDecodeError, match="Invalid control character"):
+        json.loads('{"n": "a\x0e"}')
+    grammar = engine.grammars.matcher(fmt(type="json_schema", json_schema={"schema": schema}))
+    assert all(grammar.accept(t) for t in tokenizer.encode('{"n": "a'))
+    assert not grammar.accept(tokenizer.encode("\x0e")[0])
+    assert all(grammar.accept(t) for t in tokenizer.encode('b"}'))
