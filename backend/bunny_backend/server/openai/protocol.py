@@ -54,6 +54,11 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     return_token_ids: bool | None = False   # each choice (and chunk) also carries the new token ids
+    # Structured output (structured_output.py): OpenAI's response_format, or one of vLLM's guided_* extensions.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
 
 def _set(value) -> bool:
@@ -69,7 +74,6 @@ REFUSED = {
     "function_call": lambda v: v not in (None, "none"),
     "logprobs": _set,
     "top_logprobs": _set,
-    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
     "logit_bias": _set,
     "presence_penalty": _set,
     "frequency_penalty": _set,
@@ -94,7 +98,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     refused = sorted(k for k, check in REFUSED.items() if k in extra and check(extra[k]))
     if refused:
         raise bad_request(f"unsupported field(s) {refused}: this server returns one plain-text choice without "
-                          "tools, logprobs, response formats, logit biases or penalties", param=refused[0])
+                          "tools, logprobs, logit biases or penalties", param=refused[0])
     unknown = sorted(k for k in extra if k not in REFUSED and k not in IGNORED)
     if unknown:
         raise bad_request(f"unknown field(s) {unknown}", param=unknown[0])

@@ -19,6 +19,7 @@ from bunny_backend.io.conversation import IMAGE_TOKEN
 
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, ChatMessage, parse_request
+from .structured_output import response_format_input
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MESSAGE_FIELDS_REFUSED = ("tool_calls", "function_call", "audio", "tool_call_id")
@@ -57,6 +58,8 @@ def to_triton(request: ChatCompletionRequest) -> TritonRequest:
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     if stop:
         inputs["stop"] = _bytes(stop)
+    if (response_format := response_format_input(request)) is not None:
+        inputs["response_format"] = _bytes([response_format])
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return TritonRequest(inputs, bool(request.stream), include_usage, bool(request.return_token_ids))
 
