@@ -157,7 +157,8 @@ BAD_FORMATS = [
     (fmt(type="json_schema", json_schema={"schema": {"type": "foo"}}),
      'the JSON schema cannot be compiled: Unsupported type "foo"'),
     (fmt(type="json_schema", json_schema={"schema": {"$ref": "#/nowhere"}}), "the JSON schema cannot be compiled"),
-    (fmt(type="regex", regex="(ab"), "the regex cannot be compiled: Regex parsing error at position 4: The parenthesis is not closed"),
+    (fmt(type="regex", regex="(ab"),
+     "the regex cannot be compiled: Regex parsing error at position 4: The parenthesis is not closed"),
     (fmt(type="choice", choices=[]), '"choices": a non-empty list of non-empty strings'),
     (fmt(type="choice", choices=["a", 1]), '"choices": a non-empty list of non-empty strings'),
 ]
