@@ -187,7 +187,7 @@ BAD = [
     (dict(n=0), "n must be in [1, 128], got 0"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported field(s) ['tools']"),
     (dict(top_logprobs=2), "top_logprobs needs logprobs set to true"),
-    (dict(response_format={"type": "json_object"}), "unsupported field(s) ['response_format']"),
+    (dict(response_format={"type": "xml"}), 'response_format.type must be one of text, json_object, json_schema'),
     (dict(frobnicate=1), "unknown field(s) ['frobnicate']"),
     (dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]),
@@ -231,6 +231,49 @@ def test_bad_requests_get_400_naming_the_problem(server, client, test_images, st
     with pytest.raises(openai.BadRequestError, match="n must be in"):
         client.chat.completions.create(model="bunny", messages=[user("hi")], n=129)
     assert_idle(server)
+
+
+PET = {"type": "object", "additionalProperties": False, "required": ["name", "legs", "kind"],
+       "properties": {"name": {"type": "string", "maxLength": 8}, "kind": {"enum": ["cat", "dog"]},
+                      "legs": {"type": "array", "maxItems": 4, "items": {"type": "integer", "minimum": 0,
+                                                                        "maximum": 9}}}}
+
+
+def test_structured_output_parses_and_a_bad_schema_is_a_400(server, client):
+    import jsonschema
+    pet = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET, "strict": True}}
+    kw = dict(model="bunny", messages=[user("Describe a pet as JSON.")], max_tokens=100, temperature=1)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda seed: client.chat.completions.create(seed=seed, response_format=pet, **kw),
+                             range(4)))
+    for out in outs:
+        assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+        jsonschema.validate(json.loads(out.choices[0].message.content), PET)
+    choice = client.chat.completions.create(extra_body={"guided_choice": ["yes", "no"]}, **kw)
+    assert choice.choices[0].message.content in ("yes", "no") and choice.choices[0].finish_reason == "stop"
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "frobnicate"}}}
+    with pytest.raises(openai.BadRequestError, match='JSON schema cannot be compiled: Unsupported type "frobnicate"'):
+        client.chat.completions.create(response_format=bad, **kw)
+    again = client.chat.completions.create(seed=7, response_format=pet, **kw)
+    jsonschema.validate(json.loads(again.choices[0].message.content), PET)
+    assert_idle(server)
+
+
+def test_sdk_parse_with_a_pydantic_model(client):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=8)
+        kind: Literal["cat", "dog"]
+        legs: list[int] = Field(max_length=4)
+
+    out = client.chat.completions.parse(model="bunny", messages=[user("Describe a pet as JSON.")], max_tokens=100,
+                                        temperature=1, seed=3, response_format=Pet)
+    pet = out.choices[0].message.parsed
+    assert isinstance(pet, Pet) and out.choices[0].finish_reason == "stop"
+    assert pet == Pet.model_validate_json(out.choices[0].message.content)
 
 
 def test_harmless_fields_are_ignored(client):

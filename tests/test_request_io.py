@@ -108,3 +108,12 @@ def test_only_the_outputs_asked_for_are_built():
     assert sorted(out) == ["completion_tokens", "output_ids"] and out["output_ids"].tolist() == [1, 2]
     assert sorted(response_arrays("hi", [1], "", 3, 1, None)) == sorted(
         ["text_output", "output_ids", "finish_reason", "prompt_tokens", "completion_tokens"])
+
+
+def test_response_format_reaches_the_engine_as_sent():
+    """Its grammar is the engine's to check and compile (tests/test_structured_output.py)."""
+    text = '{"type": "regex", "regex": "[a-z]+"}'
+    assert parse_request({"text_input": b("hi"), "response_format": b(text)}).params.response_format == text
+    assert parse_request({"text_input": b("hi")}).params.response_format is None
+    with pytest.raises(InvalidInput, match="response_format must hold exactly one string"):
+        parse_request({"text_input": b("hi"), "response_format": b(text, text)})

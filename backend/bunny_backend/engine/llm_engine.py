@@ -25,6 +25,7 @@ from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, EngineStats, RequestOutput,
                                           ServerBusyError, TokenLogprobs)
 from bunny_backend.engine.sampling_params import SamplingParams
+from bunny_backend.engine.structured_output import GrammarCompiler
 from bunny_backend.engine.worker.device import DevicePlan, Placement
 from bunny_backend.engine.worker.encoder_cache import EncoderCache
 from bunny_backend.engine.worker.encoder_runner import EncoderRunner
@@ -103,6 +104,7 @@ class LLMEngine:
         self.builder = RequestBuilder(config, self.tokenizer, self.model.config.vision.image_size,
                                       self.model.num_image_tokens, self.max_model_len, self.scheduler.check_fits,
                                       self.scheduler.room)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.shards.vocab_size, self.eos_token_ids)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests
         self._hooks = step_hooks.from_environment()   # None unless BUNNY_ENGINE_HOOKS names some
         self._requests: dict[str, _Request] = {}
@@ -133,7 +135,10 @@ class LLMEngine:
         """prompt: the user's text (the whole prompt when apply_chat_template is false) or a list of Messages."""
         request_id = request_id or f"req-{next(self._ids)}"
         self._check_not_busy()   # before decoding images: an overloaded server should refuse cheaply
-        seq = self.builder.build(request_id, prompt, list(images), params or SamplingParams(), apply_chat_template)
+        params = params or SamplingParams()
+        grammar = self.grammars.matcher(params.response_format)   # compiled here, off the engine thread
+        seq = self.builder.build(request_id, prompt, list(images), params, apply_chat_template)
+        seq.grammar = grammar
         req = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.params.stop))
         if self._hooks:
             self._hooks.on_request(seq, prompt)
@@ -239,7 +244,10 @@ class LLMEngine:
             out.inter_token_latencies_s.append(now - seq.last_token_time)
         seq.last_token_time = now
         reason = None
-        if token in self.eos_token_ids and not seq.params.ignore_eos:
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise RuntimeError(f"the response_format's grammar does not allow token {token}")
+        grammar_ended = seq.grammar is not None and seq.grammar.ended   # even under ignore_eos
+        if grammar_ended or (token in self.eos_token_ids and not seq.params.ignore_eos):
             reason = "stop"
         else:
             out.delta_text = req.detok.add(token, match_stop=seq.num_completion_tokens >= seq.params.min_tokens)

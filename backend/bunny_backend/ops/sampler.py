@@ -135,11 +135,13 @@ class Sampler:
     generators[i] is a CPU torch.Generator; it may be None for a greedy row (greedy rows draw nothing).
     prev_token_ids[i] is prompt + generated ids: all of it is read for a repetition penalty != 1, the generated
     part (from num_prompt_tokens[i] on; default 0) for presence and frequency penalties != 0.
-    banned_token_ids[i]: ids the row may not sample (min_tokens keeps EOS out this way)."""
+    banned_token_ids[i]: ids the row may not sample (min_tokens keeps EOS out this way).
+    mask: what `mask.apply(logits)` turns into logits with the tokens a row's grammar forbids at -inf (a copy), or
+    None (engine/structured_output.py's TokenMask)."""
 
     def __call__(self, logits: torch.Tensor, params: list[RowParams], generators: list[torch.Generator | None],
                  prev_token_ids: list[list[int]], num_prompt_tokens: list[int] | None = None,
-                 banned_token_ids: list[Collection[int]] | None = None) -> SamplerOutput:
+                 banned_token_ids: list[Collection[int]] | None = None, mask=None) -> SamplerOutput:
         batch, vocab = logits.shape
         num_prompt_tokens = num_prompt_tokens if num_prompt_tokens is not None else [0] * batch
         banned_token_ids = banned_token_ids if banned_token_ids is not None else [()] * batch
@@ -154,6 +156,8 @@ class Sampler:
             rows = logits if len(asked) == batch else logits[index]
             logprobs, top_logprobs, top_ids = raw_logprobs(rows, min(max(params[i].logprobs for i in asked), vocab))
         adjusted = self._penalised(logits, params, prev_token_ids, num_prompt_tokens, banned_token_ids)
+        if mask is not None:   # structured output: after the penalties, before temperature, top-k and top-p
+            adjusted = mask.apply(logits.float() if adjusted is None else adjusted)
         tokens = self._pick(logits if adjusted is None else adjusted, params, generators, adjusted is None)
         if not asked:
             return SamplerOutput(tokens, None)

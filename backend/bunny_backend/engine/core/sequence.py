@@ -51,6 +51,7 @@ class Sequence:
             if im.offset < 0 or im.length < 1 or len(span) != im.length or any(t != IMAGE_TOKEN_INDEX for t in span):
                 raise ValueError(f"image span at {im.offset} (+{im.length}) does not cover IMAGE_TOKEN_INDEX tokens")
         self.params = params
+        self.grammar = None               # structured_output.SequenceGrammar of a response_format; None: free text
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
 

@@ -17,6 +17,7 @@ from bunny_backend.engine.outputs import EngineDeadError, TokenLogprobs
 from bunny_backend.engine.core.scheduler import SchedulerOutput
 from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.engine.executor.step_channel import StepInputs
+from bunny_backend.engine.structured_output import TokenMask
 from bunny_backend.model.bunny import BunnyForCausalLM
 from bunny_backend.ops.sampler import Sampler, SamplerOutput
 from bunny_backend.utils.context import paged_context, reset_context, set_context, token_slots
@@ -148,8 +149,9 @@ class ModelRunner:
         picked = [seqs[i] for i in want]
         banned = [self.eos_token_ids if s.num_completion_tokens < s.params.min_tokens and not s.params.ignore_eos
                   else () for s in picked]
+        mask = TokenMask.for_batch([s.grammar for s in picked], logits.shape[-1])
         sampled = self.sampler(logits, [s.params for s in picked], [s.generator for s in picked],
-                               [s.token_ids for s in picked], [s.num_prompt_tokens for s in picked], banned)
+                               [s.token_ids for s in picked], [s.num_prompt_tokens for s in picked], banned, mask)
         out = Sampled([None] * len(seqs), [None] * len(seqs))
         for i, t in zip(want, sampled.tokens.tolist()):
             out.tokens[i] = t

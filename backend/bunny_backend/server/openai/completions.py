@@ -11,7 +11,7 @@ from .errors import bad_request
 from .protocol import SamplingFields, parse_body
 from .sampling import MAX_CHOICES, choices_per_prompt, logprobs_input, sampling_inputs
 from .served_models import ServedModels
-from .translate import TritonRequest, include_usage, stop_input
+from .translate import TritonRequest, include_usage, response_format_inputs, stop_input
 
 class CompletionRequest(SamplingFields):
     prompt: Any = None              # a string or a list of strings; checked in prompts() for a clear message
@@ -24,7 +24,6 @@ class CompletionRequest(SamplingFields):
 # field -> whether the value asks for something this server cannot do
 REFUSED = {
     "logit_bias": lambda v: bool(v),
-    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
 }
 
 
@@ -54,6 +53,7 @@ def to_triton(request: CompletionRequest) -> TritonRequest:
     inputs = {"apply_chat_template": np.array([False]), "stream": np.array([bool(request.stream)])}
     inputs.update(sampling_inputs(request, request.max_tokens, logprobs_input(request.logprobs, "logprobs")))
     inputs.update(stop_input(request))
+    inputs.update(response_format_inputs(request))
     own = [{"text_input": np.array([t.encode("utf-8", "surrogatepass")], dtype=object)} for t in texts]
     return TritonRequest(inputs, bool(request.stream), include_usage(request), bool(request.return_token_ids),
                          n=n, top_logprobs=request.logprobs, prompts=own)

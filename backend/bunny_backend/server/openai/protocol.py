@@ -58,6 +58,11 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     return_token_ids: bool | None = False   # each choice (and chunk) also carries the new token ids
+    # Structured output (structured_output.py): OpenAI's response_format, or one of vLLM's guided_* extensions.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -77,7 +82,6 @@ REFUSED = {
     "tool_choice": lambda v: v not in (None, "none"),
     "functions": _set,
     "function_call": lambda v: v not in (None, "none"),
-    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
     "logit_bias": _set,
     "audio": _set,
     "modalities": lambda v: v not in (None, ["text"]),
@@ -105,8 +109,8 @@ def parse_body(body: bytes, kind: type[SamplingFields], refused_fields: dict) ->
     extra: dict[str, Any] = request.model_extra or {}
     refused = sorted(k for k, check in refused_fields.items() if k in extra and check(extra[k]))
     if refused:
-        raise bad_request(f"unsupported field(s) {refused}: this server answers in plain text, without tools, "
-                          "response formats or logit biases", param=refused[0])
+        raise bad_request(f"unsupported field(s) {refused}: this server answers in plain text, without tools "
+                          "or logit biases", param=refused[0])
     unknown = sorted(k for k in extra if k not in refused_fields and k not in IGNORED)
     if unknown:
         raise bad_request(f"unknown field(s) {unknown}", param=unknown[0])

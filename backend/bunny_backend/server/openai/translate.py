@@ -21,6 +21,7 @@ from .media import ImageSource, check_and_decode, image_source
 from .protocol import ChatCompletionRequest, ChatMessage, SamplingFields, parse_request
 from .sampling import choices_per_prompt, logprobs_input, sampling_inputs
 from .served_models import ServedModels
+from .structured_output import response_format_input
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MESSAGE_FIELDS_REFUSED = ("tool_calls", "function_call", "audio", "tool_call_id")
@@ -68,6 +69,7 @@ def to_triton(request: ChatCompletionRequest, allowed_hosts: tuple[str, ...] = (
     top_logprobs = _top_logprobs(request)
     inputs.update(sampling_inputs(request, _max_tokens(request), logprobs_input(top_logprobs, "top_logprobs")))
     inputs.update(stop_input(request))
+    inputs.update(response_format_inputs(request))
     return TritonRequest(inputs, bool(request.stream), include_usage(request), bool(request.return_token_ids),
                          n=choices_per_prompt(request), top_logprobs=top_logprobs, images=images)
 
@@ -75,6 +77,12 @@ def to_triton(request: ChatCompletionRequest, allowed_hosts: tuple[str, ...] = (
 def stop_input(request: SamplingFields) -> dict[str, np.ndarray]:
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     return {"stop": _bytes(stop)} if stop else {}
+
+
+def response_format_inputs(request: SamplingFields) -> dict[str, np.ndarray]:
+    """The model's `response_format` input from OpenAI's response_format or vLLM's guided_* fields, if any."""
+    response_format = response_format_input(request)
+    return {} if response_format is None else {"response_format": _bytes([response_format])}
 
 
 def include_usage(request: SamplingFields) -> bool:
