@@ -68,7 +68,7 @@ def split_count(batch: int, kv_heads: int, num_sms: int) -> int:
 
 
 def warps_and_stages(head_dim: int) -> tuple[int, int]:
-    """Starting points per head dim, to be measured on a GPU (bench/kernel_sweep.py)."""
+    """Starting points per head dim, not yet tuned on a GPU (bench/kernel_times.py times the kernels)."""
     return (4, 3) if head_dim <= 128 else (8, 2)
 
 

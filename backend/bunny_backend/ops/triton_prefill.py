@@ -27,7 +27,7 @@ LOG2E = 1.4426950408889634
 
 def tiles(head_dim: int) -> tuple[int, int, int, int]:
     """(score rows per tile, keys per tile, warps, stages) for a head dim: starting points (Triton's flash-attention
-    tutorial's shapes for short varlen tiles), to be measured on a GPU (bench/kernel_sweep.py)."""
+    tutorial's shapes for short varlen tiles), not yet tuned on a GPU (bench/kernel_times.py times the kernels)."""
     if head_dim <= 64:
         return 64, 64, 4, 3
     if head_dim <= 128:

@@ -155,6 +155,12 @@ class DevicePlan:
                    tensor_parallel_size=config.tensor_parallel_size, num_threads=threads, max_num_seqs=seqs,
                    max_queued_requests=queued)
 
+    @property
+    def warms_up(self) -> bool:
+        """Whether the engine runs its warm-up steps at load (engine/worker/warm_up.py): on CUDA, where first uses
+        compile Triton kernels; the CPU's kernels are built by `./build.sh setup`."""
+        return self.device.type == "cuda"
+
     def for_rank(self, rank: int) -> "DevicePlan":
         """The plan of tensor-parallel rank `rank` of this engine: the next devices after rank 0's."""
         if self.device.type == "cpu" or rank == 0:
