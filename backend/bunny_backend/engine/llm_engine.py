@@ -31,6 +31,7 @@ from bunny_backend.engine.worker.encoder_cache import EncoderCache
 from bunny_backend.engine.worker.encoder_runner import EncoderRunner
 from bunny_backend.engine.worker.kv_cache import num_kv_blocks
 from bunny_backend.engine.worker.model_runner import ModelRunner
+from bunny_backend.engine.worker.warm_up import warm_up
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
 from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.model.config import BunnyConfig
@@ -94,6 +95,9 @@ class LLMEngine:
                                       graph_capture=plan.graph_capture(model_config.text.head_dim),
                                       max_graph_batch=config.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq,
                                       workers=self.workers, eos_token_ids=self.eos_token_ids)
+            if plan.warms_up:
+                log.info("bunny: warm-up at load took %.1f s",
+                         warm_up(self.runner, self.model, config.max_num_seqs))
         except BaseException:
             self.shutdown()
             raise

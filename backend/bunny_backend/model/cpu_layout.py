@@ -115,10 +115,5 @@ def use_fused_cpu_ops(model: nn.Module) -> None:
     build. At batch 10 a decode step otherwise spends ~2.5 ms of 24 (bf16, qwen bench model) in ~100 small ATen
     ops and their temporaries; a 210-token prefill ~10 ms."""
     ops = cpu_kernels.decoder_ops()
-    if ops is None:
-        return
-    text = model.model
-    for layer in text.layers:
-        for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn, layer.mlp):
-            module.ops = ops
-    text.norm.ops = ops
+    if ops is not None:
+        model.model.use_fused_ops(ops)

@@ -9,7 +9,7 @@ from bunny_backend.utils.context import get_context
 
 
 class RMSNorm(nn.Module):
-    """`ops`: torch.ops.bunny where the fused CPU kernels run it (set by model/cpu_layout.py), else None."""
+    """`ops`: the fused decoder ops where they run it (Qwen2Model.use_fused_ops), else None."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

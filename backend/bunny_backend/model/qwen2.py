@@ -28,7 +28,7 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)                      # row-parallel
         self.o_proj.checkpoint_shards = shards.o_proj()
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
-        self.ops = None   # torch.ops.bunny where the fused CPU kernels run the rotary (model/cpu_layout.py)
+        self.ops = None   # the fused decoder ops where they run the rotary (Qwen2Model.use_fused_ops)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         qkv = self.qkv_proj(x)
@@ -62,7 +62,7 @@ class Qwen2MLP(nn.Module):
         self.gate_up_proj.checkpoint_shards = shards.gate_up()
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)          # row-parallel
         self.down_proj.checkpoint_shards = shards.down_proj()
-        self.ops = None   # torch.ops.bunny where the fused CPU kernels run SiLU(gate) * up (model/cpu_layout.py)
+        self.ops = None   # the fused decoder ops where they run SiLU(gate) * up (Qwen2Model.use_fused_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -137,6 +137,14 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, shards) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.decode_loop = None   # decode-only steps on the CPU kernels without the modules (model/cpu_decode.py)
+
+    def use_fused_ops(self, ops) -> None:
+        """Run the RMSNorms, rotary and SiLU-mul on `ops` (rms_norm, add_rms_norm, rotary_qk, silu_mul): the C++
+        CPU ops (model/cpu_layout.py) or the Triton ones on CUDA (ops/triton_fused.py)."""
+        for layer in self.layers:
+            for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn, layer.mlp):
+                module.ops = ops
+        self.norm.ops = ops
 
     def decode_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final hidden states of every row, or of the context's output_rows where it names them."""

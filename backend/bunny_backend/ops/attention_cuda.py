@@ -2,12 +2,14 @@
 what changes is the kernels:
 - store: index_copy_ into the flattened cache (one fused scatter per tensor; inherited);
 - prefill without a cached prefix: flash_attn_varlen_func over the packed sequences when the flash_attn package
-  is installed (float16/bfloat16), else SDPA per sequence (inherited);
-- prefill over a cached prefix: SDPA per sequence over the gathered prefix (inherited); flash-attn's paged
+  is installed (float16/bfloat16);
+- every other prefill (cached prefixes, continuing chunks, one-token queries, and fresh prompts without
+  flash-attn): one Triton launch over the paged cache for the whole batch (triton_prefill.py); flash-attn's paged
   prefill wants blocks of 256 tokens, more than our default 16;
-- decode: a Triton kernel that reads K/V through the block table (triton_paged_decode.py), else the portable op.
+- decode: a Triton kernel that reads K/V through the block table (triton_paged_decode.py).
+Where triton or the tensors' dtype/shape rule it out, the portable code runs (logged once).
 A mixed step arrives split (ops.attention.attend): its decode rows through `decode`, its prefill chunks through
-`prefill`. Given a whole mixed batch, `prefill` sees cached prefixes (the decode rows') and takes the SDPA path.
+`prefill`; given a whole mixed batch, `prefill` takes it too.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import logging
 
 import torch
 
-from bunny_backend.ops import triton_paged_decode
+from bunny_backend.ops import triton_paged_decode, triton_prefill
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
 from bunny_backend.utils.context import ForwardContext
 
@@ -53,6 +55,12 @@ class CudaAttentionBackend(TorchAttentionBackend):
             cu = ctx.cu_seqlens_q
             return self.flash_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=ctx.max_seqlen_q,
                                      max_seqlen_k=ctx.max_seqlen_q, softmax_scale=scale, causal=True)
+        if k_cache is not None:
+            reason = triton_paged_decode.unsupported_reason(q, k_cache)
+            if reason is None:
+                return triton_prefill.paged_prefill(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                                                    ctx.context_lens, scale)
+            self._note_fallback("prefill", reason)
         return super().prefill(q, k, v, k_cache, v_cache, ctx, scale)
 
     def decode(self, q, k_cache, v_cache, ctx: ForwardContext, scale):

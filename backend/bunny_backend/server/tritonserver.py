@@ -7,6 +7,7 @@ LD_LIBRARY_PATH, and it locates the venv's site-packages through the first `pyth
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -42,11 +43,12 @@ class Ports:
 
 
 def pytriton_dir() -> Path:
-    try:
-        import pytriton
-    except ImportError:
-        raise RuntimeError("nvidia-pytriton is not installed; run ./build.sh setup") from None
-    return Path(pytriton.__file__).resolve().parent
+    """The nvidia-pytriton package's folder, found without importing it (importing pytriton pulls its whole client
+    stack, which a host carrying only the server's files lacks)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed; run ./build.sh setup")
+    return Path(spec.submodule_search_locations[0]).resolve()
 
 
 def tritonserver_binary() -> Path:

@@ -12,9 +12,9 @@ PY="$VENV/bin/python"
 DEST="$ROOT/build/triton/backends/python"
 
 read -r PT PYVER < <("$PY" - <<'EOF'
-import os, sys
-import pytriton
-print(os.path.join(os.path.dirname(pytriton.__file__), "tritonserver"), f"{sys.version_info[0]}.{sys.version_info[1]}")
+import importlib.util, os, sys
+spec = importlib.util.find_spec("pytriton")   # not imported: pytriton pulls its whole client stack
+print(os.path.join(spec.submodule_search_locations[0], "tritonserver"), f"{sys.version_info[0]}.{sys.version_info[1]}")
 EOF
 ) || { echo "[setup_triton] nvidia-pytriton is not installed in $VENV" >&2; exit 1; }
 

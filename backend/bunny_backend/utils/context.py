@@ -29,7 +29,7 @@ class ForwardContext:
     cu_seqlens_q: torch.Tensor | None = None   # int32 [B+1]
     max_seqlen_q: int = 0
     slot_mapping: torch.Tensor | None = None   # int64 [N]: cache slot of each new token (see token_slots)
-    context_lens: torch.Tensor | None = None   # int32 [B]: tokens in cache after this step, per sequence
+    context_lens: torch.Tensor | None = None   # int32 [B]: tokens in cache after this step, per sequence (seqlens_k)
     block_tables: torch.Tensor | None = None   # int32 [B, max_blocks], -1 padded
     # Host copies so that portable kernels need no device->host syncs.
     seqlens_q: list[int] | None = None
@@ -73,6 +73,7 @@ def _varlen(seqlens_q: list[int], seqlens_k: list[int], tables: list[list[int]],
     cu_q = torch.tensor([0] + seqlens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return ForwardContext(is_prefill=True, cu_seqlens_q=cu_q.to(device), max_seqlen_q=max(seqlens_q),
                           slot_mapping=slot_mapping, block_tables=_block_table_tensor(tables, device),
+                          context_lens=torch.tensor(seqlens_k, dtype=torch.int32, device=device),
                           seqlens_q=list(seqlens_q), seqlens_k=list(seqlens_k))
 
 

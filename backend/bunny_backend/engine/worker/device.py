@@ -26,7 +26,6 @@ from bunny_backend.engine.worker.decode_graphs import GraphCapture
 from bunny_backend.model.cpu_decode import use_cpu_decode_loop
 from bunny_backend.model.cpu_layout import use_cpu_linears, use_fused_cpu_ops
 from bunny_backend.model.loader import DTYPES
-from bunny_backend.ops import triton_paged_decode
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
 
 log = logging.getLogger("bunny.engine")
@@ -156,6 +155,12 @@ class DevicePlan:
                    tensor_parallel_size=config.tensor_parallel_size, num_threads=threads, max_num_seqs=seqs,
                    max_queued_requests=queued)
 
+    @property
+    def warms_up(self) -> bool:
+        """Whether the engine runs its warm-up steps at load (engine/worker/warm_up.py): on CUDA, where first uses
+        compile Triton kernels; the CPU's kernels are built by `./build.sh setup`."""
+        return self.device.type == "cuda"
+
     def for_rank(self, rank: int) -> "DevicePlan":
         """The plan of tensor-parallel rank `rank` of this engine: the next devices after rank 0's."""
         if self.device.type == "cpu" or rank == 0:
@@ -179,6 +184,10 @@ class DevicePlan:
             use_cpu_linears(model)
             use_fused_cpu_ops(model)
             use_cpu_decode_loop(model)
+        elif self.device.type == "cuda":
+            from bunny_backend.ops import triton_fused   # triton is imported on CUDA only
+            if (ops := triton_fused.decoder_ops()) is not None:
+                model.model.use_fused_ops(ops)
 
     def graph_capture(self, head_dim: int) -> GraphCapture | None:
         """torch.cuda graph capture when asked for and the decode attention can be captured, else None."""
@@ -187,8 +196,9 @@ class DevicePlan:
         if self.tensor_parallel_size > 1:
             log.warning("bunny: cuda_graphs is on but decode runs eagerly: not captured under tensor parallelism")
             return None
+        from bunny_backend.ops.triton_support import attention_unsupported_for   # imports triton
         reason = (f"attention backend {self.attention_backend}" if self.attention_backend != "cuda" else
-                  triton_paged_decode.unsupported_for(self.dtype, head_dim, self.block_size))
+                  attention_unsupported_for(self.dtype, head_dim, self.block_size))
         if reason:
             log.warning("bunny: cuda_graphs is on but decode runs eagerly: %s", reason)
             return None

@@ -7,6 +7,7 @@ of them run `forward` on it; rank 0 alone samples. Each rank's KV cache holds th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -58,9 +59,11 @@ class ModelRunner:
         self.graphs = None
         if graph_capture is not None:
             try:
+                t0 = time.perf_counter()
                 self.graphs = DecodeGraphs(model, max_graph_batch, max_blocks_per_seq, num_blocks, block_size,
                                            device, graph_capture)
-                log.info("bunny: decode graphs captured for batch sizes %s", self.graphs.sizes)
+                log.info("bunny: decode graphs captured for batch sizes %s in %.1f s", self.graphs.sizes,
+                         time.perf_counter() - t0)
             except Exception as e:   # noqa: BLE001 - eager decode still works
                 log.warning("bunny: capturing decode graphs failed (%s: %s); decoding eagerly", type(e).__name__, e)
 
