@@ -79,9 +79,10 @@ def stream_inputs(prompt: str, max_tokens: int) -> dict[str, np.ndarray]:
 
 
 async def triton_streams(url: str, n: int, max_tokens: int) -> dict:
+    from bunny_backend.server.openai.options import FrontOptions
     from bunny_backend.server.openai.triton_client import TritonClient
 
-    clients = [TritonClient(url, "bunny") for _ in range(8)]
+    clients = [TritonClient(FrontOptions(url)) for _ in range(8)]
 
     async def one(i: int) -> RequestTiming:
         timing = RequestTiming(sent=time.perf_counter())

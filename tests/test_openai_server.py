@@ -388,7 +388,8 @@ def test_n_greedy_choices_are_equal_and_share_the_prompt_s_kv(server, client):
     assert [c.index for c in out.choices] == [0, 1, 2, 3] and all(a == answers[0] for a in answers)
     assert_idle(server)
     prompt = out.usage.prompt_tokens
-    assert prompt > 64 and server.metric("bunny_prefix_cache_hit_tokens_total") - hits == 3 * ((prompt - 1) // 16 * 16)
+    # the first choice may also hit the system prompt's blocks, cached by earlier requests
+    assert prompt > 64 and server.metric("bunny_prefix_cache_hit_tokens_total") - hits >= 3 * ((prompt - 1) // 16 * 16)
 
 
 def test_chat_logprobs_are_consistent_with_the_answer(client):

@@ -1,6 +1,8 @@
 """Sequences that share a prompt prefix with a running prefill wait for its blocks to enter the prefix cache
 instead of computing the same K/V again (the n choices of one request, many users sending the same image)."""
 from bunny_backend.engine.core.block_manager import BlockManager
+from bunny_backend.engine.core.sequence import Sequence
+from bunny_backend.engine.sampling_params import SamplingParams
 from test_scheduler import BS, assert_all_free, make_sched, make_seq, step
 
 
@@ -63,6 +65,17 @@ def test_a_cancelled_or_preempted_leader_releases_the_waiters():
     assert out.seqs == [b] and b.num_prefix_hit_tokens == 8    # the one block a sealed is still cached
     sched.finish(b, "stop")
     assert_all_free(sched)
+
+
+def test_a_short_shared_beginning_is_not_worth_waiting_for():
+    sched = make_sched(max_num_batched_tokens=256)
+    head = list(range(8))                     # two blocks in common (a system prompt), then 32 tokens of its own
+    a = Sequence("a", head + list(range(100, 132)), SamplingParams())
+    b = Sequence("b", head + list(range(200, 232)), SamplingParams())
+    mostly = Sequence("mostly", head + list(range(100, 124)) + [7] * 8, SamplingParams())   # 32 of 40 in common: it waits
+    for s in (a, b, mostly):
+        sched.add(s)
+    assert step(sched).seqs == [a, b]
 
 
 def test_nothing_waits_without_prefix_caching():

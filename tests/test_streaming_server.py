@@ -14,6 +14,7 @@ from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.server.openai.errors import OpenAIError
+from bunny_backend.server.openai.options import FrontOptions
 from bunny_backend.server.openai.triton_client import TritonClient
 from bunny_client.grpc_requests import BunnyStream, RequestOptions
 from grpc_helpers import TEXTS, inputs_of, joined, send
@@ -117,7 +118,7 @@ def test_the_openai_sdk_reassembles_coalesced_chunks(server, solo):
 async def _many_streams(url: str, jobs: list[dict]) -> list[dict]:
     """Each job one request on its own gRPC stream (8 channels); a job with `cancel_after` abandons its stream
     (a cancellation Triton passes on to the model) once that many tokens came."""
-    clients = [TritonClient(url, "bunny") for _ in range(8)]
+    clients = [TritonClient(FrontOptions(url)) for _ in range(8)]
 
     async def one(i: int, job: dict) -> dict:
         t0, ids, text = time.perf_counter(), [], ""

@@ -8,7 +8,7 @@ list is ordered: blocks with no hash go to the front and are reused first, hashe
 
 Hashes are registered only after the K/V is written, never at allocation, so a sequence can never hit a block
 that is still waiting for its prefill chunk. The hashes of the full blocks a sequence is still to compute are
-kept as pending instead (`in_flight_prefix`): a newcomer whose next block is pending (the n choices of one
+kept as pending instead (`in_flight_prefix`): a newcomer most of whose prompt is pending (the n choices of one
 prompt, many users sending the same image) can wait for it rather than compute the same K/V again.
 """
 from __future__ import annotations
@@ -87,9 +87,16 @@ class BlockManager:
             h = block_hash(h, tokens, extra)
             yield h, tokens, extra
 
-    def _match_prefix(self, seq: Sequence, miss: list | None = None) -> list[int]:
-        """Cached blocks for the leading full blocks of seq, stopping at the first miss (whose hash goes to
-        `miss` when given).
+    def _cached(self, h: bytes, tokens: tuple[int, ...], extra: tuple[bytes, ...]) -> int | None:
+        """The block holding this content, verified, or None."""
+        block_id = self.hash_to_block.get(h)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        return block_id if block.hash == h and block.token_ids == tokens and block.extra == extra else None
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks for the leading full blocks of seq, stopping at the first miss.
 
         Only blocks entirely before the last token may hit: at least one token must be computed to get logits.
         """
@@ -97,22 +104,27 @@ class BlockManager:
             return []
         hits = []
         for h, tokens, extra in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
-            block_id = self.hash_to_block.get(h)
-            block = None if block_id is None else self.blocks[block_id]
-            if block is None or block.hash != h or block.token_ids != tokens or block.extra != extra:
-                if miss is not None:
-                    miss.append(h)
+            block_id = self._cached(h, tokens, extra)
+            if block_id is None:
                 break
             hits.append(block_id)
         return hits
 
     def in_flight_prefix(self, seq: Sequence) -> bool:
-        """Whether seq's first block not in the cache is being computed by a running sequence's prefill."""
+        """Whether most of what seq would compute is being computed by a running prefill: the blocks after its
+        cache hits are pending and cover at least half of its uncached tokens (a prompt that shares only a short
+        system prompt with one being computed does not wait for it)."""
         if not self.pending:
             return False
-        miss: list[bytes] = []
-        self._match_prefix(seq, miss)
-        return bool(miss) and miss[0] in self.pending
+        hits = pending = 0
+        for h, tokens, extra in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            if not pending and self._cached(h, tokens, extra) is not None:
+                hits += 1
+            elif h in self.pending:
+                pending += 1
+            else:
+                break
+        return pending > 0 and 2 * pending * self.block_size >= seq.num_tokens - hits * self.block_size
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._match_prefix(seq)

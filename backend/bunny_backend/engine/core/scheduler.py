@@ -7,9 +7,9 @@ Policy (after vLLM v1): one token budget per step (max_num_batched_tokens), one 
   prompt and generated tokens); if there is none, it preempts itself.
 - Then prefill chunks fill what is left: running sequences whose prefill is unfinished continue first (they keep
   their blocks), then waiting sequences are admitted FIFO while the number of running sequences, the budget and
-  the free blocks allow (not in a step that preempted); a waiting sequence whose next prompt blocks are being
-  computed by another's prefill (the same prompt, or the same image) waits for them to enter the prefix cache
-  rather than compute them again, and those behind it may pass. A prompt longer than what is left is chunked: it gets
+  the free blocks allow (not in a step that preempted); a waiting sequence most of whose prompt is being
+  computed by another's prefill (the same prompt, or the same image) waits for it to enter the prefix cache
+  rather than compute it again, and those behind it may pass. A prompt longer than what is left is chunked: it gets
   what is left, and continues next step. While the step carries decodes of streams that were already streaming when
   a prompt arrived, that prompt's tokens are also bounded by max_prefill_tokens_while_decoding (all such prompts
   together), so running streams are never stalled by a whole long prompt, and each prompt is spread over about
@@ -184,7 +184,7 @@ class Scheduler:
             if budget.tokens <= 0 or len(self.running) >= self.max_num_seqs:
                 return
             if self.block_manager.in_flight_prefix(seq):
-                continue        # its next blocks are being computed: it takes them from the cache once sealed
+                continue        # its prompt is being computed: it takes it from the cache once sealed
             if budget.beside_decodes and budget.spread_tokens <= 0 and not self._arrived_before_streaming(seq, budget):
                 return
             if not self.block_manager.can_allocate(seq):
