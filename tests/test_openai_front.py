@@ -6,9 +6,6 @@ import base64
 import json
 import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -16,9 +13,8 @@ import pytest
 from bunny_backend.server.launch import free_ports
 from bunny_backend.server.openai import media, translate
 from bunny_backend.server.openai.errors import OpenAIError, from_triton
-from bunny_backend.server.openai.options import FrontOptions
-from bunny_backend.server.openai.runner import OpenAIFront
 from bunny_backend.server.openai.served_models import ServedModels
+from openai_front_helpers import request, running_front
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -97,25 +93,9 @@ def test_triton_errors_map_to_http_statuses_by_their_code(message, status, shown
 
 @pytest.fixture
 def front_without_triton():
-    port, dead = free_ports(2)
-    front = OpenAIFront("127.0.0.1", port, FrontOptions(f"127.0.0.1:{dead}"))
-    yield f"http://127.0.0.1:{port}"
-    front.stop()
-
-
-def request(url, data: bytes | None = None, timeout=30) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-        except urllib.error.URLError:   # the front's thread may still be starting
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    dead, = free_ports(1)
+    with running_front(f"127.0.0.1:{dead}") as url:
+        yield url
 
 
 def test_without_triton_health_and_chat_answer_503(front_without_triton):
