@@ -6,6 +6,7 @@ import json
 import pytest
 
 from bunny_backend.server.openai import translate
+from bunny_backend.server.openai.completions import prepare_completion
 from bunny_backend.server.openai.errors import OpenAIError
 from bunny_backend.server.openai.served_models import ServedModels
 
@@ -37,6 +38,12 @@ def test_fields_become_the_response_format_input(fields, want):
     else:
         assert inputs["response_format"].dtype == object and len(inputs["response_format"]) == 1
         assert json.loads(inputs["response_format"][0]) == want
+
+
+def test_completions_take_the_same_fields():
+    body = {"model": "bunny", "prompt": ["a", "b"], "guided_choice": ["yes", "no"]}
+    prepared = prepare_completion(json.dumps(body).encode(), ServedModels(("bunny",)))
+    assert json.loads(prepared.inputs["response_format"][0]) == {"type": "choice", "choices": ["yes", "no"]}
 
 
 @pytest.mark.parametrize("fields, needle, param", [
