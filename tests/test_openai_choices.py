@@ -13,10 +13,8 @@ import numpy as np
 import openai
 import pytest
 from fake_triton_server import FAILING_SEED, FAKE_CONTEXT, FakeServer, fake_answer, fake_logprobs
+from openai_front_helpers import running_front
 
-from bunny_backend.server.launch import free_ports
-from bunny_backend.server.openai.options import FrontOptions
-from bunny_backend.server.openai.runner import OpenAIFront
 
 HI = [{"role": "user", "content": "hi there"}]
 HI_PROMPT_TOKENS = 10 + 2   # the fake's template counts 10, then the words
@@ -31,10 +29,9 @@ def fake():
 
 @pytest.fixture(scope="module")
 def front(fake):
-    port = free_ports(1)[0]
-    front = OpenAIFront("127.0.0.1", port, FrontOptions(fake.url))
-    yield port
-    front.stop()
+    """The front's port."""
+    with running_front(fake.url) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")
