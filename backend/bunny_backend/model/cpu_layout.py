@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bunny_backend.model.quantized_linear import quantized_linears
 from bunny_backend.ops import cpu_kernels
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
 
@@ -89,14 +90,11 @@ def cpu_linear_class(dtype: torch.dtype = torch.float32, cpu: CpuFeatures | None
 
 def use_cpu_linears(model: nn.Module, cls: type[_CpuLinear] | None = None) -> None:
     """Swap the decoder's projections (and an untied LM head), the vision tower's and the projector's linears for
-    the CPU layout (cpu_layout, or `cls`), in place."""
+    the CPU layout (cpu_layout, or `cls`), in place. Quantized ones (model/quantized_linear.py) keep theirs."""
     convert = cls or cpu_layout
-    for layer in model.model.layers:
-        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-            setattr(parent, name, convert(getattr(parent, name)))
-    if not model.config.text.tie_word_embeddings:
-        model.lm_head = convert(model.lm_head)
+    for parent, name in quantized_linears(model):
+        if type(linear := getattr(parent, name)) is nn.Linear:
+            setattr(parent, name, convert(linear))
     for name in ("vision_tower", "mm_projector"):   # on the tensor-parallel driver only
         if (part := getattr(model.model, name, None)) is not None:
             _convert_linears(part, convert)
