@@ -14,7 +14,8 @@ import torch
 CHANNELS_PER_BLOCK = 256
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (any strides), q int8 [N, K], scale float32 [N], bias [N] or None -> [M, N] in x's dtype."""
     if x.dim() != 2 or q.dim() != 2 or x.shape[1] != q.shape[1]:
         raise ValueError(f"int8_linear: x {tuple(x.shape)} and weight {tuple(q.shape)} do not match")
