@@ -79,7 +79,8 @@ bool int8_panel_linear_available() {
 
 // q int8 [N, K] -> [ceil(N / 32)][K][32] int8, zero-padded.
 at::Tensor pack_int8_panels(const at::Tensor& q) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "pack_int8_panels: q must be int8 [out_features, in_features]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar,
+              "pack_int8_panels: q must be int8 [out_features, in_features]");
   const int64_t N = q.size(0), K = q.size(1), np = (N + kPanel - 1) / kPanel, full = N / kPanel, rest = N % kPanel;
   at::Tensor out = at::zeros({np, K, kPanel}, q.options());
   if (full) out.narrow(0, 0, full).copy_(q.narrow(0, 0, full * kPanel).view({full, kPanel, K}).transpose(1, 2));
