@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 _DEVICES = ("auto", "cpu", "cuda", "npu")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_QUANTIZATIONS = ("none", "int8", "fp8")
 
 
 @dataclass(slots=True)
@@ -13,6 +14,9 @@ class EngineConfig:
     model_path: str = ""
     device: str = "auto"            # auto picks npu > cuda > cpu
     dtype: str = "auto"             # auto: bfloat16 on accelerators and CPUs with native bf16, else float32
+    # Weights quantized at load from the checkpoint (model/quantized_linear.py): none; int8 (weight-only, per output
+    # channel; meant for the CPU); fp8 (E4M3 weights and per-token activations, CUDA with compute capability >= 8.9).
+    quantization: str = "none"
     block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
     max_num_seqs: int = 0           # 0: the device's own (engine/worker/device.py: 16 on cpu, up to 256 elsewhere)
     max_num_batched_tokens: int = 4096
@@ -59,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch, cuda or npu, got {self.attention_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         for name in ("max_num_batched_tokens", "tensor_parallel_size", "max_images_per_encoder_batch",
                      "stream_interval"):
             if getattr(self, name) < 1:

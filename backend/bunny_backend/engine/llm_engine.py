@@ -36,6 +36,7 @@ from bunny_backend.io.detokenizer import IncrementalDetokenizer
 from bunny_backend.io.tokenizer import eos_token_ids, load_tokenizer
 from bunny_backend.model.config import BunnyConfig
 from bunny_backend.model.loader import load_model
+from bunny_backend.model.quantized_linear import check_tensor_parallel
 from bunny_backend.model.sharding import TextShards
 from bunny_backend.ops.attention import get_backend
 from bunny_backend.utils.distributed import SINGLE, TensorParallel
@@ -68,6 +69,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids(config.model_path, self.tokenizer))
         model_config = BunnyConfig.from_pretrained(config.model_path)
         TextShards.plan(model_config.text, TensorParallel(0, config.tensor_parallel_size))   # sizes that divide
+        check_tensor_parallel(config.quantization, model_config.text, config.tensor_parallel_size)
         self.max_model_len = config.max_model_len or model_config.context_length
         max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.workers = None
@@ -78,6 +80,7 @@ class LLMEngine:
             memory = ResidentMemory(self.device)
             self.model = load_model(config.model_path, self.dtype, self.device,
                                     self.workers.tp if self.workers else SINGLE)
+            plan.quantize(self.model)
             self.memory_reports = [memory.report(self.model)]   # one per rank
             plan.prepare_model(self.model)
             backend = get_backend(plan.attention_backend, min(config.max_num_batched_tokens, self.max_model_len))

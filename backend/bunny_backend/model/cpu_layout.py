@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bunny_backend.model.quantized_linear import Int8Linear, quantized_linears
 from bunny_backend.ops import cpu_kernels
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
 
@@ -75,6 +76,23 @@ class PanelLinear(_CpuLinear):
         return self._kernel(x, self.panels, self.out_features, self.bias_f32)
 
 
+class Int8PanelLinear(_CpuLinear):
+    """An int8 linear (model/quantized_linear.py) with its weight in column panels for our C++ kernel
+    (ops/csrc/int8_panel_linear.cpp), which widens the int8 weights in registers."""
+
+    def __init__(self, linear: Int8Linear):
+        super().__init__(linear)
+        self._kernel = cpu_kernels.int8_panel_linear()
+        if self._kernel is None:
+            raise ValueError("no int8 panel kernel on this CPU")
+        self.panels = torch.ops.bunny.pack_int8_panels(linear.qweight.detach())
+        self.weight_scale = linear.weight_scale.detach()
+        self.bias_f32 = None if self.bias is None else self.bias.detach().float()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel(x, self.panels, self.weight_scale, self.out_features, self.bias_f32)
+
+
 def cpu_layout(linear: nn.Linear, cpu: CpuFeatures | None = None) -> _CpuLinear:
     """Column panels where our kernel takes the weight, else oneDNN's packing or the transposed layout."""
     if PanelLinear.takes(linear):
@@ -89,14 +107,16 @@ def cpu_linear_class(dtype: torch.dtype = torch.float32, cpu: CpuFeatures | None
 
 def use_cpu_linears(model: nn.Module, cls: type[_CpuLinear] | None = None) -> None:
     """Swap the decoder's projections (and an untied LM head), the vision tower's and the projector's linears for
-    the CPU layout (cpu_layout, or `cls`), in place."""
+    the CPU layout (cpu_layout, or `cls`), in place. int8 ones (model/quantized_linear.py) go into the int8 column
+    panels where that kernel builds, else keep the portable path (its build failure is logged once)."""
     convert = cls or cpu_layout
-    for layer in model.model.layers:
-        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-            setattr(parent, name, convert(getattr(parent, name)))
-    if not model.config.text.tie_word_embeddings:
-        model.lm_head = convert(model.lm_head)
+    int8_kernel = cpu_kernels.int8_panel_linear() is not None
+    for parent, name in quantized_linears(model):
+        linear = getattr(parent, name)
+        if type(linear) is nn.Linear:
+            setattr(parent, name, convert(linear))
+        elif isinstance(linear, Int8Linear) and int8_kernel:
+            setattr(parent, name, Int8PanelLinear(linear))
     for name in ("vision_tower", "mm_projector"):   # on the tensor-parallel driver only
         if (part := getattr(model.model, name, None)) is not None:
             _convert_linears(part, convert)

@@ -135,6 +135,15 @@ def panel_linear(dtype: torch.dtype) -> Callable | None:
     return torch.ops.bunny.panel_linear if str(dtype).removeprefix("torch.") in taken else None
 
 
+def int8_panel_linear() -> Callable | None:
+    """torch.ops.bunny.int8_panel_linear(x [M, K], panels, scale [N] float32, out_features, bias=None) -> [M, N]
+    in x's dtype: x @ q.T * scale (+ bias) over torch.ops.bunny.pack_int8_panels(q int8 [N, K])
+    (csrc/int8_panel_linear.cpp), or None where it cannot be built or this CPU has no AVX-512."""
+    if os.environ.get(ENV_VAR) == "0" or load("int8_panel_linear") is not None:
+        return None
+    return torch.ops.bunny.int8_panel_linear if torch.ops.bunny.int8_panel_linear_available() else None
+
+
 def decoder_ops():
     """torch.ops.bunny, holding the decoder's fused elementwise ops (csrc/decoder_ops.cpp: rms_norm, add_rms_norm,
     rotary_qk, silu_mul) and the greedy argmax_rows, float32 and bfloat16, or None (see the module docstring)."""
@@ -153,7 +162,7 @@ def causal_attention(head_dim: int) -> Callable | None:
     return torch.ops.bunny.causal_attention if str(head_dim) in taken else None
 
 
-KERNELS = ("paged_decode", "panel_linear", "decoder_ops", "causal_attention")
+KERNELS = ("paged_decode", "panel_linear", "decoder_ops", "causal_attention", "int8_panel_linear")
 
 
 def main() -> int:

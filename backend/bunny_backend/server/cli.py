@@ -1,7 +1,7 @@
 """`bunny-serve`: run the real tritonserver on a generated copy of model_repository/ in the foreground.
 
 The copy (a temporary folder) carries config.pbtxt with the engine parameters overridden by the command line
-(--model-path, --device, --dtype, --tensor-parallel-size, --param KEY=VALUE) and the instance count (--instances);
+(--model-path, --device, --dtype, --quantization, --tensor-parallel-size, --param KEY=VALUE) and the instance count (--instances);
 the tracked config.pbtxt is never edited. Every endpoint
 binds 127.0.0.1 unless --address says otherwise. `READY` is printed on its own line on stdout once the model
 takes requests; the server's log goes to stderr. SIGTERM/SIGINT stop the server cleanly. Exit status: 0 after a clean stop, 2 for bad
@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-path", required=True, type=Path, help="a checkpoint folder (docs/api/triton-model.md)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), help="engine device (config default: auto)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--quantization", choices=("none", "int8", "fp8"),
+                   help="weights quantized at load (config default: none): int8 on the CPU, fp8 on CUDA >= 8.9")
     p.add_argument("--tensor-parallel-size", type=int, metavar="N",
                    help="shard the model over N devices (processes) with torch.distributed (config default: 1)")
     p.add_argument("--instances", type=int, metavar="N",
@@ -78,6 +80,8 @@ def overrides(args: argparse.Namespace) -> dict[str, str]:
         params["device"] = args.device
     if args.dtype:
         params["dtype"] = args.dtype
+    if args.quantization:
+        params["quantization"] = args.quantization
     if args.tensor_parallel_size is not None:
         params["tensor_parallel_size"] = str(args.tensor_parallel_size)
     return params

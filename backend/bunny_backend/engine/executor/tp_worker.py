@@ -58,6 +58,7 @@ def _start(rank, size, port, config_dict, plan, conn):
     tp = init_group(rank, size, plan.device, port)
     memory = ResidentMemory(plan.device)
     model = load_model(config.model_path, plan.dtype, plan.device, tp)
+    plan.quantize(model)
     report = memory.report(model)
     plan.prepare_model(model)
     max_model_len = config.max_model_len or model.config.context_length

@@ -26,6 +26,7 @@ from bunny_backend.engine.worker.decode_graphs import GraphCapture
 from bunny_backend.model.cpu_decode import use_cpu_decode_loop
 from bunny_backend.model.cpu_layout import use_cpu_linears, use_fused_cpu_ops
 from bunny_backend.model.loader import DTYPES
+from bunny_backend.model.quantized_linear import quantize_model
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
 
 log = logging.getLogger("bunny.engine")
@@ -70,6 +71,20 @@ def resolve_dtype(name: str, device: torch.device, cpu: CpuFeatures | None = Non
                     "kernels need AVX512BW (bf16) or AVX512-FP16/AMX-FP16 (fp16), so expect it to be slower than "
                     "float32", name, cpu.isa, " ".join(sorted(cpu.flags)) or "unknown", name)
     return dtype
+
+
+def check_quantization(method: str, device: torch.device) -> None:
+    """fp8 needs `torch._scaled_mm` on E4M3, which takes CUDA with compute capability 8.9 (Ada, Hopper) or later."""
+    if method != "fp8":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"quantization fp8 needs a CUDA device with compute capability >= 8.9; this engine runs on "
+                         f"{device.type} (on the CPU choose quantization int8)")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ValueError(f"quantization fp8 needs a CUDA device with compute capability >= 8.9; "
+                         f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]} (choose "
+                         "quantization none or int8)")
 
 
 def cpu_auto_dtype(cpu: CpuFeatures) -> torch.dtype:
@@ -123,6 +138,7 @@ class DevicePlan:
     attention_backend: str     # torch, cuda or npu (ops.attention.get_backend)
     cuda_graphs: bool          # asked for (ignored off CUDA); graph_capture() says whether it can be done
     tensor_parallel_size: int = 1
+    quantization: str = "none"   # EngineConfig.quantization, checked against the device
     num_threads: int = 0       # torch's CPU threads per rank; 0 leaves torch's default (all cores)
     # Sequences decoded together (EngineConfig 0: the device's own). On the CPU a step's cost grows with the batch
     # and 16 was measured (docs/performance.md); an accelerator's step costs about the same at 16 and at 256, so
@@ -145,6 +161,7 @@ class DevicePlan:
                                          if processes > 1 or cores < torch.get_num_threads() else 0)
         seqs = config.max_num_seqs or min(16 if device.type == "cpu" else 256, config.max_num_batched_tokens)
         queued = config.max_queued_requests or max(256, seqs)
+        check_quantization(config.quantization, device)
         return cls(device=device, dtype=resolve_dtype(config.dtype, device),
                    block_size=config.block_size or (128 if device.type == "npu" else 16),
                    max_prefill_tokens_while_decoding=(config.max_prefill_tokens_while_decoding
@@ -152,7 +169,8 @@ class DevicePlan:
                    prefill_chunks_while_decoding=(config.prefill_chunks_while_decoding
                                                   or (8 if device.type == "cpu" else 1)),
                    attention_backend=backend, cuda_graphs=config.cuda_graphs,
-                   tensor_parallel_size=config.tensor_parallel_size, num_threads=threads, max_num_seqs=seqs,
+                   tensor_parallel_size=config.tensor_parallel_size, quantization=config.quantization,
+                   num_threads=threads, max_num_seqs=seqs,
                    max_queued_requests=queued)
 
     @property
@@ -177,6 +195,10 @@ class DevicePlan:
             torch.cuda.set_device(self.device)
         elif self.device.type == "npu":
             torch.npu.set_device(self.device)   # type: ignore[attr-defined]
+
+    def quantize(self, model) -> None:
+        """Quantize the weights as asked for (model/quantized_linear.py), right after loading."""
+        quantize_model(model, self.quantization)
 
     def prepare_model(self, model) -> None:
         """The weight layout the device runs fastest, applied in place after loading."""
