@@ -3,8 +3,12 @@ that builds them in another order (the server's stub, the tests) runs the same c
 do. (torch appends its own flags to the lists it is given; a grown list used to rebuild every kernel at each
 server start.)"""
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import ninja
 
 from bunny_backend.ops import cpu_kernels
 from cpu_kernel_helpers import unavailable
@@ -25,3 +29,14 @@ def test_building_leaves_the_flag_lists_unchanged(monkeypatch):
     if any(result["reasons"]):
         unavailable(f"the CPU kernels do not build here: {result['reasons']}")
     assert result["after"] == result["before"]
+
+
+def test_every_process_builds_with_the_pinned_ninja(monkeypatch, tmp_path):
+    """Another ninja first on PATH (a system one: 1.11 hashes commands unlike the pinned 1.13, so each would take
+    the other's builds for stale) is not the one the kernels build with."""
+    other = tmp_path / "ninja"
+    other.write_text("#!/bin/sh\necho 1.0.0\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert cpu_kernels._ninja_on_path()
+    assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")

@@ -85,13 +85,16 @@ def build(name: str, out_dir: Path) -> None:
 
 
 def _ninja_on_path() -> bool:
-    if shutil.which("ninja"):
-        return True
+    """The pinned ninja package's binary first on PATH, in every process that builds: its bin/ is the venv's, which
+    a server's PATH may lack, and ninja versions hash commands differently (1.12 changed it), so a system ninja
+    beside the pinned one made each think the other's build was stale and rebuild every kernel, back and forth."""
     try:
-        import ninja   # the pinned package; its binary sits in the venv's bin/, which a server's PATH may lack
+        import ninja
     except ImportError:
-        return False
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return shutil.which("ninja") is not None
+    path = os.environ.get("PATH", "")
+    if not path.startswith(ninja.BIN_DIR + os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
     return shutil.which("ninja") is not None
 
 
