@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bunny_backend.ops.triton_support import MIN_DOT, attention_unsupported_for, next_pow2, tl, triton
+from bunny_backend.ops.triton_support import (MIN_DOT, attention_unsupported_for, check_paged_operands, next_pow2, tl,
+                                               triton)
 
 TILE_TOKENS = 64   # cache tokens per loop iteration (a whole number of blocks, or one block if blocks are larger)
 MAX_SPLITS = 16    # the most context splits per sequence (the reduce kernel's tile)
@@ -80,15 +81,8 @@ def _num_sms(device: torch.device) -> int:
 def launch_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, num_splits: int = 1) -> LaunchConfig:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables int32 [B, M]; context_lens int32 [B]."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [B, H, D] and caches [blocks, block_size, Hkv, D], got {tuple(q.shape)}, "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    batch, heads, head_dim = q.shape
-    _, block_size, kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim or heads % kv_heads:
-        raise ValueError(f"q has {heads} heads of {head_dim}, caches {kv_heads} KV heads of {cache_dim}")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError("q and the caches need a unit stride on head_dim and K/V caches the same strides")
+    heads, head_dim, block_size, kv_heads = check_paged_operands(q, k_cache, v_cache, "[B, H, D]")
+    batch = q.shape[0]
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError(f"block_tables and context_lens must be int32, got {block_tables.dtype}, "
                          f"{context_lens.dtype}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bunny_backend.ops.triton_support import MIN_DOT, next_pow2, tl, triton
+from bunny_backend.ops.triton_support import MIN_DOT, check_paged_operands, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -52,15 +52,8 @@ def launch_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor) -> LaunchConfig:
     """q [N, H, D] packed; caches [num_blocks, block_size, Hkv, D]; block_tables int32 [B, M]; cu_seqlens_q int32
     [B+1]; seqlens_k int32 [B] (each sequence's cached + new tokens)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [N, H, D] and caches [blocks, block_size, Hkv, D], got {tuple(q.shape)}, "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    tokens, heads, head_dim = q.shape
-    _, block_size, kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim or heads % kv_heads:
-        raise ValueError(f"q has {heads} heads of {head_dim}, caches {kv_heads} KV heads of {cache_dim}")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError("q and the caches need a unit stride on head_dim and K/V caches the same strides")
+    heads, head_dim, block_size, kv_heads = check_paged_operands(q, k_cache, v_cache, "[N, H, D]")
+    tokens = q.shape[0]
     if any(t.dtype != torch.int32 for t in (block_tables, cu_seqlens_q, seqlens_k)):
         raise ValueError(f"block_tables, cu_seqlens_q and seqlens_k must be int32, got {block_tables.dtype}, "
                          f"{cu_seqlens_q.dtype}, {seqlens_k.dtype}")
