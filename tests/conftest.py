@@ -9,7 +9,7 @@ import pytest
 
 from bunny_backend.tools.demo_checkpoint import build_checkpoint
 
-pytest_plugins = ["server_fixture", "reliability_report"]   # the real tritonserver; figures in the summary
+pytest_plugins = ["server_fixture", "reliability_report", "openai_server_helpers"]   # the real tritonserver; figures in the summary
 
 IMAGE_FILES = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]   # square, wide, wide, JPEG
 

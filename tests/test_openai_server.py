@@ -1,9 +1,9 @@
 """System tests of the OpenAI-compatible API (bunny-serve --openai-port) with the official `openai` SDK, of
-Triton's own HTTP generate endpoints, and of `bunny-client chat --interactive`, against one real tritonserver
-that takes two images per request; answers are compared with the gRPC path's for the same conversation."""
+Triton's own HTTP generate endpoints, and of `bunny-client chat --interactive`, against the session's real
+tritonserver that takes two images per request (openai_server_helpers.py); answers are compared with the gRPC
+path's for the same conversation."""
 from __future__ import annotations
 
-import base64
 import io
 import json
 import socket
@@ -11,77 +11,26 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import openai
 import pytest
-import torch
 
-from bunny_backend.io.tokenizer import load_tokenizer
-from bunny_backend.tools.reference import ReferenceBunny
 from bunny_client.cli import main as client_main
 from grpc_helpers import TEXTS, inputs_of, send
-from model_helpers import prompt_ids, stop_cases
-from server_fixture import SERVER_PARAMS, start_server, stop_process, wait_for
+from model_helpers import stop_cases
+from openai_server_helpers import GREEDY, answer, assert_idle, data_url, grpc_messages, post, user
+from server_fixture import wait_for
 
 pytestmark = pytest.mark.server
-GREEDY = dict(temperature=0, extra_body={"return_token_ids": True})
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    s = start_server(tiny_checkpoint, tmp_path_factory.mktemp("openai") / "server.log",
-                     {**SERVER_PARAMS, "max_images_per_request": "2"}, openai=True)
-    yield s
-    rc = stop_process(s.proc)
-    assert rc == 0, f"bunny-serve exited with {rc} on SIGTERM:\n{s.log_text()[-3000:]}"
+def server(openai_server):
+    return openai_server
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
-
-
-def data_url(image: bytes) -> str:
-    kind = "jpeg" if image[:2] == b"\xff\xd8" else "png"
-    return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
-
-
-def user(text: str, *images: bytes) -> dict:
-    if not images:
-        return {"role": "user", "content": text}
-    parts = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
-    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
-
-
-def grpc_messages(url, messages, images=(), **scalars):
-    """The same conversation through the model's `messages` input: (text, ids, last response)."""
-    inputs = inputs_of(None, images, **scalars)
-    inputs["messages"] = np.array([json.dumps(messages).encode()], dtype=object)
-    responses, err = send(url, inputs)
-    assert err is None, err
-    return responses[0]["text"], responses[0]["ids"], responses[0]
-
-
-def answer(completion) -> tuple[str, list[int]]:
-    choice = completion.choices[0]
-    return choice.message.content, choice.model_extra["token_ids"]
-
-
-def post(server, body: dict | bytes, path="/chat/completions") -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(server.openai_url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def assert_idle(server):
-    gauges = server.wait_until_idle()
-    assert not any(gauges.values()), gauges
-
-
+def client(openai_client):
+    return openai_client
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["bunny"]
     with urllib.request.urlopen(f"http://127.0.0.1:{server.openai_port}/health", timeout=10) as r:
@@ -233,49 +182,6 @@ def test_bad_requests_get_400_naming_the_problem(server, client, test_images, st
     assert_idle(server)
 
 
-PET = {"type": "object", "additionalProperties": False, "required": ["name", "legs", "kind"],
-       "properties": {"name": {"type": "string", "maxLength": 8}, "kind": {"enum": ["cat", "dog"]},
-                      "legs": {"type": "array", "maxItems": 4, "items": {"type": "integer", "minimum": 0,
-                                                                        "maximum": 9}}}}
-
-
-def test_structured_output_parses_and_a_bad_schema_is_a_400(server, client):
-    import jsonschema
-    pet = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET, "strict": True}}
-    kw = dict(model="bunny", messages=[user("Describe a pet as JSON.")], max_tokens=100, temperature=1)
-    with ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(lambda seed: client.chat.completions.create(seed=seed, response_format=pet, **kw),
-                             range(4)))
-    for out in outs:
-        assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
-        jsonschema.validate(json.loads(out.choices[0].message.content), PET)
-    choice = client.chat.completions.create(extra_body={"guided_choice": ["yes", "no"]}, **kw)
-    assert choice.choices[0].message.content in ("yes", "no") and choice.choices[0].finish_reason == "stop"
-    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "frobnicate"}}}
-    with pytest.raises(openai.BadRequestError, match='JSON schema cannot be compiled: Unsupported type "frobnicate"'):
-        client.chat.completions.create(response_format=bad, **kw)
-    again = client.chat.completions.create(seed=7, response_format=pet, **kw)
-    jsonschema.validate(json.loads(again.choices[0].message.content), PET)
-    assert_idle(server)
-
-
-def test_sdk_parse_with_a_pydantic_model(client):
-    from typing import Literal
-
-    from pydantic import BaseModel, Field
-
-    class Pet(BaseModel):
-        name: str = Field(max_length=8)
-        kind: Literal["cat", "dog"]
-        legs: list[int] = Field(max_length=4)
-
-    out = client.chat.completions.parse(model="bunny", messages=[user("Describe a pet as JSON.")], max_tokens=100,
-                                        temperature=1, seed=3, response_format=Pet)
-    pet = out.choices[0].message.parsed
-    assert isinstance(pet, Pet) and out.choices[0].finish_reason == "stop"
-    assert pet == Pet.model_validate_json(out.choices[0].message.content)
-
-
 def test_harmless_fields_are_ignored(client):
     """The same answer with and without the fields that change nothing (user, metadata, n=1)."""
     kw = dict(model="bunny", messages=[user("hi")], max_tokens=6, temperature=0)
@@ -339,90 +245,6 @@ def test_a_client_that_drops_before_its_whole_answer_frees_its_kv_blocks(server)
 def test_literal_image_tag_without_an_image_is_a_clear_grpc_error(server):
     responses, err = send(server.url, inputs_of("what is <image>?", max_tokens=4))
     assert responses == [] and "1 <image> placeholder(s) but 0 image(s)" in err and "internal" not in err
-
-
-# ---- /v1/completions, n choices, logprobs ---------------------------------------------------------------------
-
-def test_completions_equal_the_grpc_path_without_the_template(server, client):
-    prompts = [TEXTS[1], TEXTS[4]]
-    kw = dict(model="bunny", prompt=prompts, max_tokens=12, **GREEDY)
-    out = client.completions.create(**kw)
-    assert out.object == "text_completion" and [c.index for c in out.choices] == [0, 1]
-    want = []
-    for text in prompts:
-        responses, err = send(server.url, inputs_of(text, max_tokens=12, apply_chat_template=False))
-        assert err is None, err
-        want.append(responses[0])
-    assert [(c.text, c.model_extra["token_ids"], c.finish_reason) for c in out.choices] == \
-        [(r["text"], r["ids"], r["reason"]) for r in want]
-    assert out.usage.prompt_tokens == sum(r["prompt"] for r in want)
-    assert out.usage.completion_tokens == sum(r["completion"] for r in want)
-    chunks = list(client.completions.create(stream=True, **kw))
-    for i, c in enumerate(out.choices):
-        assert "".join(k.choices[0].text for k in chunks if k.choices and k.choices[0].index == i) == c.text
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_n_seeded_choices_are_each_the_request_with_seed_s_plus_i(server, client, stream):
-    kw = dict(model="bunny", messages=[user(TEXTS[3])], n=4, seed=11, temperature=0.9, max_tokens=10,
-              extra_body={"return_token_ids": True, "ignore_eos": True})
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kw))
-        got = [[t for c in chunks if c.choices and c.choices[0].index == i
-                for t in c.choices[0].model_extra.get("token_ids") or []] for i in range(4)]
-    else:
-        got = [c.model_extra["token_ids"] for c in client.chat.completions.create(**kw).choices]
-    want = [grpc_messages(server.url, [{"role": "user", "content": TEXTS[3]}], seed=11 + i, temperature=0.9,
-                          max_tokens=10, ignore_eos=True)[1] for i in range(4)]
-    assert got == want and len({tuple(ids) for ids in got}) > 1
-    assert_idle(server)
-
-
-def test_n_greedy_choices_are_equal_and_share_the_prompt_s_kv(server, client):
-    """n=4 greedy: four equal answers; the prompt is computed once, the three others take it from the prefix cache
-    (a prompt no earlier test sent; 16-token blocks on the CPU)."""
-    text = "Count the rabbits in this long and unusual meadow of clover, " * 8
-    hits = server.metric("bunny_prefix_cache_hit_tokens_total")
-    out = client.chat.completions.create(model="bunny", messages=[user(text)], n=4, max_tokens=4, **GREEDY)
-    answers = [c.model_extra["token_ids"] for c in out.choices]
-    assert [c.index for c in out.choices] == [0, 1, 2, 3] and all(a == answers[0] for a in answers)
-    assert_idle(server)
-    prompt = out.usage.prompt_tokens
-    # the first choice may also hit the system prompt's blocks, cached by earlier requests
-    assert prompt > 64 and server.metric("bunny_prefix_cache_hit_tokens_total") - hits >= 3 * ((prompt - 1) // 16 * 16)
-
-
-def test_chat_logprobs_are_consistent_with_the_answer(client):
-    """Greedy: each token is its position's most likely one, its bytes join to the text, logprobs are <= 0."""
-    out = client.chat.completions.create(model="bunny", messages=[user(TEXTS[1])], max_tokens=12, logprobs=True,
-                                         top_logprobs=3, **GREEDY)
-    content = out.choices[0].logprobs.content
-    assert len(content) == len(out.choices[0].model_extra["token_ids"]) == out.usage.completion_tokens
-    # random weights may emit bytes that are not UTF-8 (the text then holds U+FFFD where they stand)
-    assert bytes(b for t in content for b in t.bytes).decode("utf-8", "replace") == out.choices[0].message.content
-    for t in content:
-        assert len(t.top_logprobs) == 3 and t.logprob <= 0
-        assert t.top_logprobs[0].bytes == t.bytes and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
-        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
-
-
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, seed=5, presence_penalty=1.5,
-                                                                frequency_penalty=0.5)], ids=["greedy", "sampled"])
-def test_chat_logprobs_are_the_reference_log_softmax(client, tiny_checkpoint, sampling):
-    """float32 server: each token's logprob is the transformers reference's raw log-softmax at its position within
-    1e-4, whatever chose the token; the alternatives are the reference's best, sorted."""
-    out = client.chat.completions.create(model="bunny", messages=[user(TEXTS[2])], max_tokens=8, logprobs=True,
-                                         top_logprobs=4, extra_body={"return_token_ids": True, "ignore_eos": True},
-                                         **sampling)
-    ids, content = out.choices[0].model_extra["token_ids"], out.choices[0].logprobs.content
-    ref, tok = ReferenceBunny.from_pretrained(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
-    prompt = prompt_ids(tok, TEXTS[2], False)
-    want = torch.log_softmax(ref.logits(prompt + ids[:-1], None).double(), dim=-1)[len(prompt) - 1:]
-    assert len(content) == len(ids) == want.shape[0] == 8
-    for row, token, got in zip(want, ids, content):
-        assert got.logprob == pytest.approx(row[token].item(), abs=1e-4)
-        best = row.topk(4)
-        assert [a.logprob for a in got.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
 # ---- Triton's own HTTP generate endpoints (text requests) ------------------------------------------------------
