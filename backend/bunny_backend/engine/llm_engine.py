@@ -26,6 +26,7 @@ from bunny_backend.engine.outputs import (BadRequestError, EngineDeadError, Engi
                                           ServerBusyError, TokenLogprobs)
 from bunny_backend.engine.sampling_params import SamplingParams
 from bunny_backend.engine.structured_output import GrammarCompiler
+from bunny_backend.engine.worker.cpu_threads import thread_governor
 from bunny_backend.engine.worker.device import DevicePlan, Placement
 from bunny_backend.engine.worker.encoder_cache import EncoderCache
 from bunny_backend.engine.worker.encoder_runner import EncoderRunner
@@ -113,6 +114,7 @@ class LLMEngine:
                                       self.scheduler.room)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.shards.vocab_size, self.eos_token_ids)
         self._max_in_flight = config.max_num_seqs + config.max_queued_requests
+        self._threads = thread_governor(plan)
         self._hooks = step_hooks.from_environment()   # None unless BUNNY_ENGINE_HOOKS names some
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
@@ -203,7 +205,7 @@ class LLMEngine:
             if self._hooks:
                 self._hooks.before_step(sched.seqs)
             self.encoder.run(sched.images)
-            sampled = self.runner.run(sched)
+            sampled = self._run(sched)
         except EngineDeadError:
             raise
         except Exception as e:   # noqa: BLE001 - isolate the request that broke the step, keep serving
@@ -218,6 +220,16 @@ class LLMEngine:
                     log.exception("bunny: output processing failed for %s", seq.request_id)
                     outputs.append(self._fail(seq, f"engine error: {type(e).__name__}: {e}"))
         return outputs
+
+    def _run(self, sched: SchedulerOutput):
+        if self._threads is None:
+            return self.runner.run(sched)
+        shape = (sched.num_decodes, len(sched.seqs), sum(sched.num_new_tokens))
+        self._threads.before_step(shape)
+        start = time.perf_counter()
+        sampled = self.runner.run(sched)
+        self._threads.after_step(shape, time.perf_counter() - start)
+        return sampled
 
     def _on_step_failure(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """A batch of one fails its request; a larger batch is quarantined so each request is retried alone."""

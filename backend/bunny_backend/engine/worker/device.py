@@ -140,6 +140,9 @@ class DevicePlan:
     tensor_parallel_size: int = 1
     quantization: str = "none"   # EngineConfig.quantization, checked against the device
     num_threads: int = 0       # torch's CPU threads per rank; 0 leaves torch's default (all cores)
+    # The engine may lower (and raise back) its thread count from measured steps (cpu_threads.py): on the CPU,
+    # unless num_threads was given or tensor parallel ranks share the cores.
+    adaptive_threads: bool = False
     # Sequences decoded together (EngineConfig 0: the device's own). On the CPU a step's cost grows with the batch
     # and 16 was measured (docs/performance.md); an accelerator's step costs about the same at 16 and at 256, so
     # it takes up to 256, as vLLM does, and the engine caps that by what the KV cache holds (kv_cache.py).
@@ -171,6 +174,8 @@ class DevicePlan:
                    attention_backend=backend, cuda_graphs=config.cuda_graphs,
                    tensor_parallel_size=config.tensor_parallel_size, quantization=config.quantization,
                    num_threads=threads, max_num_seqs=seqs,
+                   adaptive_threads=(device.type == "cpu" and not config.num_threads
+                                     and config.tensor_parallel_size == 1),
                    max_queued_requests=queued)
 
     @property

@@ -1,0 +1,163 @@
+"""The CPU engine's thread count, chosen from measured step times while it serves.
+
+OpenMP threads wait for each other at every parallel region's end. When another process takes one of the cores,
+the thread sharing it is descheduled for a time slice at a time and the others spin at the barrier: on 2 cores with
+one busy, 2 threads decode at ~5% of their quiet rate, 1 thread at ~100% for a small model. Passive waiting
+(OMP_WAIT_POLICY=PASSIVE) survives that but costs a quiet machine ~40%, and affinity or a cgroup quota do not see
+a neighbour. So the engine measures: now and then it alternates steps of the same shape between its thread count
+and another, and keeps whichever is clearly faster. Down, it tries half as many, then a quarter, and so on while those
+lose (every count above the free cores stalls alike, so one fewer would not show it); up, one more, up to the
+host's cores.
+A step that runs much slower than its shape's last measured time starts a trial at once (a neighbour arrived);
+otherwise trials space out (1 s, doubling to 30 s) while they keep confirming the count.
+
+A trial's samples are steps of the shape it began with (decoding sequences, new tokens), so it compares like with
+like; steps of other shapes run at the current count meanwhile. A trial begins only on a shape seen before (so
+likely to repeat: in practice a decode step), and one that does not see its shape again soon is dropped.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+import torch
+
+from bunny_backend.engine.worker.device import DevicePlan
+
+log = logging.getLogger("bunny.engine")
+
+MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 30.0
+SAMPLES = 3          # steps at each count per trial
+WIN_MARGIN = 0.90    # the other count must take under 90% of the time to win
+SLOWDOWN = 2.0       # a step this much slower than its shape's reference starts a trial
+MAX_SHAPES = 64
+TRIAL_STEPS = 64     # a trial not done within this many steps is dropped
+DRIFT = 0.1          # a shape's reference follows its normal steps (contexts grow) at this rate
+
+
+class ThreadGovernor:
+    def __init__(self, max_threads: int, threads: int, set_threads: Callable[[int], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_threads, self.threads = max_threads, threads
+        self._set, self._clock = set_threads, clock
+        self._interval = MIN_INTERVAL_S
+        self._next_trial = clock() + MIN_INTERVAL_S
+        self._trial: _Trial | None = None
+        self._down_next = True
+        self._divisor = 2   # a trial down tries threads // divisor
+        self._reference: OrderedDict[Hashable, float] = OrderedDict()   # shape -> seconds at self.threads
+        self._pending: int | None = None   # the count the coming step runs at
+        self._applied = threads
+
+    def before_step(self, shape: Hashable) -> None:
+        """Called before a step of this shape: set the count it runs at."""
+        want = self.threads
+        if self._trial is None and shape in self._reference and self._clock() >= self._next_trial:
+            self._trial = self._start_trial(shape)
+        if self._trial is not None:
+            self._trial.steps += 1
+            if self._trial.steps > TRIAL_STEPS:
+                self._drop_trial()
+            elif self._trial.shape == shape:
+                want = self._trial.next_count()
+        self._pending = want
+        if want != self._applied:
+            self._set(want)
+            self._applied = want
+
+    def after_step(self, shape: Hashable, seconds: float) -> None:
+        count, self._pending = self._pending, None
+        if count is None:
+            return
+        trial = self._trial
+        if trial is not None and trial.shape == shape:
+            trial.record(count, seconds)
+            if trial.done:
+                self._finish(trial)
+            return
+        if count != self.threads:
+            return
+        ref = self._reference.get(shape)
+        if ref is None:
+            self._remember(shape, seconds)
+        elif seconds > SLOWDOWN * ref:
+            if trial is None:
+                self._next_trial = self._clock()
+                self._interval = MIN_INTERVAL_S
+                self._down_next = True
+        else:
+            self._remember(shape, ref + DRIFT * (seconds - ref))
+
+    def _drop_trial(self) -> None:
+        self._trial = None
+        self._next_trial = self._clock() + self._interval
+
+    def _start_trial(self, shape: Hashable) -> "_Trial | None":
+        if self.threads // self._divisor < 1:
+            self._divisor = 2
+        down, up = self.threads // self._divisor, self.threads + 1
+        options = [c for c in ((down, up) if self._down_next else (up, down)) if 1 <= c <= self.max_threads]
+        self._down_next = not self._down_next
+        if not options:
+            self._next_trial = float("inf")
+            return None
+        return _Trial(shape, self.threads, options[0])
+
+    def _finish(self, trial: "_Trial") -> None:
+        self._trial = None
+        mine, other = trial.medians()
+        if other < WIN_MARGIN * mine:
+            log.info("bunny: CPU threads %d -> %d (a step of this shape took %.2f ms, now %.2f ms)",
+                     self.threads, trial.other, mine * 1e3, other * 1e3)
+            self.threads = trial.other
+            self._reference.clear()
+            self._remember(trial.shape, other)
+            self._interval = MIN_INTERVAL_S
+            self._divisor = 2
+        else:
+            self._remember(trial.shape, mine)
+            if trial.other < trial.current:
+                self._divisor *= 2
+            self._interval = min(MAX_INTERVAL_S, self._interval * 2)
+        self._next_trial = self._clock() + self._interval
+
+    def _remember(self, shape: Hashable, seconds: float) -> None:
+        self._reference[shape] = seconds
+        self._reference.move_to_end(shape)
+        while len(self._reference) > MAX_SHAPES:
+            self._reference.popitem(last=False)
+
+
+class _Trial:
+    """Steps of one shape alternating between the current count and another, SAMPLES of each."""
+
+    def __init__(self, shape: Hashable, current: int, other: int):
+        self.shape, self.current, self.other = shape, current, other
+        self.times: dict[int, list[float]] = {current: [], other: []}
+        self.steps = 0   # every step since it began, of any shape
+        self._turn = 0
+
+    def next_count(self) -> int:
+        self._turn += 1
+        return self.other if self._turn % 2 else self.current
+
+    def record(self, count: int, seconds: float) -> None:
+        self.times[count].append(seconds)
+
+    @property
+    def done(self) -> bool:
+        return all(len(t) >= SAMPLES for t in self.times.values())
+
+    def medians(self) -> tuple[float, float]:
+        return statistics.median(self.times[self.current]), statistics.median(self.times[self.other])
+
+
+def thread_governor(plan: DevicePlan) -> ThreadGovernor | None:
+    """The governor of an engine on this plan, or None where its thread count is fixed (or 1)."""
+    threads = plan.num_threads or torch.get_num_threads()
+    if not plan.adaptive_threads or threads < 2:
+        return None
+    return ThreadGovernor(threads, threads, torch.set_num_threads)

@@ -1,0 +1,93 @@
+"""The CPU engine's thread governor (engine/worker/cpu_threads.py) against a simulated host whose best thread count
+is known: a step's time is its work divided over the threads that get a core, and when any thread shares its core
+with a busy neighbour, the whole step waits at the barrier for that thread's time slices."""
+import pytest
+import torch
+
+from bunny_backend.config import EngineConfig
+from bunny_backend.engine.worker.cpu_threads import ThreadGovernor, thread_governor
+from bunny_backend.engine.worker.device import DevicePlan
+
+CORES = 4
+DECODE = (1, 1, 1)   # one sequence decoding one token
+
+
+class Host:
+    """Step time of `threads` threads on CORES cores of which `busy` run another process."""
+
+    def __init__(self, work=8e-3):
+        self.work, self.busy, self.now, self.threads = work, 0, 0.0, CORES
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+
+    def step_time(self) -> float:
+        free = CORES - self.busy
+        if self.threads <= free:
+            return self.work / self.threads
+        return self.work / self.threads + 10e-3   # a descheduled thread holds everyone at the barrier
+
+
+def serve(gov: ThreadGovernor, host: Host, steps: int, shapes=(DECODE,)) -> list[int]:
+    """Run `steps` steps cycling over `shapes`; the thread count of each step."""
+    seen = []
+    for i in range(steps):
+        shape = shapes[i % len(shapes)]
+        gov.before_step(shape)
+        t = host.step_time()
+        seen.append(host.threads)
+        host.now += t
+        gov.after_step(shape, t)
+    return seen
+
+
+def governed(host: Host) -> ThreadGovernor:
+    return ThreadGovernor(CORES, CORES, host.set_threads, clock=lambda: host.now)
+
+
+def test_a_quiet_host_keeps_every_core():
+    host = Host()
+    gov = governed(host)
+    counts = serve(gov, host, 5000)   # ~10 s of steps: several trials, each losing
+    assert gov.threads == CORES
+    assert counts.count(CORES) > 0.98 * len(counts)   # trials cost a few steps only
+
+
+@pytest.mark.parametrize("busy", [1, 2, 3])
+def test_a_busy_neighbour_is_found_and_left_when_it_goes(busy):
+    host = Host()
+    gov = governed(host)
+    serve(gov, host, 1000)
+    host.busy = busy
+    serve(gov, host, 2000)
+    assert gov.threads == CORES - busy, "the fastest count beside `busy` busy cores"
+    host.busy = 0
+    serve(gov, host, 30000)   # trials up are spaced out while the count keeps winning: give them time
+    assert gov.threads == CORES
+
+
+def test_a_trial_compares_steps_of_one_shape_only():
+    """Big prefill steps interleaved with decodes must not be taken for a slow thread count."""
+    host = Host()
+    gov = governed(host)
+    times = {DECODE: 1.0, (0, 1, 500): 40.0}
+
+    def step_time():
+        return times[shape] * 1e-3 * CORES / host.threads
+
+    for i in range(4000):
+        shape = DECODE if i % 3 else (0, 1, 500)
+        gov.before_step(shape)
+        t = step_time()
+        host.now += t
+        gov.after_step(shape, t)
+    assert gov.threads == CORES
+
+
+def test_the_plan_says_when_threads_adapt():
+    assert thread_governor(DevicePlan.resolve(EngineConfig(device="cpu", num_threads=2))) is None   # asked: fixed
+    assert thread_governor(DevicePlan.resolve(EngineConfig(device="cpu", tensor_parallel_size=2))) is None
+    plan = DevicePlan.resolve(EngineConfig(device="cpu"))
+    gov = thread_governor(plan)
+    if torch.get_num_threads() >= 2:
+        assert gov is not None and gov.threads == gov.max_threads == (plan.num_threads or torch.get_num_threads())
