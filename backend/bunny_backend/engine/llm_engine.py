@@ -14,7 +14,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import torch
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine import step_hooks

@@ -7,9 +7,9 @@ before they start: torch's allocator and libgomp read it once. A value already s
   and the TLB misses all the time. Huge pages made batch-10 decode steps 5-7% faster and batch-1 3-18%
   (docs/performance.md). No effect on accelerators' memory.
 
-Not set here: OMP_WAIT_POLICY. Passive OpenMP threads keep the demo's decode at ~450 tokens/s with another process
-busy on one of 2 cores (spinning ones fall to ~30), but cost a quiet machine ~40% of it (290-395 against 552-699
-tokens/s, alternated; bench/log/2026-12-04-streaming-capacity.md): a user whose host is shared can set it.
+Not set here: OMP_WAIT_POLICY. Passive OpenMP threads survive a busy neighbour but cost a quiet machine ~40% of
+the demo's decode (bench/log/2026-12-04-streaming-capacity.md); the engine lowers its thread count instead when
+it measures the stall (engine/worker/cpu_threads.py). A user can still set it.
 """
 from __future__ import annotations
 
