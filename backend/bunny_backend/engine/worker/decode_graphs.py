@@ -3,7 +3,8 @@ replayed, so a step costs one replay instead of hundreds of kernel launches from
 its [batch, vocab] output per captured size would cost more memory than its one launch costs time.
 
 A graph replays the kernels it captured on the tensors it captured, so every input lives in a static buffer that
-`run()` fills before `replay()`: token ids, positions, cache slots, context lengths and block tables. A batch of n
+`run()` fills before `replay()`: token ids, positions, cache slots and context lengths in one copy, and the block
+tables as one gather from the persistent rows of block_tables.py. A batch of n
 runs in the smallest captured size >= n; the padding rows read and write one scratch KV block that the block
 manager never hands out (the model runner allocates it past the managed blocks), so they touch nobody's cache.
 Sampling stays outside the graph. Capture needs an attention backend whose decode reads only device tensors
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from bunny_backend.engine.worker.block_tables import BlockTables
 from bunny_backend.utils.context import ForwardContext, reset_context, set_context, token_slots
 
 log = logging.getLogger("bunny.engine")
@@ -99,21 +101,17 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Final hidden states [n, hidden] of one decode step over n sequences (a view of the graph's output: use
-        it before the next run)."""
+            block_tables: BlockTables, rows: list[int]) -> torch.Tensor:
+        """Final hidden states [n, hidden] of one decode step over n sequences, whose block tables are `rows` of
+        `block_tables` (a view of the graph's output: use it before the next run)."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
-        width = max(len(t) for t in tables)
-        host = torch.tensor([ids, positions, slots], dtype=torch.int64)
+        host = torch.tensor([ids, positions, slots, lens], dtype=torch.int64).to(self.ids.device)
         self.ids[:n].copy_(host[0])
         self.positions[:n].copy_(host[1])
         self.slots[:n].copy_(host[2])
-        self.lens[:n].copy_(torch.tensor(lens, dtype=torch.int32))
-        rows = torch.full((n, self.max_blocks), self.scratch_block, dtype=torch.int32)
-        rows[:, :width] = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in tables],
-                                       dtype=torch.int32)
-        self.tables[:n].copy_(rows)
+        self.lens[:n].copy_(host[3])
+        block_tables.gather(rows, self.max_blocks, out=self.tables[:n])
         self._reset_padding(n, bs)
         self.graphs[bs].replay()
         return self.graphs[bs].output[:n]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bunny_backend.engine.worker.block_tables import BlockTables
 from bunny_backend.engine.worker.decode_graphs import DecodeGraphs
 from bunny_backend.engine.outputs import EngineDeadError, TokenLogprobs
 from bunny_backend.engine.core.scheduler import SchedulerOutput
@@ -56,6 +57,8 @@ class ModelRunner:
                                                          dtype, device)
             attn.k_cache, attn.v_cache, attn.backend = k_cache, v_cache, backend
             self.kv_caches.append((k_cache, v_cache))
+        # max_blocks_per_seq is 0 on tensor-parallel workers, which never pack a step
+        self.block_tables = BlockTables(max_blocks_per_seq or num_blocks, device, rows=2 * max(16, max_graph_batch))
         self.graphs = None
         if graph_capture is not None:
             try:
@@ -88,8 +91,8 @@ class ModelRunner:
             slots += token_slots(seq.block_table, start, end, self.block_size)
             rows += self._image_rows(seq, start, end)
             last_rows.append(len(ids) - 1 if end == seq.num_tokens else None)
-        ctx = paged_context([end - start for start, end in chunks], [end for _, end in chunks],
-                            [s.block_table for s in seqs],
+        tables = self.block_tables.gather(self.block_tables.rows(seqs), max(len(s.block_table) for s in seqs))
+        ctx = paged_context([end - start for start, end in chunks], [end for _, end in chunks], tables,
                             torch.tensor(slots, dtype=torch.int64, device=self.device), num_decodes,
                             finals=[r is not None for r in last_rows])
         image_embeds = torch.cat(rows) if rows else None
@@ -109,7 +112,7 @@ class ModelRunner:
         seqs = step.seqs
         if (step.num_decodes == len(seqs) and self.graphs is not None
                 and self.graphs.can_run(len(seqs), max(len(s.block_table) for s in seqs))):
-            hidden = self.graphs.run(*self._decode_lists(seqs), [s.block_table for s in seqs])
+            hidden = self.graphs.run(*self._decode_lists(seqs), self.block_tables, self.block_tables.rows(seqs))
             return self._sample(self.model.compute_logits(hidden), seqs, list(range(len(seqs))))
         ids, positions, image_embeds, ctx, last_rows = self._prepare(seqs, step.num_new_tokens, step.num_decodes)
         want = [i for i, r in enumerate(last_rows) if r is not None]
