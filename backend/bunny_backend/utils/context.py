@@ -10,6 +10,9 @@ decodes first, that also carries the same batch split in two: `decodes`, a decod
 sequences (rows 0..n-1), and `prefills`, a varlen context over the rest. ops.attention.attend runs the two parts
 with the backend's decode and prefill kernels; the top-level fields stay a complete description of the batch.
 
+A step captured in a graph (engine/worker/mixed_graphs.py) is one varlen context over padded tokens and sequences,
+decode rows included as one-token queries, with no `decodes`/`prefills` split (in_graph).
+
 A prefill or mixed step also names the rows whose final hidden states make logits (`output_rows`: each the last
 token of a sequence whose prompt ends in this step, or a decode row) and carries a decode context over their
 sequences (`outputs`). The last decoder layer stores K/V for every row but computes the rest for those rows only
@@ -41,6 +44,9 @@ class ForwardContext:
     # sequences (None when no row makes logits).
     output_rows: torch.Tensor | None = None    # int64 [M]
     outputs: ForwardContext | None = None
+    # Captured in a CUDA graph (decode_graphs.py, mixed_graphs.py): a backend may use only the device tensors (their
+    # shapes are the graph's; the host lists, kept for portable kernels, change every replay) and no host lengths.
+    in_graph: bool = False
 
 
 def token_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
