@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bunny_backend.ops import triton_paged_decode as tpd
+from bunny_backend.ops.triton_tuning import decode_tuning
 from bunny_backend.ops.attention import attend, get_backend
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
 from bunny_backend.tools.check_npu_ops import make_case, run_case
@@ -44,7 +45,7 @@ def test_launch_config_pads_the_query_group_and_takes_strides():
     assert cfg.grid == (3, 2, 1) and cfg.queries_per_kv == 7 and cfg.group == 16
     assert cfg.q_strides == (14 * 64, 64) and cfg.cache_strides == (16 * 2 * 64, 2 * 64, 64)
     assert cfg.table_stride == inp["block_tables"].shape[1]
-    assert cfg.blocks_per_tile == tpd.TILE_TOKENS // 16   # several blocks per loop iteration
+    assert cfg.blocks_per_tile == decode_tuning(64).tile_tokens // 16 > 1   # several blocks per loop iteration
     assert tpd.launch_config(**decode_inputs(64, 2, 64, 16, [3], torch.float16, "cpu")).group == 32
     assert tpd.launch_config(**decode_inputs(4, 4, 64, 16, [3], torch.float16, "cpu")).group == 1   # MHA: a vector
     assert tpd.launch_config(**inp, num_splits=5).grid == (3, 2, 5)
