@@ -75,6 +75,6 @@ TAIL=30 step kernel-times "${KERNEL_S:-120}" "${host[@]}" "$PY" -m bench.kernel_
 step bench-triton "${TRITON_S:-240}" "${serve[@]}" "$PY" -m bench.run --model 2b --skip-hf --batch-sizes "${SIZES:-1,10,64,256}" \
   --scenarios none --out "$OUT/2b-triton.json"
 [ -n "${SKIP_PREFIX:-}" ] || step bench-prefix "${PREFIX_S:-200}" "${serve[@]}" "$PY" -m bench.run --model 2b --skip-hf --skip-triton \
-  --prefix-caching --batch-sizes "${SIZES:-1,10,64,256}" --scenarios none --out "$OUT/2b-prefix.json"
+  --prefix-caching --distinct-images --batch-sizes "${SIZES:-1,10,64,256}" --scenarios none --out "$OUT/2b-prefix.json"
 TAIL=40 step profile "${PROFILE_S:-90}" "${serve[@]}" "$PY" -m bench.profile --model 2b --batch-sizes 1,64 --steps 24 --rows 16
 rm -f "$OUT"/*.png   # the results JSONs carry the figures; at most 8 files come back
