@@ -32,6 +32,7 @@ class Workload:
     threads: int = 0                  # torch intra-op threads; 0: all cores
     cuda_graphs: bool = True          # EngineConfig.cuda_graphs (used on CUDA only)
     tensor_parallel_size: int = 1     # EngineConfig.tensor_parallel_size
+    distinct_images: bool = False     # a different image in each request (bench/images.py); engine runs only
     image: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
@@ -49,7 +50,8 @@ class Workload:
 
     def describe(self) -> dict:
         d = json.loads(self.to_json())
-        d["image"] = "synthetic 384x384 PNG (bunny_client.perf.synthetic_image)"
+        d["image"] = ("a different 384x384 PNG per request (bench/images.py)" if self.distinct_images else
+                      "synthetic 384x384 PNG (bunny_client.perf.synthetic_image)")
         return d
 
 

@@ -11,6 +11,7 @@ import time
 import torch
 
 from bench.common import RequestTiming, Workload, emit, summarize, tree_peak_rss_bytes
+from bench.images import RequestImages
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.sampling_params import SamplingParams
@@ -54,15 +55,18 @@ def make_engine(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str
     return LLMEngine(cfg)
 
 
-def run_round(engine: LLMEngine, work: Workload, n: int, max_tokens: int, kv: KVWatch | None, tag: str):
-    """N requests at once until all finish: (wall seconds, their timings, the token ids of the first one)."""
+def run_round(engine: LLMEngine, work: Workload, n: int, max_tokens: int, kv: KVWatch | None, tag: str,
+              images: RequestImages | None = None):
+    """N requests at once until all finish: (wall seconds, their timings, the token ids of the first one). images:
+    where each request's image comes from (None: the workload's one image)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     timings: dict[str, RequestTiming] = {}
     ids: dict[str, list[int]] = {}
+    round_images = images.take(n) if images else [work.image] * n   # made before the clock starts
     t0 = time.perf_counter()
     for i in range(n):
         rid = f"{tag}-{i}"
-        engine.add_request(rid, work.prompt, [work.image], params)
+        engine.add_request(rid, work.prompt, [round_images[i]], params)
         timings[rid] = RequestTiming(sent=t0)
     while engine.has_unfinished():
         outs = engine.step()
@@ -90,13 +94,14 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     kv = KVWatch(engine)
+    images = RequestImages(work.image, work.distinct_images)
     for w in range(work.warmup):
-        run_round(engine, work, 1, 8, None, f"warm{w}")
+        run_round(engine, work, 1, 8, None, f"warm{w}", images)
     # TTFT: one request with one image, max_tokens 1, best of 3 (median reported too)
-    ttfts = sorted(run_round(engine, work, 1, 1, None, f"ttft{i}")[1][0].ttft for i in range(3))
+    ttfts = sorted(run_round(engine, work, 1, 1, None, f"ttft{i}", images)[1][0].ttft for i in range(3))
     rows, decode_b1, first_ids = [], None, None
     for n in work.batch_sizes:
-        results = [run_round(engine, work, n, work.max_tokens, kv, f"b{n}r{r}") for r in range(work.rounds)]
+        results = [run_round(engine, work, n, work.max_tokens, kv, f"b{n}r{r}", images) for r in range(work.rounds)]
         first_ids = first_ids or results[0][2]
         rounds = [(wall, timings) for wall, timings, _ in results]
         rows.append(summarize(n, rounds).as_dict())
@@ -106,14 +111,14 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
         log(f"engine  batch {n:2d}: {r['output_tokens_per_s']:7.1f} tok/s  TTFT {r['ttft_mean_ms']:7.0f} ms  "
             f"ITL {r['itl_mean_ms']:6.1f} ms")
     if decode_b1 is None:                        # the roofline needs batch-1 decode even when 1 is not swept
-        decode_b1 = decode_rate([run_round(engine, work, 1, work.max_tokens, None, "b1")[:2]])
+        decode_b1 = decode_rate([run_round(engine, work, 1, work.max_tokens, None, "b1", images)[:2]])
     # peak RSS: this process and, under tensor parallelism, its worker ranks
     out = {"system": "engine", "rows": rows, "ttft_1image_s": ttfts[0], "ttft_1image_median_s": ttfts[1],
            "batch1_decode_tok_s": decode_b1, "peak_rss_bytes": tree_peak_rss_bytes(os.getpid()),
            "first_request_ids": first_ids, "tensor_parallel_size": work.tensor_parallel_size,
            "rank_memory": engine.memory_reports,
            **kv.as_dict(),
-           "num_preemptions": engine.stats().num_preemptions, "device": str(engine.device), "dtype": str(engine.dtype),
+           "num_preemptions": engine.stats().num_preemptions, "distinct_images": images.count, "device": str(engine.device), "dtype": str(engine.dtype),
            "attention_backend": engine.runner.backend.name,
            "threads": torch.get_num_threads()}
     if engine.device.type == "cuda":

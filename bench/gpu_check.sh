@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a session with an NVIDIA GPU runs, in one go (issues #17, #29): the gpu-marked tests (the Triton kernels at
-# scale, warm-up, graphs, model parity), the kernels' own timings, the Bunny-2B-shape bench with and without CUDA
-# graphs and with prefix caching on (engine, transformers, and Triton where tritonserver is there), and a profile.
+# scale, warm-up, graphs, model parity), the kernels' own timings and launch-shape sweep, the Bunny-2B-shape bench
+# with and without CUDA graphs and with prefix caching on and a different image per request (engine, transformers,
+# and Triton where tritonserver is there), and a profile.
 # Every step has its own time limit; logs and results go to OUTDIR. Nothing here needs the network.
 #
 #   bash bench/gpu_check.sh OUTDIR            # in a checkout whose Python has a CUDA torch (and triton)
@@ -65,8 +66,9 @@ serve=(env "PYTHONPATH=$SERVE_PYTHONPATH")   # a step on the carried serving pac
 host=(env "PYTHONPATH=$HOST_PYTHONPATH")     # a step on the host's own packages
 
 [ -n "${SKIP_TESTS:-}" ] || TAIL=14 step gpu-tests "${GPU_TESTS_S:-300}" "${host[@]}" "$PY" -m pytest -q -s -p no:cacheprovider \
-  -m gpu tests/test_triton_kernels.py tests/test_warm_up.py tests/test_gpu.py
+  -m gpu tests/test_triton_kernels.py tests/test_warm_up.py tests/test_gpu.py tests/test_mixed_graphs.py
 TAIL=30 step kernel-times "${KERNEL_S:-120}" "${host[@]}" "$PY" -m bench.kernel_times
+[ -n "${SKIP_TUNE:-}" ] || TAIL=40 step tune-kernels "${TUNE_S:-240}" "${host[@]}" "$PY" -m bench.tune_kernels --quick
 # Separate runs so that one system hanging past its limit costs only its own figures. CUDA graphs are the default.
 [ -n "${SKIP_HF:-}" ] || step bench-hf "${BENCH_S:-240}" "${host[@]}" "$PY" -m bench.run --model 2b --skip-triton --skip-engine \
   --hf-batch-sizes "${HF_SIZES:-1,2,4,6,8,10}" --scenarios none --out "$OUT/2b-hf.json"
@@ -75,6 +77,6 @@ TAIL=30 step kernel-times "${KERNEL_S:-120}" "${host[@]}" "$PY" -m bench.kernel_
 step bench-triton "${TRITON_S:-240}" "${serve[@]}" "$PY" -m bench.run --model 2b --skip-hf --batch-sizes "${SIZES:-1,10,64,256}" \
   --scenarios none --out "$OUT/2b-triton.json"
 [ -n "${SKIP_PREFIX:-}" ] || step bench-prefix "${PREFIX_S:-200}" "${serve[@]}" "$PY" -m bench.run --model 2b --skip-hf --skip-triton \
-  --prefix-caching --batch-sizes "${SIZES:-1,10,64,256}" --scenarios none --out "$OUT/2b-prefix.json"
+  --prefix-caching --distinct-images --batch-sizes "${SIZES:-1,10,64,256}" --scenarios none --out "$OUT/2b-prefix.json"
 TAIL=40 step profile "${PROFILE_S:-90}" "${serve[@]}" "$PY" -m bench.profile --model 2b --batch-sizes 1,64 --steps 24 --rows 16
 rm -f "$OUT"/*.png   # the results JSONs carry the figures; at most 8 files come back

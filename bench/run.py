@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--prefix-caching", action="store_true",
                    help="keep the engine's prefix cache on (off by default: identical requests would skip prefill)")
+    p.add_argument("--distinct-images", action="store_true",
+                   help="a different image in each engine request (bench/images.py), as real traffic has: with "
+                        "--prefix-caching only the system prompt is shared (the Triton run still sends one image)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="decode eagerly on CUDA (engine and triton; graphs are the default)")
     p.add_argument("--threads", type=int, default=0,
@@ -123,7 +126,8 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log, baseline=None) -> d
     """baseline: (worker environment, commit) of the --baseline revision, or None."""
     path = str(ensure_checkpoint(spec, log=log))
     work = Workload(batch_sizes=args.batch_sizes, max_tokens=args.max_tokens, rounds=args.rounds,
-                    prefix_caching=args.prefix_caching, threads=args.threads, cuda_graphs=args.cuda_graphs)
+                    prefix_caching=args.prefix_caching, threads=args.threads, cuda_graphs=args.cuda_graphs,
+                    distinct_images=args.distinct_images)
     tp_work = dataclasses.replace(work, tensor_parallel_size=args.tensor_parallel_size)
     hf_work = dataclasses.replace(work, batch_sizes=args.hf_batch_sizes)
     kv = str(kv_cache_bytes(spec, work))

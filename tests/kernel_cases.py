@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from attention_helpers import MIXED_SPANS, dense_attention, make_tables, paged_step
 from bunny_backend.ops.attention_torch import TorchAttentionBackend
+from bunny_backend.ops.triton_tuning import DecodeTuning, PrefillTuning
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 # The fused ops round as PyTorch does: within one unit in the last place of the dtype of PyTorch's own result.
@@ -37,6 +38,11 @@ SMALL = dict(
              ((14, 2, 64, 16), [(3, 12), (0, 5)])],
     mixed=[(14, 2, 64, 16), (4, 4, 64, 16)],
     fused=[(4, 2, 64, 3), (14, 2, 16, 5)],   # (heads, kv_heads, head_dim, rows)
+    # launch shapes other than the table's (what bench/tune_kernels.py sweeps): (shape, lens or spans, tuning)
+    tuned_decode=[((14, 2, 64, 16), [1, 40, 100], DecodeTuning(tile_tokens=32, num_warps=2, num_stages=1)),
+                  ((4, 4, 32, 16), [17, 130], DecodeTuning(tile_tokens=128, num_warps=8, num_stages=2))],
+    tuned_prefill=[((4, 4, 64, 16), [(0, 23), (37, 9), (5, 1)], PrefillTuning(32, 32, 2, 1)),
+                   ((8, 2, 32, 16), [(21, 40), (0, 3)], PrefillTuning(128, 16, 8, 4))],
 )
 LARGE = dict(
     decode=[((16, 16, 128, 16), [1, 17, 300, 1000, 4097], (1, 2, 8, 16)),
@@ -49,6 +55,10 @@ LARGE = dict(
              ((7, 1, 64, 16), [(100, 1), (0, 257)])],
     mixed=[(14, 2, 64, 16), (16, 16, 128, 16), (12, 2, 128, 32)],
     fused=[(16, 16, 128, 300), (14, 2, 64, 77), (12, 2, 128, 1)],
+    tuned_decode=[((16, 16, 128, 16), [1, 300, 1000], DecodeTuning(32, 2, 1)),
+                  ((14, 2, 64, 16), [17, 999], DecodeTuning(128, 8, 4))],
+    tuned_prefill=[((16, 16, 128, 16), [(0, 1000), (333, 517), (2047, 1)], PrefillTuning(128, 32, 8, 3)),
+                   ((14, 2, 64, 16), [(31, 200), (0, 700)], PrefillTuning(32, 128, 2, 1))],
 )
 
 
@@ -66,7 +76,7 @@ def naive_decode(q, k_cache, v_cache, tables, lens, scale):
     return out
 
 
-def check_decode(shape, lens, splits, dtype, device, seed=0):
+def check_decode(shape, lens, splits, dtype, device, seed=0, tuning=None):
     from bunny_backend.ops import triton_paged_decode as tpd
     heads, kv_heads, head_dim, block_size = shape
     gen = torch.Generator().manual_seed(seed)
@@ -78,18 +88,19 @@ def check_decode(shape, lens, splits, dtype, device, seed=0):
     lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
     want = naive_decode(q, k_cache, v_cache, tables, lens, head_dim ** -0.5).float()
     for s in splits:
-        got = tpd.paged_decode(q, k_cache, v_cache, table_tensor.to(device), lens_t, head_dim ** -0.5, num_splits=s)
-        close(got, want, TOLERANCE[dtype], f"decode {shape} splits={s}")
+        got = tpd.paged_decode(q, k_cache, v_cache, table_tensor.to(device), lens_t, head_dim ** -0.5, num_splits=s,
+                               tuning=tuning)
+        close(got, want, TOLERANCE[dtype], f"decode {shape} splits={s} {tuning or ''}")
 
 
-def check_prefill(shape, spans, dtype, device, seed=0):
+def check_prefill(shape, spans, dtype, device, seed=0, tuning=None):
     from bunny_backend.ops import triton_prefill
     heads, kv_heads, head_dim, block_size = shape
     q, _, _, k_cache, v_cache, ctx, want = paged_step(TorchAttentionBackend(), spans, heads, kv_heads, head_dim,
                                                       block_size, dtype, device, seed=seed)
     got = triton_prefill.paged_prefill(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.context_lens,
-                                       head_dim ** -0.5)
-    close(got, want, TOLERANCE[dtype], f"prefill {shape} {spans}")
+                                       head_dim ** -0.5, tuning=tuning)
+    close(got, want, TOLERANCE[dtype], f"prefill {shape} {spans} {tuning or ''}")
 
 
 def check_mixed(shape, dtype, device, seed=0):
@@ -143,6 +154,14 @@ def check_fused(shape, dtype, device, seed=0):
     close(got, (g / (1 + torch.exp(-g)) * up.double()).float(), 4 * ULP[dtype], "silu_mul vs float64")
 
 
+def check_tuned_decode(shape, lens, tuning, dtype, device, seed=0):
+    check_decode(shape, lens, (1, 3), dtype, device, seed, tuning)
+
+
+def check_tuned_prefill(shape, spans, tuning, dtype, device, seed=0):
+    check_prefill(shape, spans, dtype, device, seed, tuning)
+
+
 def close(got, want, tol, what):
     got, want = got.float().cpu(), want.float().cpu()
     err = (got - want).abs() / (want.abs() + 1)
@@ -161,7 +180,9 @@ def run(cases: dict, dtype, device) -> list[str]:
     """Every case; the failures' messages (and prints a line per case)."""
     failures = []
     checks = [(check_decode, c) for c in cases["decode"]] + [(check_prefill, c) for c in cases["prefill"]] \
-        + [(check_mixed, (c,)) for c in cases["mixed"]] + [(check_fused, (c,)) for c in cases["fused"]]
+        + [(check_mixed, (c,)) for c in cases["mixed"]] + [(check_fused, (c,)) for c in cases["fused"]] \
+        + [(check_tuned_decode, c) for c in cases["tuned_decode"]] \
+        + [(check_tuned_prefill, c) for c in cases["tuned_prefill"]]
     for i, (check, args) in enumerate(checks):
         t0 = time.perf_counter()
         try:

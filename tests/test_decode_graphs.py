@@ -3,7 +3,8 @@ block give the eager engine's tokens. The real torch.cuda capture is checked in 
 import pytest
 import torch
 
-from bunny_backend.engine.worker.decode_graphs import Captured, graph_sizes
+from bunny_backend.engine.worker.decode_graphs import graph_sizes
+from bunny_backend.engine.worker.graph_capture import Captured
 from bunny_backend.engine.worker.model_runner import ModelRunner
 from bunny_backend.engine.sampling_params import SamplingParams
 from engine_helpers import make_engine, run_all, twelve_requests

@@ -16,11 +16,26 @@ def test_max_num_seqs_defaults_by_device(monkeypatch):
     assert DevicePlan.resolve(EngineConfig(device="cpu", max_num_batched_tokens=8)).max_num_seqs == 8
     assert DevicePlan.resolve(EngineConfig(device="cpu", max_num_seqs=40)).max_num_seqs == 40
     monkeypatch.setattr(device, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(device, "cuda_sm_count", lambda d: 132)
     assert DevicePlan.resolve(EngineConfig(device="cuda")).max_num_seqs == 256
     assert DevicePlan.resolve(EngineConfig(device="cuda", max_num_seqs=64)).max_num_seqs == 64
     plans = [DevicePlan.resolve(EngineConfig(device="cuda", **kw)) for kw in (
         {}, {"max_num_seqs": 400, "max_num_batched_tokens": 4096}, {"max_queued_requests": 5})]
     assert [p.max_queued_requests for p in plans] == [256, 400, 5]   # 256, or max_num_seqs where that is more
+
+
+def test_step_token_budget_defaults_by_device(monkeypatch):
+    assert DevicePlan.resolve(EngineConfig(device="cpu")).max_num_batched_tokens == 4096
+    assert DevicePlan.resolve(EngineConfig(device="cpu", max_num_batched_tokens=100)).max_num_batched_tokens == 100
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(4096\) must be >= max_num_seqs \(5000\)"):
+        DevicePlan.resolve(EngineConfig(device="cpu", max_num_seqs=5000))
+    monkeypatch.setattr(device, "resolve_device", lambda name: torch.device("cuda"))
+    for sms, want in [(132, 8192), (108, 4096), (16, 4096), (1000, 16384)]:   # H200, A100, small, beyond
+        monkeypatch.setattr(device, "cuda_sm_count", lambda d, sms=sms: sms)
+        assert DevicePlan.resolve(EngineConfig(device="cuda")).max_num_batched_tokens == want
+    assert DevicePlan.resolve(EngineConfig(device="cuda", max_num_batched_tokens=512)).max_num_batched_tokens == 512
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 0"):
+        EngineConfig(max_num_batched_tokens=-1)
 
 
 @pytest.mark.parametrize("kind,asked,kv_tokens,want", [

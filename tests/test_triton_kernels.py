@@ -11,7 +11,7 @@ import torch
 
 import kernel_cases
 from bunny_backend.ops import triton_paged_decode as tpd
-from bunny_backend.ops import triton_prefill
+from bunny_backend.ops import triton_prefill, triton_tuning
 from bunny_backend.ops.triton_support import triton
 
 HERE = os.path.dirname(__file__)
@@ -56,6 +56,28 @@ def test_prefill_launch_config_refuses_bad_inputs(change, message):
     change(inp)
     with pytest.raises(ValueError, match=message):
         triton_prefill.launch_config(**inp)
+
+
+def test_launch_shapes_come_from_the_head_size_table_or_the_caller():
+    from bunny_backend.ops.triton_tuning import DECODE, PREFILL, DecodeTuning, PrefillTuning
+    assert [triton_tuning.prefill_tuning(d) for d in (16, 64, 96, 128, 512)] == \
+        [PREFILL[64], PREFILL[64], PREFILL[128], PREFILL[128], PREFILL[256]]
+    assert [triton_tuning.decode_tuning(d) for d in (64, 128, 256, 512)] == [DECODE[128], DECODE[128], DECODE[256],
+                                                                            DECODE[256]]
+    inp = _prefill_inputs(14, 2, 64, [5, 30], [9, 30])   # GQA 7: 8 score rows per query token
+    cfg = triton_prefill.launch_config(**inp, tuning=PrefillTuning(32, 16, 2, 1))
+    assert (cfg.block_q, cfg.block_n, cfg.num_warps, cfg.num_stages) == (4, 16, 2, 1) and cfg.grid == (35 // 4 + 2, 2)
+    default = triton_prefill.launch_config(**inp)
+    assert (default.block_q * default.group, default.block_n) == (PREFILL[64].block_m, PREFILL[64].block_n)
+    q, cache = torch.zeros(2, 14, 64, dtype=torch.float16), torch.zeros(9, 16, 2, 64, dtype=torch.float16)
+    dec = dict(q=q, k_cache=cache, v_cache=cache, block_tables=torch.zeros(2, 3, dtype=torch.int32),
+               context_lens=torch.ones(2, dtype=torch.int32))
+    cfg = tpd.launch_config(**dec, tuning=DecodeTuning(128, 8, 2))
+    assert (cfg.blocks_per_tile, cfg.num_warps, cfg.num_stages) == (8, 8, 2)
+    with pytest.raises(ValueError, match="powers of two >= 16"):
+        triton_prefill.launch_config(**inp, tuning=PrefillTuning(48, 16, 2, 1))
+    with pytest.raises(ValueError, match="powers of two >= 16"):
+        tpd.launch_config(**dec, tuning=DecodeTuning(64, 0, 2))
 
 
 def test_decode_splits_fill_the_sms_only_when_the_batch_does_not():
@@ -113,6 +135,18 @@ def test_decode_on_gpu(case, dtype):
 @needs_triton
 def test_prefill_on_gpu(case, dtype):
     kernel_cases.check_prefill(*case, dtype, "cuda")
+
+
+@pytest.mark.parametrize("case", kernel_cases.LARGE["tuned_decode"] + kernel_cases.LARGE["tuned_prefill"],
+                         ids=lambda c: f"{c[0]}-{c[2]}")
+@DTYPES
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_other_launch_shapes_on_gpu(case, dtype):
+    check = kernel_cases.check_tuned_decode if isinstance(case[2], triton_tuning.DecodeTuning) \
+        else kernel_cases.check_tuned_prefill
+    check(*case, dtype, "cuda")
 
 
 @pytest.mark.parametrize("shape", kernel_cases.LARGE["mixed"], ids=str)

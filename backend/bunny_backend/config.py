@@ -19,7 +19,9 @@ class EngineConfig:
     quantization: str = "none"
     block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
     max_num_seqs: int = 0           # 0: the device's own (engine/worker/device.py: 16 on cpu, up to 256 elsewhere)
-    max_num_batched_tokens: int = 4096
+    # Tokens per step: one per running decode, then prefill chunks. 0: the device's own (engine/worker/device.py:
+    # 4096 on cpu and npu; on cuda 64 per SM as a power of two within 4096..16384, 8192 on an H100/H200).
+    max_num_batched_tokens: int = 0
     # While a step decodes running streams, it carries at most this many prompt tokens (longer prompts are
     # chunked over several steps), so a long prompt delays each running stream's next token by one chunk, not by
     # its whole prefill. 0: the device's own (engine/worker/device.py: 128 on cpu, 2048 on cuda/npu).
@@ -65,11 +67,13 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
-        for name in ("max_num_batched_tokens", "tensor_parallel_size", "max_images_per_encoder_batch",
-                     "stream_interval"):
+        for name in ("tensor_parallel_size", "max_images_per_encoder_batch", "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_num_batched_tokens < self.max_num_seqs:   # else the last-admitted streams would never decode
+        if self.max_num_batched_tokens < 0:
+            raise ValueError(f"max_num_batched_tokens must be >= 0 (0: the device's own), got "
+                             f"{self.max_num_batched_tokens}")
+        if 0 < self.max_num_batched_tokens < self.max_num_seqs:   # else the last-admitted streams would never decode
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes a token each step")
         if self.block_size < 0 or (self.block_size and self.block_size & (self.block_size - 1)):

@@ -62,7 +62,8 @@ class LLMEngine:
         plan.enter()
         self._asked_max_num_seqs = config.max_num_seqs > 0
         config = dataclasses.replace(config, max_num_seqs=plan.max_num_seqs,
-                                     max_queued_requests=plan.max_queued_requests)
+                                     max_queued_requests=plan.max_queued_requests,
+                                     max_num_batched_tokens=plan.max_num_batched_tokens)
         self.config = config
         self.device, self.dtype, self.block_size = plan.device, plan.dtype, plan.block_size
         self.tokenizer = load_tokenizer(config.model_path)
@@ -97,6 +98,7 @@ class LLMEngine:
             self.runner = ModelRunner(self.model, backend, num_blocks, self.block_size, self.device, self.dtype,
                                       graph_capture=plan.graph_capture(model_config.text.head_dim),
                                       max_graph_batch=config.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq,
+                                      max_graph_tokens=config.max_num_batched_tokens,
                                       workers=self.workers, eos_token_ids=self.eos_token_ids)
             if plan.warms_up:
                 log.info("bunny: warm-up at load took %.1f s",

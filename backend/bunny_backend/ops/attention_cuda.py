@@ -1,7 +1,7 @@
 """Paged attention on CUDA GPUs. Same cache layout as the portable backend ([num_blocks, block_size, Hkv, D]);
 what changes is the kernels:
 - store: index_copy_ into the flattened cache (one fused scatter per tensor; inherited);
-- prefill without a cached prefix: flash_attn_varlen_func over the packed sequences when the flash_attn package
+- prefill without a cached prefix (outside a graph: whether a step has one is a host fact): flash_attn_varlen_func over the packed sequences when the flash_attn package
   is installed (float16/bfloat16);
 - every other prefill (cached prefixes, continuing chunks, one-token queries, and fresh prompts without
   flash-attn): one Triton launch over the paged cache for the whole batch (triton_prefill.py); flash-attn's paged
@@ -50,7 +50,7 @@ class CudaAttentionBackend(TorchAttentionBackend):
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale):
         no_prefix = k_cache is None or ctx.seqlens_k == ctx.seqlens_q
-        if (no_prefix and self.flash_varlen is not None and ctx.cu_seqlens_q is not None
+        if (no_prefix and not ctx.in_graph and self.flash_varlen is not None and ctx.cu_seqlens_q is not None
                 and q.dtype in (torch.float16, torch.bfloat16)):
             cu = ctx.cu_seqlens_q
             return self.flash_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=ctx.max_seqlen_q,

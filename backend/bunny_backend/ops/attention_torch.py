@@ -55,6 +55,8 @@ class TorchAttentionBackend:
         kernel = _cpu_causal_attention(q, k, v)
         q_start = 0
         for i, (len_q, len_k) in enumerate(zip(ctx.seqlens_q, ctx.seqlens_k)):
+            if not len_q:   # a graph's padding sequence
+                continue
             qi, rows = q[q_start:q_start + len_q], slice(q_start, q_start + len_q)
             fresh = k_cache is None or len_k == len_q
             if fresh:

@@ -46,6 +46,13 @@ class RowParams(Protocol):
     def greedy(self) -> bool: ...
 
 
+def takes_raw_argmax(params: RowParams, banned_token_ids: Collection[int]) -> bool:
+    """Whether the row's token is the argmax of the model's raw logits: greedy, with no logprobs, penalties or banned
+    tokens (a grammar's mask, which the caller knows of, is another reason it is not)."""
+    return (params.greedy and params.logprobs == 0 and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty and not banned_token_ids)
+
+
 def raw_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Of logits [n, V]: the log-softmax in float32 [n, V], and its k largest values per row, most likely first,
     with their ids ([n, k] each)."""

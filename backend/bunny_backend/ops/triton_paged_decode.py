@@ -10,7 +10,7 @@ into `num_splits` contiguous ranges of tiles, each program writes its partial ma
 never on the lengths, so a captured CUDA graph stays valid for any context (a split past the end of a short one
 writes an empty partial).
 
-Each loop iteration takes several cache blocks at once (TILE_TOKENS tokens, gathered through a vector of table
+Each loop iteration takes several cache blocks at once (the tuning's tile_tokens, triton_tuning.py, gathered through a vector of table
 entries): one block of 16 tokens per iteration left the loop latency-bound (64 us for an 800-token context on an
 H200, 1.5 ms of a 3.9 ms decode step of the 2B model; docs/performance.md).
 
@@ -27,8 +27,8 @@ import torch
 
 from bunny_backend.ops.triton_support import (MIN_DOT, attention_unsupported_for, check_paged_operands, next_pow2, tl,
                                                triton)
+from bunny_backend.ops.triton_tuning import DecodeTuning, check_tuning, decode_tuning
 
-TILE_TOKENS = 64   # cache tokens per loop iteration (a whole number of blocks, or one block if blocks are larger)
 MAX_SPLITS = 16    # the most context splits per sequence (the reduce kernel's tile)
 LOG2E = 1.4426950408889634
 
@@ -68,19 +68,15 @@ def split_count(batch: int, kv_heads: int, num_sms: int) -> int:
     return min(MAX_SPLITS, -(-num_sms // programs))
 
 
-def warps_and_stages(head_dim: int) -> tuple[int, int]:
-    """Starting points per head dim, not yet tuned on a GPU (bench/kernel_times.py times the kernels)."""
-    return (4, 3) if head_dim <= 128 else (8, 2)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  context_lens: torch.Tensor, num_splits: int = 1) -> LaunchConfig:
-    """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables int32 [B, M]; context_lens int32 [B]."""
+                  context_lens: torch.Tensor, num_splits: int = 1, tuning: DecodeTuning | None = None) -> LaunchConfig:
+    """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables int32 [B, M]; context_lens int32 [B].
+    tuning: tile and warps (None: the head size's row of triton_tuning.DECODE; bench/tune_kernels.py passes others)."""
     heads, head_dim, block_size, kv_heads = check_paged_operands(q, k_cache, v_cache, "[B, H, D]")
     batch = q.shape[0]
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
@@ -91,12 +87,14 @@ def launch_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits {num_splits} must be 1..{MAX_SPLITS}")
     rep = heads // kv_heads
-    warps, stages = warps_and_stages(head_dim)
+    tuning = tuning or decode_tuning(head_dim)
+    check_tuning(tuning)
     return LaunchConfig(grid=(batch, kv_heads, num_splits), queries_per_kv=rep,
                         group=1 if rep == 1 else max(MIN_DOT, next_pow2(rep)), head_dim=head_dim,
-                        block_size=block_size, blocks_per_tile=max(1, TILE_TOKENS // block_size),
+                        block_size=block_size, blocks_per_tile=max(1, tuning.tile_tokens // block_size),
                         q_strides=(q.stride(0), q.stride(1)), cache_strides=k_cache.stride()[:3],
-                        table_stride=block_tables.stride(0), num_warps=warps, num_stages=stages)
+                        table_stride=block_tables.stride(0), num_warps=tuning.num_warps,
+                        num_stages=tuning.num_stages)
 
 
 if triton is not None:
@@ -183,14 +181,15 @@ if triton is not None:
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                 tuning: DecodeTuning | None = None) -> torch.Tensor:
     """One query row per sequence [B, H, D] over its context_lens[i] cached tokens. Padding entries of the block
     table (-1) past a sequence's last block are never read. num_splits: context splits per sequence (None: as
     `split_count` chooses for the device; 1 off CUDA)."""
     q = q.contiguous()   # the output is written with q's strides
     if num_splits is None:
         num_splits = split_count(q.shape[0], k_cache.shape[2], _num_sms(q.device)) if q.is_cuda else 1
-    cfg = launch_config(q, k_cache, v_cache, block_tables, context_lens, num_splits)
+    cfg = launch_config(q, k_cache, v_cache, block_tables, context_lens, num_splits, tuning)
     out = torch.empty_like(q)
     rows = q.shape[0] * q.shape[1] * num_splits if num_splits > 1 else 1   # one unused row: a real pointer
     part_acc = torch.empty((rows, cfg.head_dim), dtype=torch.float32, device=q.device)

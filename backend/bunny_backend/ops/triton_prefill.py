@@ -21,18 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from bunny_backend.ops.triton_support import MIN_DOT, check_paged_operands, next_pow2, tl, triton
+from bunny_backend.ops.triton_tuning import PrefillTuning, check_tuning, prefill_tuning
 
 LOG2E = 1.4426950408889634
-
-
-def tiles(head_dim: int) -> tuple[int, int, int, int]:
-    """(score rows per tile, keys per tile, warps, stages) for a head dim: starting points (Triton's flash-attention
-    tutorial's shapes for short varlen tiles), not yet tuned on a GPU (bench/kernel_times.py times the kernels)."""
-    if head_dim <= 64:
-        return 64, 64, 4, 3
-    if head_dim <= 128:
-        return 64, 64, 4, 2
-    return 64, 32, 8, 2
 
 
 @dataclass(frozen=True)
@@ -49,9 +40,11 @@ class LaunchConfig:
 
 
 def launch_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor) -> LaunchConfig:
+                  cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor,
+                  tuning: PrefillTuning | None = None) -> LaunchConfig:
     """q [N, H, D] packed; caches [num_blocks, block_size, Hkv, D]; block_tables int32 [B, M]; cu_seqlens_q int32
-    [B+1]; seqlens_k int32 [B] (each sequence's cached + new tokens)."""
+    [B+1]; seqlens_k int32 [B] (each sequence's cached + new tokens). tuning: the tile shape (None: the head size's
+    row of triton_tuning.PREFILL; bench/tune_kernels.py passes others)."""
     heads, head_dim, block_size, kv_heads = check_paged_operands(q, k_cache, v_cache, "[N, H, D]")
     tokens = q.shape[0]
     if any(t.dtype != torch.int32 for t in (block_tables, cu_seqlens_q, seqlens_k)):
@@ -61,7 +54,9 @@ def launch_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or cu_seqlens_q.shape != (batch + 1,):
         raise ValueError(f"block_tables must be [{batch}, M] and cu_seqlens_q [{batch + 1}]")
     rep = heads // kv_heads
-    rows, block_n, warps, stages = tiles(head_dim)
+    tuning = tuning or prefill_tuning(head_dim)
+    check_tuning(tuning)
+    rows, block_n, warps, stages = tuning.block_m, tuning.block_n, tuning.num_warps, tuning.num_stages
     group = next_pow2(rep)
     rows = max(rows, group, MIN_DOT)
     block_q = rows // group
@@ -146,10 +141,11 @@ if triton is not None:
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor, scale: float) -> torch.Tensor:
+                  cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor, scale: float,
+                  tuning: PrefillTuning | None = None) -> torch.Tensor:
     """Causal attention of the packed queries [N, H, D] over each sequence's first seqlens_k[i] cached tokens (its
     new ones included, already stored). Padding entries of the block table (-1) are never read."""
-    cfg = launch_config(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k)
+    cfg = launch_config(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, tuning)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out

@@ -192,7 +192,7 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
                 if block.hash is None:
                     self.free_block_ids.move_to_end(block_id, last=False)
-        seq.block_table.clear()
+        seq.block_table = []   # a new list: runners keep rows keyed on the old one (engine/worker/block_tables.py)
         seq.num_cached_tokens = 0
         seq.num_sealed_blocks = 0
         self._drop_pending(seq)

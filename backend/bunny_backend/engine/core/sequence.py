@@ -55,6 +55,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
 
+        # Grows at its end only; BlockManager.free replaces the list (engine/worker/block_tables.py relies on both).
         self.block_table: list[int] = []
         self.num_cached_tokens = 0        # prefill progress; see the module docstring
         self.num_prefix_hit_tokens = 0    # of those, taken from the prefix cache at the last allocation

@@ -1,53 +1,24 @@
-"""CUDA graphs for decode steps: the decode forward (embeddings and layers) captured once per padded batch size and
-replayed, so a step costs one replay instead of hundreds of kernel launches from Python. The LM head stays outside:
-its [batch, vocab] output per captured size would cost more memory than its one launch costs time.
+"""CUDA graphs for decode steps: the decode forward (embeddings, layers, LM head and greedy argmax) captured once per
+padded batch size and replayed, so a step costs one replay instead of hundreds of kernel launches from Python. The
+logits and their argmax land in LogitsHead's static buffers (graph_capture.py), shared with the mixed-step graphs.
 
 A graph replays the kernels it captured on the tensors it captured, so every input lives in a static buffer that
-`run()` fills before `replay()`: token ids, positions, cache slots, context lengths and block tables. A batch of n
-runs in the smallest captured size >= n; the padding rows read and write one scratch KV block that the block
-manager never hands out (the model runner allocates it past the managed blocks), so they touch nobody's cache.
-Sampling stays outside the graph. Capture needs an attention backend whose decode reads only device tensors
-(the Triton paged-decode kernel; the portable gather does too). `GraphCapture` is torch.cuda's; `DecodeGraphs`
-takes any object with the same `capture(fn) -> Captured` (the tests replay eagerly without a GPU).
+`run()` fills before `replay()`: token ids, positions, cache slots and context lengths in one copy, and the block
+tables as one gather from the persistent rows of block_tables.py. A batch of n runs in the smallest captured
+size >= n; the padding rows read and write one scratch KV block that the block manager never hands out (the model
+runner allocates it past the managed blocks), so they touch nobody's cache. Sampling stays outside the graph
+unless every row is plain greedy (the runner then takes the argmax). Capture needs an attention backend whose
+decode reads only device tensors (the Triton paged-decode kernel; the portable gather does too).
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
+from bunny_backend.engine.worker.block_tables import BlockTables
+from bunny_backend.engine.worker.graph_capture import Captured, GraphCapture, LogitsHead
 from bunny_backend.utils.context import ForwardContext, reset_context, set_context, token_slots
 
-log = logging.getLogger("bunny.engine")
 DEFAULT_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
-
-
-@dataclass
-class Captured:
-    replay: Callable[[], None]
-    output: torch.Tensor
-
-
-class GraphCapture:
-    """torch.cuda graphs, all sizes sharing one memory pool (captured largest first)."""
-
-    def __init__(self):
-        self.pool = None
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> Captured:
-        side = torch.cuda.Stream()   # warm-up outside the graph (Triton compiles, cuBLAS picks its kernels)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
-        self.pool = graph.pool()
-        return Captured(graph.replay, out)
 
 
 def graph_sizes(max_batch: int) -> list[int]:
@@ -56,9 +27,9 @@ def graph_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, max_batch: int, max_blocks: int, scratch_block: int, block_size: int,
-                 device: torch.device, capture: GraphCapture):
-        self.model, self.max_blocks, self.sizes = model, max_blocks, graph_sizes(max_batch)
+    def __init__(self, model, head: LogitsHead, max_batch: int, max_blocks: int, scratch_block: int,
+                 block_size: int, device: torch.device, capture: GraphCapture):
+        self.model, self.head, self.max_blocks, self.sizes = model, head, max_blocks, graph_sizes(max_batch)
         self.scratch_slot = token_slots([scratch_block], 0, 1, block_size)[0]
         self.scratch_block = scratch_block
         self.ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
@@ -71,15 +42,16 @@ class DecodeGraphs:
 
     def _context(self, bs: int) -> ForwardContext:
         return ForwardContext(is_prefill=False, slot_mapping=self.slots[:bs], context_lens=self.lens[:bs],
-                              block_tables=self.tables[:bs])
+                              block_tables=self.tables[:bs], in_graph=True)
 
     def _forward(self, bs: int) -> torch.Tensor:
         set_context(self._context(bs))
         try:
             embeds = self.model.model.embed_tokens(self.ids[:bs])   # decode ids are never image rows
-            return self.model(embeds, self.positions[:bs])
+            hidden = self.model(embeds, self.positions[:bs])
         finally:
             reset_context()
+        return self.head(hidden)
 
     @torch.inference_mode()
     def _capture_all(self, capture) -> None:
@@ -99,21 +71,17 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Final hidden states [n, hidden] of one decode step over n sequences (a view of the graph's output: use
-        it before the next run)."""
+            block_tables: BlockTables, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [n, vocab], their argmax [n]) of one decode step over n sequences, whose block tables are
+        `rows` of `block_tables`: views of the static buffers, valid until the next replay."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
-        width = max(len(t) for t in tables)
-        host = torch.tensor([ids, positions, slots], dtype=torch.int64)
+        host = torch.tensor([ids, positions, slots, lens], dtype=torch.int64).to(self.ids.device)
         self.ids[:n].copy_(host[0])
         self.positions[:n].copy_(host[1])
         self.slots[:n].copy_(host[2])
-        self.lens[:n].copy_(torch.tensor(lens, dtype=torch.int32))
-        rows = torch.full((n, self.max_blocks), self.scratch_block, dtype=torch.int32)
-        rows[:, :width] = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in tables],
-                                       dtype=torch.int32)
-        self.tables[:n].copy_(rows)
+        self.lens[:n].copy_(host[3])
+        block_tables.gather(rows, self.max_blocks, out=self.tables[:n])
         self._reset_padding(n, bs)
         self.graphs[bs].replay()
-        return self.graphs[bs].output[:n]
+        return self.head.logits[:n], self.head.tokens[:n]

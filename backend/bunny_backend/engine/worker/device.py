@@ -1,8 +1,9 @@
 """What the engine's configuration means on the device it runs on: the one home of the per-device policy.
 
 `DevicePlan.resolve(config, placement)` picks the device (auto: npu > cuda > cpu), the dtype (auto: bfloat16 on
-accelerators and on CPUs that have it natively, else float32), the KV block size (16, or 128 on the NPU), the prompt
-tokens a step may carry while streams decode (128 on the CPU, 2048 on accelerators), the attention backend (the
+accelerators and on CPUs that have it natively, else float32), the KV block size (16, or 128 on the NPU), the step
+token budget (cuda_step_tokens on CUDA, else 4096), the prompt tokens a step may carry while streams decode (128
+on the CPU, 2048 on accelerators), the attention backend (the
 device's own) and the CPU threads. After loading, `prepare_model` gives the weights the device's layout (packed
 linears on the CPU where oneDNN takes the dtype), and `graph_capture` says whether decode steps can be captured as
 CUDA graphs (device cuda with the Triton paged-decode kernel, one rank).
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine.worker.decode_graphs import GraphCapture
+from bunny_backend.engine.worker.graph_capture import GraphCapture
 from bunny_backend.model.cpu_decode import use_cpu_decode_loop
 from bunny_backend.model.cpu_layout import use_cpu_linears, use_fused_cpu_ops
 from bunny_backend.model.loader import DTYPES
@@ -97,6 +98,21 @@ def cpu_auto_dtype(cpu: CpuFeatures) -> torch.dtype:
     return torch.bfloat16 if cpu.native_bf16 and cpu.can_pack(torch.bfloat16) else torch.float32
 
 
+def cuda_sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def cuda_step_tokens(num_sms: int) -> int:
+    """The CUDA default step token budget: 64 tokens per SM as a power of two, within 4096..16384 (8192 on a
+    132-SM H100/H200, 4096 on a 108-SM A100). With every step in a graph (mixed_graphs.py) a bigger step costs about
+    its tokens' compute and no more launches, so the budget is what keeps a burst of prompts (128 image prompts are
+    ~100k tokens) to few steps, while max_prefill_tokens_while_decoding still bounds what a step adds to running
+    streams' gaps. A first rule, not yet measured: bench/gpu_check.sh's prefill-burst step is the figure to set it by
+    (issue #29)."""
+    tokens = 1 << max(1, 64 * num_sms).bit_length() - 1
+    return min(16384, max(4096, tokens))
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where one engine sits among the engines of a host (model.py reads it from Triton's instance)."""
@@ -127,6 +143,9 @@ class DevicePlan:
     device: torch.device
     dtype: torch.dtype
     block_size: int
+    # Tokens a step carries, decodes and prompt chunks (EngineConfig 0: the device's own; cuda_step_tokens on CUDA).
+    # On CUDA it is also the largest mixed-step graph (mixed_graphs.py).
+    max_num_batched_tokens: int
     # Prompt tokens a step may carry while it decodes running streams (EngineConfig 0: the device's own). On the
     # CPU a step's cost grows with every prompt token, so chunks stay small (docs/performance.md, "Serving under load");
     # on accelerators a step of a few thousand prompt tokens costs little more than a decode step.
@@ -162,11 +181,17 @@ class DevicePlan:
         cores = host_cores()
         threads = config.num_threads or (max(1, cores // processes)
                                          if processes > 1 or cores < torch.get_num_threads() else 0)
-        seqs = config.max_num_seqs or min(16 if device.type == "cpu" else 256, config.max_num_batched_tokens)
+        tokens = config.max_num_batched_tokens or (cuda_step_tokens(cuda_sm_count(device)) if device.type == "cuda"
+                                                    else 4096)
+        seqs = config.max_num_seqs or min(16 if device.type == "cpu" else 256, tokens)
+        if tokens < seqs:   # else the last-admitted streams would never decode
+            raise ValueError(f"max_num_batched_tokens ({tokens}) must be >= max_num_seqs ({seqs}): every running "
+                             "sequence decodes a token each step")
         queued = config.max_queued_requests or max(256, seqs)
         check_quantization(config.quantization, device)
         return cls(device=device, dtype=resolve_dtype(config.dtype, device),
                    block_size=config.block_size or (128 if device.type == "npu" else 16),
+                   max_num_batched_tokens=tokens,
                    max_prefill_tokens_while_decoding=(config.max_prefill_tokens_while_decoding
                                                       or (128 if device.type == "cpu" else 2048)),
                    prefill_chunks_while_decoding=(config.prefill_chunks_while_decoding

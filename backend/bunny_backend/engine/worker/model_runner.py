@@ -1,11 +1,14 @@
 """Runs one scheduled step: packs the sequences' tokens (decodes and prefill chunks in one flat batch), sets the
-attention context, runs the model, samples. Pure decode steps may replay CUDA graphs (decode_graphs.py).
+attention context, runs the model, samples. On CUDA, decode steps replay decode_graphs.py's graphs and the other
+steps mixed_graphs.py's; both end in the LM head and greedy argmax, whose tokens a step of plain greedy rows takes
+as they are (anything else samples from the graph's logits).
 
 Under tensor parallelism (engine/executor/tp_group.py) rank 0's runner packs the step, hands it to the other ranks, and all
 of them run `forward` on it; rank 0 alone samples. Each rank's KV cache holds that rank's KV heads.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Collection
@@ -13,18 +16,33 @@ from dataclasses import dataclass
 
 import torch
 
+from bunny_backend.engine.worker.block_tables import BlockTables
 from bunny_backend.engine.worker.decode_graphs import DecodeGraphs
+from bunny_backend.engine.worker.graph_capture import LogitsHead
+from bunny_backend.engine.worker.mixed_graphs import MixedGraphs
 from bunny_backend.engine.outputs import EngineDeadError, TokenLogprobs
 from bunny_backend.engine.core.scheduler import SchedulerOutput
 from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.engine.executor.step_channel import StepInputs
 from bunny_backend.engine.structured_output import TokenMask
 from bunny_backend.model.bunny import BunnyForCausalLM
-from bunny_backend.ops.sampler import Sampler, SamplerOutput
+from bunny_backend.ops.sampler import Sampler, SamplerOutput, takes_raw_argmax
 from bunny_backend.utils.context import paged_context, reset_context, set_context, token_slots
 
 
 log = logging.getLogger("bunny.engine")
+
+
+@dataclass(slots=True)
+class Packed:
+    """One step's flat inputs as host lists, decodes first: what the eager context and the mixed graphs are made of."""
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    seqlens_q: list[int]
+    seqlens_k: list[int]
+    image_embeds: torch.Tensor | None
+    finals: list[bool]   # the sequence's last new row makes logits (a decode, or the end of its prompt)
 
 
 @dataclass(slots=True)
@@ -38,9 +56,12 @@ class Sampled:
 class ModelRunner:
     def __init__(self, model: BunnyForCausalLM, backend, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, graph_capture=None, max_graph_batch: int = 0,
-                 max_blocks_per_seq: int = 0, workers=None, eos_token_ids: Collection[int] = ()):
-        """graph_capture (decode_graphs.GraphCapture, or another capture(fn) -> Captured): capture decode steps of up to
-        max_graph_batch sequences with block tables of up to max_blocks_per_seq blocks; None runs eagerly.
+                 max_blocks_per_seq: int = 0, max_graph_tokens: int = 0, workers=None,
+                 eos_token_ids: Collection[int] = ()):
+        """graph_capture (graph_capture.GraphCapture, or another capture(fn) -> Captured): capture decode steps of up
+        to max_graph_batch sequences with block tables of up to max_blocks_per_seq blocks, and, when
+        max_graph_tokens (the step token budget) is given, the other steps up to that many tokens over as many
+        sequences; None runs eagerly.
         workers: rank 0's tp_group.WorkerGroup under tensor parallelism, else None. eos_token_ids: what a
         sequence may not sample before its min_tokens (unless it ignores EOS)."""
         self.model, self.backend, self.workers = model, backend, workers
@@ -56,16 +77,30 @@ class ModelRunner:
                                                          dtype, device)
             attn.k_cache, attn.v_cache, attn.backend = k_cache, v_cache, backend
             self.kv_caches.append((k_cache, v_cache))
-        self.graphs = None
+        # max_blocks_per_seq is 0 on tensor-parallel workers, which never pack a step
+        self.block_tables = BlockTables(max_blocks_per_seq or num_blocks, device, rows=2 * max(16, max_graph_batch))
+        self.graphs = self.mixed_graphs = None
         if graph_capture is not None:
-            try:
+            self._capture(graph_capture, max_graph_batch, max_blocks_per_seq, max_graph_tokens)
+
+    def _capture(self, capture, max_batch: int, max_blocks: int, max_tokens: int) -> None:
+        weight = self.model.model.embed_tokens.weight
+        try:
+            head = LogitsHead(self.model, max_batch + 1, weight.shape[1], weight.dtype, self.device)
+            t0 = time.perf_counter()
+            self.graphs = DecodeGraphs(self.model, head, max_batch, max_blocks, self.num_blocks, self.block_size,
+                                       self.device, capture)
+            log.info("bunny: decode graphs captured for batch sizes %s in %.1f s", self.graphs.sizes,
+                     time.perf_counter() - t0)
+            if max_tokens:
                 t0 = time.perf_counter()
-                self.graphs = DecodeGraphs(model, max_graph_batch, max_blocks_per_seq, num_blocks, block_size,
-                                           device, graph_capture)
-                log.info("bunny: decode graphs captured for batch sizes %s in %.1f s", self.graphs.sizes,
-                         time.perf_counter() - t0)
-            except Exception as e:   # noqa: BLE001 - eager decode still works
-                log.warning("bunny: capturing decode graphs failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                self.mixed_graphs = MixedGraphs(self.model, head, max_tokens, max_batch, max_blocks, self.num_blocks,
+                                                self.block_size, self.device, capture)
+                log.info("bunny: mixed-step graphs captured for token counts %s over %d sequences in %.1f s",
+                         self.mixed_graphs.sizes, max_batch, time.perf_counter() - t0)
+        except Exception as e:   # noqa: BLE001 - eager steps still work
+            log.warning("bunny: capturing CUDA graphs failed (%s: %s); running %s eagerly", type(e).__name__, e,
+                        "decode steps" if self.graphs is None else "steps that prefill")
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _image_rows(self, seq: Sequence, start: int, end: int) -> list[torch.Tensor]:
@@ -78,22 +113,18 @@ class ModelRunner:
                 rows.append(img.embeds[lo - img.offset:hi - img.offset])
         return rows
 
-    def _prepare(self, seqs: list[Sequence], num_new: list[int], num_decodes: int):
+    def _pack(self, seqs: list[Sequence], num_new: list[int]) -> Packed:
         """Flat inputs of one step: decodes (one row each) first, then prefill chunks."""
-        ids, positions, slots, rows, last_rows = [], [], [], [], []
-        chunks = [(s.num_cached_tokens, s.num_cached_tokens + n) for s, n in zip(seqs, num_new)]
-        for seq, (start, end) in zip(seqs, chunks):
-            ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += token_slots(seq.block_table, start, end, self.block_size)
-            rows += self._image_rows(seq, start, end)
-            last_rows.append(len(ids) - 1 if end == seq.num_tokens else None)
-        ctx = paged_context([end - start for start, end in chunks], [end for _, end in chunks],
-                            [s.block_table for s in seqs],
-                            torch.tensor(slots, dtype=torch.int64, device=self.device), num_decodes,
-                            finals=[r is not None for r in last_rows])
-        image_embeds = torch.cat(rows) if rows else None
-        return ids, positions, image_embeds, ctx, last_rows
+        ids, positions, slots, rows = [], [], [], []
+        starts = [s.num_cached_tokens for s in seqs]
+        for seq, start, n in zip(seqs, starts, num_new):
+            ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += token_slots(seq.block_table, start, start + n, self.block_size)
+            rows += self._image_rows(seq, start, start + n)
+        return Packed(ids, positions, slots, list(num_new), [a + n for a, n in zip(starts, num_new)],
+                      torch.cat(rows) if rows else None,
+                      [a + n == s.num_tokens for s, a, n in zip(seqs, starts, num_new)])
 
     def _decode_lists(self, seqs: list[Sequence]):
         ids = [s.last_token for s in seqs]
@@ -107,15 +138,25 @@ class ModelRunner:
         """One forward over the step's decodes and prefill chunks (image features already filled in by the
         encoder phase), and the sampled tokens."""
         seqs = step.seqs
-        if (step.num_decodes == len(seqs) and self.graphs is not None
-                and self.graphs.can_run(len(seqs), max(len(s.block_table) for s in seqs))):
-            hidden = self.graphs.run(*self._decode_lists(seqs), [s.block_table for s in seqs])
-            return self._sample(self.model.compute_logits(hidden), seqs, list(range(len(seqs))))
-        ids, positions, image_embeds, ctx, last_rows = self._prepare(seqs, step.num_new_tokens, step.num_decodes)
-        want = [i for i, r in enumerate(last_rows) if r is not None]
-        inputs = StepInputs(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                            torch.tensor(positions, dtype=torch.int64, device=self.device), ctx,
-                            [last_rows[i] for i in want], image_embeds)
+        width = max(len(s.block_table) for s in seqs)
+        if step.num_decodes == len(seqs) and self.graphs is not None and self.graphs.can_run(len(seqs), width):
+            logits, tokens = self.graphs.run(*self._decode_lists(seqs), self.block_tables, self.block_tables.rows(seqs))
+            return self._choose(logits, tokens, seqs, list(range(len(seqs))))
+        packed = self._pack(seqs, step.num_new_tokens)
+        want = [i for i, final in enumerate(packed.finals) if final]
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(seqs), len(packed.ids), width):
+            logits, tokens = self.mixed_graphs.run(packed.ids, packed.positions, packed.slots, packed.seqlens_q,
+                                                   packed.seqlens_k, packed.image_embeds, self.block_tables,
+                                                   self.block_tables.rows(seqs))
+            return self._choose(logits, tokens, seqs, want)
+        tables = self.block_tables.gather(self.block_tables.rows(seqs), width)
+        ctx = paged_context(packed.seqlens_q, packed.seqlens_k, tables,
+                            torch.tensor(packed.slots, dtype=torch.int64, device=self.device), step.num_decodes,
+                            finals=packed.finals)
+        ends = list(itertools.accumulate(packed.seqlens_q))
+        inputs = StepInputs(torch.tensor(packed.ids, dtype=torch.int64, device=self.device),
+                            torch.tensor(packed.positions, dtype=torch.int64, device=self.device), ctx,
+                            [ends[i] - 1 for i in want], packed.image_embeds)
         logits = self.execute(inputs)
         if not want:
             return Sampled([None] * len(seqs), [None] * len(seqs))
@@ -147,11 +188,29 @@ class ModelRunner:
             hidden = hidden[step.logit_rows]
         return self.model.compute_logits(hidden)
 
+    def _banned(self, seq: Sequence) -> Collection[int]:
+        """What seq may not sample now: EOS before its min_tokens (unless it ignores EOS)."""
+        return (self.eos_token_ids if seq.num_completion_tokens < seq.params.min_tokens and not seq.params.ignore_eos
+                else ())
+
+    def _choose(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence], want: list[int]) -> Sampled:
+        """A graph's step: logits[i] and their argmax tokens[i] belong to seqs[i]; seqs[want] get a token. Plain
+        greedy rows take the graph's argmax; any other row sends the wanted rows through the sampler."""
+        out = Sampled([None] * len(seqs), [None] * len(seqs))
+        if not want:
+            return out
+        if all(seqs[i].grammar is None and takes_raw_argmax(seqs[i].params, self._banned(seqs[i])) for i in want):
+            chosen = tokens.tolist()
+            for i in want:
+                out.tokens[i] = chosen[i]
+            return out
+        rows = logits if len(want) == len(seqs) else logits[torch.tensor(want, device=logits.device)]
+        return self._sample(rows, seqs, want)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], want: list[int]) -> Sampled:
         """logits[j] belongs to seqs[want[j]]; the others get None."""
         picked = [seqs[i] for i in want]
-        banned = [self.eos_token_ids if s.num_completion_tokens < s.params.min_tokens and not s.params.ignore_eos
-                  else () for s in picked]
+        banned = [self._banned(s) for s in picked]
         mask = TokenMask.for_batch([s.grammar for s in picked], logits.shape[-1])
         sampled = self.sampler(logits, [s.params for s in picked], [s.generator for s in picked],
                                [s.token_ids for s in picked], [s.num_prompt_tokens for s in picked], banned, mask)

@@ -5,7 +5,10 @@ request's latency includes a Triton compile or a library's first-use setup (issu
 What runs: the vision tower on one image; a varlen prefill over a fresh prompt longer than a query tile and a
 chunk after a cached prefix that ends mid-block; a mixed step (decode rows and a chunk); eager decode at batch 1
 and at max_num_seqs (the split-context and whole-context variants of the decode kernel); the LM head over each
-step's output rows. The decode graphs (decode_graphs.py) were captured before, which ran their own sizes.
+step's output rows: the eager path, which a step takes when graphs are off or it does not fit them. The graphs were
+captured before, in the model runner, each size run once outside its graph first (Triton compiles, cuBLAS picks):
+decode steps at every padded batch size (decode_graphs.py) and the other steps at every token count of the ladder
+up to the step budget (mixed_graphs.py); the log gives each capture's time.
 
 Token ids are 0 and K/V go to the first blocks of the still empty cache: the block manager hands those out later,
 and a sequence's K/V are written before anything reads them (a prefix-cache hash is registered only after).
