@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--server", action="store_true", help="through bunny-serve and the gRPC client")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    path = str(DEMO) if args.model == "demo" else str(ensure_checkpoint(args.model))
+    path = str(DEMO) if args.model == "demo" else str(ensure_checkpoint(SPECS[args.model]))
     cores = host_cores()
     kind = Server if args.server else Engine
     engines = {name: kind(path, args.dtype, threads) for name, threads in (("adaptive", 0), (f"fixed {cores}", cores))}
