@@ -32,6 +32,7 @@ class Workload:
     threads: int = 0                  # torch intra-op threads; 0: all cores
     cuda_graphs: bool = True          # EngineConfig.cuda_graphs (used on CUDA only)
     tensor_parallel_size: int = 1     # EngineConfig.tensor_parallel_size
+    quantization: str = "none"        # EngineConfig.quantization (our systems; transformers stays unquantized)
     image: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
