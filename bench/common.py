@@ -33,6 +33,7 @@ class Workload:
     cuda_graphs: bool = True          # EngineConfig.cuda_graphs (used on CUDA only)
     tensor_parallel_size: int = 1     # EngineConfig.tensor_parallel_size
     distinct_images: bool = False     # a different image in each request (bench/images.py); engine runs only
+    quantization: str = "none"        # EngineConfig.quantization (our systems; transformers stays unquantized)
     image: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:

@@ -51,7 +51,9 @@ def make_engine(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str
     cfg = EngineConfig(model_path=model_path, dtype=dtype, max_num_seqs=max(16, max(work.batch_sizes)),
                        kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=work.prefix_caching,
                        num_threads=work.threads, cuda_graphs=work.cuda_graphs,
-                       tensor_parallel_size=work.tensor_parallel_size)
+                       tensor_parallel_size=work.tensor_parallel_size,
+                       # only when asked: a --baseline revision's EngineConfig may predate the field
+                       **({"quantization": work.quantization} if work.quantization != "none" else {}))
     return LLMEngine(cfg)
 
 

@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arrival-rate", type=float, default=1.0,
                    help="arrivals scenario: requests/s (default %(default)s)")
     p.add_argument("--arrivals-duration", type=float, default=60.0, help="arrivals scenario: seconds of arrivals")
+    p.add_argument("--quantization", choices=("none", "int8", "w8a8", "fp8"), default="none",
+                   help="our engine's and Triton's weights quantized at load (transformers' row stays unquantized)")
     p.add_argument("--knob", action="append", default=[], metavar="KEY=VALUE",
                    help="an EngineConfig field for the scenarios' engines (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<machine>-<date>.json)")
@@ -84,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
     args.knobs = parse_knobs(args.knob)
+    if args.quantization != "none":   # the scenarios' engines too
+        args.knobs.setdefault("quantization", args.quantization)
     if args.quick:
         args.batch_sizes = args.batch_sizes or "1,4,10"
         args.max_tokens = args.max_tokens or 32
@@ -127,7 +131,7 @@ def bench_model(spec: ModelSpec, args, bandwidth: dict, log, baseline=None) -> d
     path = str(ensure_checkpoint(spec, log=log))
     work = Workload(batch_sizes=args.batch_sizes, max_tokens=args.max_tokens, rounds=args.rounds,
                     prefix_caching=args.prefix_caching, threads=args.threads, cuda_graphs=args.cuda_graphs,
-                    distinct_images=args.distinct_images)
+                    distinct_images=args.distinct_images, quantization=args.quantization)
     tp_work = dataclasses.replace(work, tensor_parallel_size=args.tensor_parallel_size)
     hf_work = dataclasses.replace(work, batch_sizes=args.hf_batch_sizes)
     kv = str(kv_cache_bytes(spec, work))

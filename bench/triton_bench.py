@@ -81,6 +81,8 @@ def benchmark(model_path: str, work: Workload, kv_cache_bytes: int, dtype: str, 
               "enable_prefix_caching": str(work.prefix_caching).lower(), "num_threads": str(work.threads),
               "cuda_graphs": str(work.cuda_graphs).lower(),
               "attention_backend": "auto", "tensor_parallel_size": str(work.tensor_parallel_size)}
+    if work.quantization != "none":
+        params["quantization"] = work.quantization
     t_start = time.perf_counter()
     server = Server(model_path, params, dtype)
     startup_s = time.perf_counter() - t_start

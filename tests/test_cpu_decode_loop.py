@@ -1,6 +1,7 @@
 """Model level: the flat CPU decode loop (model/cpu_decode.py) against the decoder's modules over the same steps of
-one engine: identical logits at every decode step (it calls the same ops on the same tensors), float32 and bfloat16,
-grouped kv heads, sequences of different lengths whose blocks interleave; and where it is installed."""
+one engine: identical logits at every decode step (it calls the same ops on the same tensors), float32, bfloat16
+and w8a8 (the int8 VNNI panels), grouped kv heads, sequences of different lengths whose blocks interleave; and
+where it is installed."""
 from __future__ import annotations
 
 import pytest
@@ -53,20 +54,24 @@ def _logits_by_step(engine, arrivals, use_loop: bool) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("dtype,config", [
-    ("float32", dict(seed=11, num_heads=4, num_kv_heads=4)),
-    ("bfloat16", dict(seed=12, num_heads=8, num_kv_heads=2)),
-], ids=["fp32-mha", "bf16-gqa"])
+@pytest.mark.parametrize("dtype,config,quantization", [
+    ("float32", dict(seed=11, num_heads=4, num_kv_heads=4), "none"),
+    ("bfloat16", dict(seed=12, num_heads=8, num_kv_heads=2), "none"),
+    ("bfloat16", dict(seed=13, num_heads=8, num_kv_heads=2), "w8a8"),
+], ids=["fp32-mha", "bf16-gqa", "bf16-gqa-w8a8"])
 def test_decode_loop_gives_the_modules_logits(loop_kernels, monkeypatch, checkpoint_factory, test_images, dtype,
-                                              config):
+                                              config, quantization):
     if dtype == "bfloat16":
         require_panel_linear(monkeypatch, torch.bfloat16)
+    if quantization == "w8a8" and cpu_kernels.int8_vnni_linear() is None:
+        pytest.skip("w8a8's VNNI kernel needs AVX512-VNNI")
     path = checkpoint_factory(**config)
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     arrivals = [(0, "a", QUESTIONS[0], [], params), (0, "b", QUESTIONS[1], [test_images[0]], params),
                 (3, "c", QUESTIONS[4], [], SamplingParams(max_tokens=14, ignore_eos=True))]
-    with_loop = _logits_by_step(make_engine(path, dtype=dtype, max_num_batched_tokens=256), arrivals, True)
-    without = _logits_by_step(make_engine(path, dtype=dtype, max_num_batched_tokens=256), arrivals, False)
+    engines = [make_engine(path, dtype=dtype, max_num_batched_tokens=256, quantization=quantization) for _ in "ab"]
+    with_loop = _logits_by_step(engines[0], arrivals, True)
+    without = _logits_by_step(engines[1], arrivals, False)
     assert len(with_loop) == len(without) >= 15
     for step, (a, b) in enumerate(zip(with_loop, without)):
         assert torch.equal(a, b), f"step {step}: logits differ"

@@ -95,6 +95,26 @@ def test_int8_agrees_with_float32_about_as_well_as_bf16(tiny_checkpoint, test_im
     assert int8_rel < BF16_REL_ERR, (int8_rel, bf16_rel)
 
 
+def test_w8a8_on_the_vnni_kernel_costs_about_as_much_again_as_int8(tiny_checkpoint, test_images):
+    """The same positions with w8a8 on the VNNI kernel (activations quantized per row too), bf16 activations.
+    Measured: top-1 93.4% against bf16's 95.8% (2.4 points below: past the issue's 2-point bound, which is why
+    int8 stays weight-only), relative logit error 1.83% against int8's 1.48% and bf16's 0.89%; with checkpoint
+    seeds 1-3, 2.1-4.0 points below bf16 and 1.83-1.93% error."""
+    from bunny_backend.model.cpu_layout import Int8VnniLinear, use_cpu_linears
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    images = [test_images[i % 4] if i % 2 == 0 else None for i in range(len(QUESTIONS))]
+    ref = load_model(tiny_checkpoint, torch.float32)
+    w8a8 = load_model(tiny_checkpoint, torch.bfloat16)
+    quantize_model(w8a8, "w8a8")
+    use_cpu_linears(w8a8)
+    if not isinstance(w8a8.lm_head, Int8VnniLinear):
+        pytest.skip("the int8 VNNI kernel needs AVX512-VNNI")
+    bf16_rel, bf16_top1 = agreement(*teacher_forced(ref, load_model(tiny_checkpoint, torch.bfloat16), tokenizer,
+                                                    QUESTIONS, images))
+    rel, top1 = agreement(*teacher_forced(ref, w8a8, tokenizer, QUESTIONS, images))
+    assert top1 >= bf16_top1 - 0.03 and rel < 2.5 * bf16_rel, (top1, bf16_top1, rel, bf16_rel)
+
+
 def greedy(engine, test_images, max_tokens=16):
     reqs = [(0, f"r{i}", q, [test_images[i % 4]] if i % 2 == 0 else [], SamplingParams(max_tokens=max_tokens))
             for i, q in enumerate(QUESTIONS)]
@@ -161,7 +181,7 @@ def test_int8_engine_equals_the_unquantized_engine_on_the_oracles_weights(checkp
 
 # ---- refusals -------------------------------------------------------------------------------------------------
 def test_an_unknown_method_is_refused():
-    with pytest.raises(ValueError, match=r"quantization must be one of \('none', 'int8', 'fp8'\), got 'int4'"):
+    with pytest.raises(ValueError, match=r"quantization must be one of \('none', 'int8', 'w8a8', 'fp8'\), got 'int4'"):
         EngineConfig.from_parameters({"quantization": "int4"})
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 _DEVICES = ("auto", "cpu", "cuda", "npu")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_QUANTIZATIONS = ("none", "int8", "fp8")
+_QUANTIZATIONS = ("none", "int8", "w8a8", "fp8")
 
 
 @dataclass(slots=True)

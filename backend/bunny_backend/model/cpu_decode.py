@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from bunny_backend.model.cpu_layout import Int8PanelLinear, PanelLinear
+from bunny_backend.model.cpu_layout import Int8PanelLinear, Int8VnniLinear, PanelLinear
 from bunny_backend.model.layers import rotary_cos_sin
 from bunny_backend.ops import cpu_kernels
 from bunny_backend.utils.context import ForwardContext
@@ -22,10 +22,10 @@ from bunny_backend.utils.context import ForwardContext
 class _Layer(NamedTuple):
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: PanelLinear | Int8PanelLinear
-    o: PanelLinear | Int8PanelLinear
-    gate_up: PanelLinear | Int8PanelLinear
-    down: PanelLinear | Int8PanelLinear
+    qkv: PanelLinear | Int8PanelLinear | Int8VnniLinear
+    o: PanelLinear | Int8PanelLinear | Int8VnniLinear
+    gate_up: PanelLinear | Int8PanelLinear | Int8VnniLinear
+    down: PanelLinear | Int8PanelLinear | Int8VnniLinear
     attn: nn.Module       # layers.Attention: its k_cache, v_cache and backend are the model runner's
 
 
@@ -71,12 +71,12 @@ class CpuDecodeLoop:
 
 def use_cpu_decode_loop(model: nn.Module) -> None:
     """Give the decoder the flat decode loop where its pieces are all there: every projection in column panels,
-    (bf16/fp32 or int8), the fused ops on (model/cpu_layout.py), the paged decode kernel built, and the whole model on this process."""
+    (bf16/fp32, int8 or w8a8), the fused ops on (model/cpu_layout.py), the paged decode kernel built, and the whole model on this process."""
     text = model.model
     ops = text.layers[0].mlp.ops
     if ops is None or cpu_kernels.paged_decode() is None or text.layers[0].self_attn.tp.size != 1:
         return
     projections = [p for layer in text.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    if all(isinstance(p, (PanelLinear, Int8PanelLinear)) for p in projections):
+    if all(isinstance(p, (PanelLinear, Int8PanelLinear, Int8VnniLinear)) for p in projections):
         text.decode_loop = CpuDecodeLoop(text, ops)

@@ -16,9 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bunny_backend.model.quantized_linear import Int8Linear, quantized_linears
+import logging
+
+from bunny_backend.model.quantized_linear import Int8Linear, W8A8Linear, quantized_linears
 from bunny_backend.ops import cpu_kernels
 from bunny_backend.utils.cpu_features import CpuFeatures, detect
+
+log = logging.getLogger("bunny.engine")
 
 
 class _CpuLinear(nn.Module):
@@ -78,7 +82,8 @@ class PanelLinear(_CpuLinear):
 
 class Int8PanelLinear(_CpuLinear):
     """An int8 linear (model/quantized_linear.py) with its weight in column panels for our C++ kernel
-    (ops/csrc/int8_panel_linear.cpp), which widens the int8 weights in registers."""
+    (ops/csrc/int8_panel_linear.cpp), which widens the int8 weights to float32 in registers: the activations stay
+    in the model dtype."""
 
     def __init__(self, linear: Int8Linear):
         super().__init__(linear)
@@ -91,6 +96,32 @@ class Int8PanelLinear(_CpuLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self._kernel(x, self.panels, self.weight_scale, self.out_features, self.bias_f32)
+
+
+class Int8VnniLinear(_CpuLinear):
+    """An int8 linear with its weight in VNNI panels (ops/csrc/int8_vnni_linear.cpp): the activations are quantized
+    to u8 per row at each call (asymmetric) and multiplied by vpdpbusd, four weights per instruction and lane."""
+
+    def __init__(self, linear: Int8Linear):
+        super().__init__(linear)
+        self._kernel = cpu_kernels.int8_vnni_linear()
+        if self._kernel is None:
+            raise ValueError("no int8 VNNI kernel on this CPU")
+        self.panels, self.column_sums = torch.ops.bunny.pack_int8_vnni(linear.qweight.detach())
+        self.weight_scale = linear.weight_scale.detach()
+        self.bias_f32 = None if self.bias is None else self.bias.detach().float()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel(x, self.panels, self.column_sums, self.weight_scale, self.out_features, self.bias_f32)
+
+
+def int8_cpu_linear_class(linear: Int8Linear) -> type[_CpuLinear] | None:
+    """The kernel for a quantized linear on this CPU, the same at every row count: w8a8 on the VNNI kernel (faster
+    than the widening kernel from 1 to 256 rows, docs/performance.md), int8 (and w8a8 where VNNI does not build)
+    on the widening kernel (AVX-512); None: the portable path (model/quantized_linear.py)."""
+    if isinstance(linear, W8A8Linear) and cpu_kernels.int8_vnni_linear() is not None:
+        return Int8VnniLinear
+    return Int8PanelLinear if cpu_kernels.int8_panel_linear() is not None else None
 
 
 def cpu_layout(linear: nn.Linear, cpu: CpuFeatures | None = None) -> _CpuLinear:
@@ -107,16 +138,22 @@ def cpu_linear_class(dtype: torch.dtype = torch.float32, cpu: CpuFeatures | None
 
 def use_cpu_linears(model: nn.Module, cls: type[_CpuLinear] | None = None) -> None:
     """Swap the decoder's projections (and an untied LM head), the vision tower's and the projector's linears for
-    the CPU layout (cpu_layout, or `cls`), in place. int8 ones (model/quantized_linear.py) go into the int8 column
-    panels where that kernel builds, else keep the portable path (its build failure is logged once)."""
+    the CPU layout (cpu_layout, or `cls`), in place. int8 ones (model/quantized_linear.py) go to the int8 kernel
+    int8_cpu_linear_class chooses, else keep the portable path (a kernel's build failure is logged once)."""
     convert = cls or cpu_layout
-    int8_kernel = cpu_kernels.int8_panel_linear() is not None
+    weight_only_w8a8 = False
     for parent, name in quantized_linears(model):
         linear = getattr(parent, name)
         if type(linear) is nn.Linear:
             setattr(parent, name, convert(linear))
-        elif isinstance(linear, Int8Linear) and int8_kernel:
-            setattr(parent, name, Int8PanelLinear(linear))
+        elif isinstance(linear, Int8Linear):
+            int8_class = int8_cpu_linear_class(linear)
+            weight_only_w8a8 |= isinstance(linear, W8A8Linear) and int8_class is not Int8VnniLinear
+            if int8_class is not None:
+                setattr(parent, name, int8_class(linear))
+    if weight_only_w8a8:
+        log.warning("bunny: quantization w8a8 needs the int8 VNNI kernel (AVX512-VNNI), not available here: its "
+                    "linears run as int8, weight-only")
     for name in ("vision_tower", "mm_projector"):   # on the tensor-parallel driver only
         if (part := getattr(model.model, name, None)) is not None:
             _convert_linears(part, convert)

@@ -1,5 +1,6 @@
 """Linears over quantized weights, and `quantize_model`, which swaps a loaded model's decoder linears for them
-(issue #30: weight-only int8 on the CPU, FP8 E4M3 on CUDA, quantized at load from the bf16/fp16/fp32 checkpoint).
+(issue #30: weight-only int8 on the CPU, int8 weights and activations (w8a8) on CPUs with AVX512-VNNI, FP8 E4M3 on
+CUDA, quantized at load from the bf16/fp16/fp32 checkpoint).
 
 Quantized: each decoder layer's q/k/v (one fused qkv_proj), o_proj, gate/up (one gate_up_proj) and down_proj, and
 an untied LM head. Kept in the model dtype: the embeddings (and a tied LM head, which is the embedding), the norms,
@@ -18,7 +19,7 @@ from bunny_backend.ops.weight_quant import FP8_MAX, dequantize, quantize_fp8, qu
 
 log = logging.getLogger("bunny.engine")
 
-METHODS = ("none", "int8", "fp8")
+METHODS = ("none", "int8", "w8a8", "fp8")
 
 
 class _QuantizedLinear(nn.Module):
@@ -46,6 +47,19 @@ class Int8Linear(_QuantizedLinear):
         return int8_linear(x, self.qweight, self.weight_scale, self.bias)
 
 
+class W8A8Linear(Int8Linear):
+    """int8 weights, and int8 activations quantized per row at each call: the CPU layout (model/cpu_layout.py) puts
+    it on the VNNI kernel (ops/csrc/int8_vnni_linear.cpp), faster than int8's at every row count but with about
+    twice the weight-only logit error (docs/performance.md). Where that kernel does not build it runs as int8
+    (weight-only, with a warning); CPU only."""
+
+    def __init__(self, linear: nn.Linear):
+        if linear.weight.device.type != "cpu":
+            raise ValueError(f"quantization w8a8 runs on the CPU only, not {linear.weight.device.type} (on CUDA "
+                             "choose fp8)")
+        super().__init__(linear)
+
+
 class Fp8Linear(_QuantizedLinear):
     """E4M3 weights and E4M3 activations with a dynamic scale per token, multiplied by `torch._scaled_mm` (CUDA,
     compute capability >= 8.9) with the row-wise scales applied to its float32 accumulators. Shapes it does not
@@ -65,7 +79,7 @@ class Fp8Linear(_QuantizedLinear):
                                 bias=self.bias, out_dtype=x.dtype)
 
 
-_CLASSES = {"int8": Int8Linear, "fp8": Fp8Linear}
+_CLASSES = {"int8": Int8Linear, "w8a8": W8A8Linear, "fp8": Fp8Linear}
 
 
 def quantized_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:

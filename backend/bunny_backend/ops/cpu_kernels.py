@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from bunny_backend.utils.cpu_features import detect
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "BUNNY_CPU_KERNELS"   # "0": use the portable code
@@ -147,6 +149,16 @@ def int8_panel_linear() -> Callable | None:
     return torch.ops.bunny.int8_panel_linear if torch.ops.bunny.int8_panel_linear_available() else None
 
 
+def int8_vnni_linear() -> Callable | None:
+    """torch.ops.bunny.int8_vnni_linear(x [M, K], panels, wsum, scale [N] float32, out_features, bias=None) -> [M, N]
+    in x's dtype: x, quantized per row to u8 at call time, @ q.T * scale (+ bias), over (panels, wsum) =
+    torch.ops.bunny.pack_int8_vnni(q int8 [N, K]) (csrc/int8_vnni_linear.cpp), or None where this CPU has no
+    AVX512-VNNI (not built there) or it cannot be built."""
+    if os.environ.get(ENV_VAR) == "0" or "avx512_vnni" not in detect().flags or load("int8_vnni_linear") is not None:
+        return None
+    return torch.ops.bunny.int8_vnni_linear if torch.ops.bunny.int8_vnni_linear_available() else None
+
+
 def decoder_ops():
     """torch.ops.bunny, holding the decoder's fused elementwise ops (csrc/decoder_ops.cpp: rms_norm, add_rms_norm,
     rotary_qk, silu_mul) and the greedy argmax_rows, float32 and bfloat16, or None (see the module docstring)."""
@@ -165,7 +177,7 @@ def causal_attention(head_dim: int) -> Callable | None:
     return torch.ops.bunny.causal_attention if str(head_dim) in taken else None
 
 
-KERNELS = ("paged_decode", "panel_linear", "decoder_ops", "causal_attention", "int8_panel_linear")
+KERNELS = ("paged_decode", "panel_linear", "decoder_ops", "causal_attention", "int8_panel_linear", "int8_vnni_linear")
 
 
 def main() -> int:
