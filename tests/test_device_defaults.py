@@ -1,6 +1,5 @@
-"""Defaults sized to the device (engine/worker/device.py, LLMEngine._fit_max_num_seqs) and the CPUs a process may
+"""Defaults sized to the device (engine/worker/device.py, kv_cache.fit_max_num_seqs) and the CPUs a process may
 use (affinity, cgroup quota)."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from bunny_backend.config import EngineConfig
 from bunny_backend.engine.llm_engine import LLMEngine
 from bunny_backend.engine.worker import device
 from bunny_backend.engine.worker.device import DevicePlan
+from bunny_backend.engine.worker.kv_cache import fit_max_num_seqs
 
 
 def test_max_num_seqs_defaults_by_device(monkeypatch):
@@ -46,9 +46,8 @@ def test_step_token_budget_defaults_by_device(monkeypatch):
     ("cpu", False, 2048 * 3, 256),       # the CPU's own default is not capped (16 unless asked)
 ])
 def test_an_accelerator_default_is_capped_by_what_the_kv_cache_holds(kind, asked, kv_tokens, want):
-    engine = SimpleNamespace(max_model_len=2048, _asked_max_num_seqs=asked, device=torch.device(kind))
     config = EngineConfig(max_num_seqs=256, max_queued_requests=256)
-    fitted = LLMEngine._fit_max_num_seqs(engine, config, kv_tokens // 16, kv_tokens)
+    fitted = fit_max_num_seqs(config, kv_tokens, 2048, torch.device(kind), asked=asked)
     assert fitted.max_num_seqs == want
 
 

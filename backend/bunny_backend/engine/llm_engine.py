@@ -29,7 +29,7 @@ from bunny_backend.engine.worker.cpu_threads import thread_governor
 from bunny_backend.engine.worker.device import DevicePlan, Placement
 from bunny_backend.engine.worker.encoder_cache import EncoderCache
 from bunny_backend.engine.worker.encoder_runner import EncoderRunner
-from bunny_backend.engine.worker.kv_cache import num_kv_blocks
+from bunny_backend.engine.worker.kv_cache import fit_max_num_seqs, num_kv_blocks
 from bunny_backend.engine.worker.model_runner import ModelRunner
 from bunny_backend.engine.worker.warm_up import warm_up
 from bunny_backend.io.detokenizer import IncrementalDetokenizer
@@ -94,7 +94,8 @@ class LLMEngine:
                 self.memory_reports += [report for _, report in ready]
                 self.workers.start(num_blocks)
                 self.workers.add_failure_callback(self._on_worker_death)
-            self.config = config = self._fit_max_num_seqs(config, num_blocks, self.block_size * num_blocks)
+            self.config = config = fit_max_num_seqs(config, self.block_size * num_blocks, self.max_model_len,
+                                                    self.device, asked=self._asked_max_num_seqs)
             self.runner = ModelRunner(self.model, backend, num_blocks, self.block_size, self.device, self.dtype,
                                       graph_capture=plan.graph_capture(model_config.text.head_dim),
                                       max_graph_batch=config.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq,
@@ -125,19 +126,6 @@ class LLMEngine:
         # Draws the seed of each accepted request that has none, in arrival order: the same engine seed and the
         # same requests in the same order give the same outputs.
         self._seeds = random.Random(config.seed)
-
-    def _fit_max_num_seqs(self, config: EngineConfig, num_blocks: int, kv_tokens: int) -> EngineConfig:
-        """The memory plan's last word: how many full-context sequences the KV cache holds, said in the log; an
-        accelerator's own max_num_seqs is capped by it (at 16 at the least: most requests are far shorter than
-        the context, and the scheduler preempts when blocks run out); one set in the config stands."""
-        holds = max(1, kv_tokens // self.max_model_len)
-        seqs = config.max_num_seqs
-        if not self._asked_max_num_seqs and self.device.type != "cpu":
-            seqs = min(seqs, max(holds, 16))
-        log.info("bunny: KV cache of %d blocks (%d tokens) holds %d sequences of the full context (%d tokens); "
-                 "max_num_seqs %d, max_queued_requests %d", num_blocks, kv_tokens, holds, self.max_model_len, seqs,
-                 config.max_queued_requests)
-        return dataclasses.replace(config, max_num_seqs=seqs)
 
     # ---- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, images: list[bytes] = (),

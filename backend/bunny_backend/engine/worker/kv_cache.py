@@ -1,10 +1,15 @@
 """Size and allocate the paged KV cache after the weights are loaded."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import torch
 
 from bunny_backend.config import EngineConfig
 from bunny_backend.model.config import TextConfig
+
+log = logging.getLogger("bunny.engine")
 
 
 def bytes_per_block(text: TextConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int = 0) -> int:
@@ -47,3 +52,17 @@ def num_kv_blocks(cfg: EngineConfig, text: TextConfig, block_size: int, max_mode
                          f"backend's workspace) holds no block of {block_size} tokens; raise kv_cache_memory_bytes "
                          "or kv_cache_memory_fraction (or lower encoder_cache_bytes)")
     return blocks
+
+
+def fit_max_num_seqs(config: EngineConfig, kv_tokens: int, max_model_len: int, device: torch.device,
+                     asked: bool) -> EngineConfig:
+    """The memory plan's last word: how many full-context sequences the KV cache holds, said in the log; an
+    accelerator's own max_num_seqs is capped by it (at 16 at the least: most requests are far shorter than the
+    context, and the scheduler preempts when blocks run out); one asked for in the config stands."""
+    holds = max(1, kv_tokens // max_model_len)
+    seqs = config.max_num_seqs
+    if not asked and device.type != "cpu":
+        seqs = min(seqs, max(holds, 16))
+    log.info("bunny: KV cache of %d tokens holds %d sequences of the full context (%d tokens); max_num_seqs %d, "
+             "max_queued_requests %d", kv_tokens, holds, max_model_len, seqs, config.max_queued_requests)
+    return dataclasses.replace(config, max_num_seqs=seqs)
