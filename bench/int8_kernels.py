@@ -35,7 +35,8 @@ def kernels(w: torch.Tensor) -> dict:
         out["int8 widening"] = lambda x: widening(x, int8_panels, scale, n, None)
     if (vnni := cpu_kernels.int8_vnni_linear()) is not None:
         vnni_panels, comp = torch.ops.bunny.pack_int8_vnni(q)
-        out["int8 vnni"] = lambda x: vnni(x, vnni_panels, comp, scale, n, None)
+        out["int8 vnni 16-bit x"] = lambda x: vnni(x, vnni_panels, comp, scale, n, None, 16)
+        out["int8 vnni 8-bit x"] = lambda x: vnni(x, vnni_panels, comp, scale, n, None, 8)
     return out
 
 

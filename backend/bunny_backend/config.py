@@ -14,8 +14,9 @@ class EngineConfig:
     model_path: str = ""
     device: str = "auto"            # auto picks npu > cuda > cpu
     dtype: str = "auto"             # auto: bfloat16 on accelerators and CPUs with native bf16, else float32
-    # Weights quantized at load from the checkpoint (model/quantized_linear.py): none; int8 (weight-only, per output
-    # channel; meant for the CPU); fp8 (E4M3 weights and per-token activations, CUDA with compute capability >= 8.9).
+    # Weights quantized at load from the checkpoint (model/quantized_linear.py): none; int8 (per output channel,
+    # weight-only accuracy; meant for the CPU); w8a8 (int8 with 8-bit activations, CPU with AVX512-VNNI); fp8 (E4M3
+    # weights and per-token activations, CUDA with compute capability >= 8.9).
     quantization: str = "none"
     block_size: int = 0             # 0: 16 on cpu/cuda, 128 on npu
     max_num_seqs: int = 0           # 0: the device's own (engine/worker/device.py: 16 on cpu, up to 256 elsewhere)

@@ -100,26 +100,31 @@ class Int8PanelLinear(_CpuLinear):
 
 class Int8VnniLinear(_CpuLinear):
     """An int8 linear with its weight in VNNI panels (ops/csrc/int8_vnni_linear.cpp): the activations are quantized
-    to u8 per row at each call (asymmetric) and multiplied by vpdpbusd, four weights per instruction and lane."""
+    per row at each call (asymmetric) and multiplied by vpdpbusd, four weights per instruction and lane. int8
+    quantizes them to 16 bits (two u8 planes: finer than the bf16 activations, so weight-only accuracy), w8a8 to 8
+    (half the instructions, about as much logit error again as the weights', docs/performance.md)."""
 
     def __init__(self, linear: Int8Linear):
         super().__init__(linear)
         self._kernel = cpu_kernels.int8_vnni_linear()
         if self._kernel is None:
             raise ValueError("no int8 VNNI kernel on this CPU")
+        self.activation_bits = 8 if isinstance(linear, W8A8Linear) else 16
         self.panels, self.column_sums = torch.ops.bunny.pack_int8_vnni(linear.qweight.detach())
         self.weight_scale = linear.weight_scale.detach()
         self.bias_f32 = None if self.bias is None else self.bias.detach().float()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernel(x, self.panels, self.column_sums, self.weight_scale, self.out_features, self.bias_f32)
+        return self._kernel(x, self.panels, self.column_sums, self.weight_scale, self.out_features, self.bias_f32,
+                            self.activation_bits)
 
 
 def int8_cpu_linear_class(linear: Int8Linear) -> type[_CpuLinear] | None:
-    """The kernel for a quantized linear on this CPU, the same at every row count: w8a8 on the VNNI kernel (faster
-    than the widening kernel from 1 to 256 rows, docs/performance.md), int8 (and w8a8 where VNNI does not build)
-    on the widening kernel (AVX-512); None: the portable path (model/quantized_linear.py)."""
-    if isinstance(linear, W8A8Linear) and cpu_kernels.int8_vnni_linear() is not None:
+    """The kernel for a quantized linear on this CPU, the same at every row count: the VNNI kernel where it builds
+    (int8 with 16-bit activations, w8a8 with 8-bit; faster than the widening kernel from 1 to 256 rows,
+    docs/performance.md), else the widening kernel (AVX-512; w8a8 then runs weight-only); None: the portable path
+    (model/quantized_linear.py)."""
+    if cpu_kernels.int8_vnni_linear() is not None:
         return Int8VnniLinear
     return Int8PanelLinear if cpu_kernels.int8_panel_linear() is not None else None
 

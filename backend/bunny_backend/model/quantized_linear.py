@@ -48,10 +48,10 @@ class Int8Linear(_QuantizedLinear):
 
 
 class W8A8Linear(Int8Linear):
-    """int8 weights, and int8 activations quantized per row at each call: the CPU layout (model/cpu_layout.py) puts
-    it on the VNNI kernel (ops/csrc/int8_vnni_linear.cpp), faster than int8's at every row count but with about
-    twice the weight-only logit error (docs/performance.md). Where that kernel does not build it runs as int8
-    (weight-only, with a warning); CPU only."""
+    """int8 weights, and activations quantized to 8 bits per row at each call: the CPU layout (model/cpu_layout.py)
+    puts it on the VNNI kernel (ops/csrc/int8_vnni_linear.cpp), where int8 goes too with 16-bit activations; the 8
+    bits take half the instructions (faster from a few rows on) but about twice int8's logit error
+    (docs/performance.md). Where that kernel does not build it runs as int8 (weight-only, with a warning); CPU only."""
 
     def __init__(self, linear: nn.Linear):
         if linear.weight.device.type != "cpu":

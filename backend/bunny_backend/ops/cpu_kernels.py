@@ -150,8 +150,9 @@ def int8_panel_linear() -> Callable | None:
 
 
 def int8_vnni_linear() -> Callable | None:
-    """torch.ops.bunny.int8_vnni_linear(x [M, K], panels, wsum, scale [N] float32, out_features, bias=None) -> [M, N]
-    in x's dtype: x, quantized per row to u8 at call time, @ q.T * scale (+ bias), over (panels, wsum) =
+    """torch.ops.bunny.int8_vnni_linear(x [M, K], panels, wsum, scale [N] float32, out_features, bias=None,
+    activation_bits=8) -> [M, N] in x's dtype: x, quantized per row at call time (to u8, or to 16 bits as two u8
+    planes), @ q.T * scale (+ bias), over (panels, wsum) =
     torch.ops.bunny.pack_int8_vnni(q int8 [N, K]) (csrc/int8_vnni_linear.cpp), or None where this CPU has no
     AVX512-VNNI (not built there) or it cannot be built."""
     if os.environ.get(ENV_VAR) == "0" or "avx512_vnni" not in detect().flags or load("int8_vnni_linear") is not None:

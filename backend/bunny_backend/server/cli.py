@@ -41,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), help="engine device (config default: auto)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--quantization", choices=("none", "int8", "w8a8", "fp8"),
-                   help="weights quantized at load (config default: none): int8 (or w8a8: int8 activations too) on "
-                        "the CPU, fp8 on CUDA >= 8.9")
+                   help="weights quantized at load (config default: none): int8 (or w8a8: 8-bit activations too, "
+                        "faster, less accurate) on the CPU, fp8 on CUDA >= 8.9")
     p.add_argument("--tensor-parallel-size", type=int, metavar="N",
                    help="shard the model over N devices (processes) with torch.distributed (config default: 1)")
     p.add_argument("--instances", type=int, metavar="N",

@@ -9,6 +9,11 @@
 // float32, written in x's dtype. (Symmetric int8 with a +128 shift gave 10% more logit error on the test model:
 // asymmetric uses all 256 levels where a row's range is lopsided.)
 //
+// activation_bits 16 (quantization int8: weight-only accuracy, since 16 bits over a row's range round finer than
+// the bf16 activations themselves): the same with 65535 levels, u = 256 * hi + lo split into two u8 planes, each
+// multiplied as above (two vpdpbusd per weight load), zp likewise split; sum_k x_k q[n, k] ~ x_scale * (256 *
+// (acc_hi - zp_hi * wsum) + (acc_lo - zp_lo * wsum)), each difference exact in int32, combined in float32.
+//
 // Layout: q [N, K] becomes ceil(N / 32) panels of 32 output features, zero-padded, each holding [K4][32][4] int8
 // (K4 = ceil(K / 4)): the four consecutive k of one feature in one 32-bit lane, as vpdpbusd takes them; a padded k
 // has weight 0. A panel is read front to back once per block of up to 12 rows, so
@@ -42,7 +47,7 @@ namespace {
 constexpr int64_t kPanel = 32;
 constexpr int64_t kStep = kPanel * 4;        // weight bytes of one k-step (4 k) of a panel: two cache lines
 constexpr int64_t kPrefetchBytes = 2048;     // 16 k-steps ahead
-constexpr int kRows = 12;
+constexpr int kRows = 12;                  // rows per block at 8 bits; 6 at 16 bits (4 accumulators a row)
 
 #if BUNNY_VNNI
 
@@ -57,8 +62,11 @@ inline void store(__m512 v, at::BFloat16* y, __mmask16 mask) {   // rounded to n
 }
 #endif
 
-// One row of x (float32, K values) -> K4 * 4 u8 (padded with zp), its scale and zero point.
-void quantize_row(const float* x, int64_t K, uint8_t* out, float* x_scale, int32_t* zero_point) {
+// One row of x (float32, K values) -> P planes of K4 * 4 u8 each (plane stride 4 * K4; P = 1: u, P = 2: u's high
+// and low bytes; padded with zp's), its scale and per-plane zero points.
+template <int P>
+void quantize_row(const float* x, int64_t K, int64_t K4, uint8_t* out, float* x_scale, int32_t* zero_point) {
+  constexpr float kLevels = P == 1 ? 255.0f : 65535.0f;
   __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();   // masked-off lanes load 0: the range holds 0
   for (int64_t k = 0; k < K; k += 16) {
     const __m512 v = _mm512_maskz_loadu_ps(tail_mask(K - k), x + k);
@@ -66,40 +74,52 @@ void quantize_row(const float* x, int64_t K, uint8_t* out, float* x_scale, int32
     hi = _mm512_max_ps(hi, v);
   }
   const float range = _mm512_reduce_max_ps(hi) - _mm512_reduce_min_ps(lo);
-  const float inv = range > 0 ? 255.0f / range : 0.0f;
+  const float inv = range > 0 ? kLevels / range : 0.0f;
   const int32_t zp = static_cast<int32_t>(std::nearbyint(-_mm512_reduce_min_ps(lo) * inv));
-  *x_scale = range / 255.0f;
-  *zero_point = zp;
+  *x_scale = range / kLevels;
+  const int32_t zps[2] = {P == 1 ? zp : zp >> 8, zp & 255};
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i vzp = _mm512_set1_epi32(zp), zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+  const __m512i vzp = _mm512_set1_epi32(zp), zero = _mm512_setzero_si512();
+  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(kLevels)), low_byte = _mm512_set1_epi32(255);
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 mask = tail_mask(K - k);
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k), vinv));   // nearest even
     const __m512i u = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(q, vzp), zero), top);
-    _mm_mask_storeu_epi8(out + k, mask, _mm512_cvtepi32_epi8(u));
+    if constexpr (P == 1) {
+      _mm_mask_storeu_epi8(out + k, mask, _mm512_cvtepi32_epi8(u));
+    } else {
+      _mm_mask_storeu_epi8(out + k, mask, _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+      _mm_mask_storeu_epi8(out + 4 * K4 + k, mask, _mm512_cvtepi32_epi8(_mm512_and_si512(u, low_byte)));
+    }
   }
-  for (int64_t k = K; k % 4; ++k) out[k] = static_cast<uint8_t>(zp);
+  for (int p = 0; p < P; ++p) {
+    zero_point[p] = zps[p];
+    for (int64_t k = K; k < 4 * K4; ++k) out[p * 4 * K4 + k] = static_cast<uint8_t>(zps[p]);
+  }
 }
 
-// C quantized rows (u8, row stride lda bytes; x_scale, zp: theirs) against one panel w ([K4][32][4] int8); wsum,
-// scale, bias: this panel's columns (wsum padded to 32; scale and bias read for ncols only); y: the output (row
-// stride ldy).
-template <int C, typename Out>
+// C quantized rows of P planes (u8, row stride lda bytes, plane stride 4 * K4; x_scale, zp (P a row): theirs)
+// against one panel w ([K4][32][4] int8); wsum, scale, bias: this panel's columns (wsum padded to 32; scale and bias
+// read for ncols only); y: the output (row stride ldy).
+template <int P, int C, typename Out>
 void kernel(const uint8_t* x, int64_t lda, int64_t K4, const int8_t* w, const int32_t* wsum, const float* x_scale,
             const int32_t* zp, const float* scale, const float* bias, Out* y, int64_t ldy, int64_t ncols) {
-  __m512i acc[C][2];
-  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_si512();
+  __m512i acc[C][P][2];
+  for (int c = 0; c < C; ++c)
+    for (int p = 0; p < P; ++p) acc[c][p][0] = acc[c][p][1] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K4; ++k) {
     const int8_t* wk = w + k * kStep;
     _mm_prefetch(reinterpret_cast<const char*>(wk) + kPrefetchBytes, _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(wk) + kPrefetchBytes + 64, _MM_HINT_T1);
     const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
     for (int c = 0; c < C; ++c) {
-      int32_t four;
-      std::memcpy(&four, x + c * lda + 4 * k, sizeof four);
-      const __m512i xb = _mm512_set1_epi32(four);
-      acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], xb, w0);
-      acc[c][1] = _mm512_dpbusd_epi32(acc[c][1], xb, w1);
+      for (int p = 0; p < P; ++p) {
+        int32_t four;
+        std::memcpy(&four, x + c * lda + p * 4 * K4 + 4 * k, sizeof four);
+        const __m512i xb = _mm512_set1_epi32(four);
+        acc[c][p][0] = _mm512_dpbusd_epi32(acc[c][p][0], xb, w0);
+        acc[c][p][1] = _mm512_dpbusd_epi32(acc[c][p][1], xb, w1);
+      }
     }
   }
   for (int j = 0; j < 2; ++j) {
@@ -108,8 +128,11 @@ void kernel(const uint8_t* x, int64_t lda, int64_t K4, const int8_t* w, const in
     const __m512 sj = _mm512_maskz_loadu_ps(mask, scale + 16 * j);
     const __m512 bj = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
     for (int c = 0; c < C; ++c) {
-      const __m512i shift = _mm512_mullo_epi32(cj, _mm512_set1_epi32(zp[c]));
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c][j], shift));
+      __m512 sum = _mm512_setzero_ps();
+      for (int p = 0; p < P; ++p) {   // high plane first: sum = sum * 256 + plane
+        const __m512i shift = _mm512_mullo_epi32(cj, _mm512_set1_epi32(zp[c * P + p]));
+        sum = _mm512_fmadd_ps(sum, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c][p][j], shift)));
+      }
       store(_mm512_fmadd_ps(sum, _mm512_mul_ps(sj, _mm512_set1_ps(x_scale[c])), bj), y + c * ldy + 16 * j, mask);
     }
   }
@@ -119,28 +142,56 @@ template <typename Out>
 using KernelFn = void (*)(const uint8_t*, int64_t, int64_t, const int8_t*, const int32_t*, const float*,
                           const int32_t*, const float*, const float*, Out*, int64_t, int64_t);
 
-template <typename Out, int C>
+template <int P, typename Out, int C>
 KernelFn<Out> pick(int rows) {
   if constexpr (C == 0) {
     return nullptr;
   } else {
-    return rows == C ? &kernel<C, Out> : pick<Out, C - 1>(rows);
+    return rows == C ? &kernel<P, C, Out> : pick<P, Out, C - 1>(rows);
   }
 }
 
-template <typename Out>
+template <int P, typename Out>
 void run(const uint8_t* xq, const float* xs, const int32_t* zp, int64_t K4, const int8_t* w, const int32_t* wsum,
          const float* scale, const float* bias, Out* y, int64_t M, int64_t N, int64_t num_panels) {
+  constexpr int kBlock = kRows / P;
+  const int64_t lda = P * 4 * K4;
   at::parallel_for(0, num_panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
-      for (int64_t m = 0; m < M; m += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m));
-        pick<Out, kRows>(rows)(xq + m * 4 * K4, 4 * K4, K4, w + p * K4 * kStep, wsum + n0, xs + m, zp + m,
-                               scale + n0, bias ? bias + n0 : nullptr, y + m * N + n0, N, ncols);
+      for (int64_t m = 0; m < M; m += kBlock) {
+        const int rows = static_cast<int>(std::min<int64_t>(kBlock, M - m));
+        pick<P, Out, kBlock>(rows)(xq + m * lda, lda, K4, w + p * K4 * kStep, wsum + n0, xs + m, zp + m * P,
+                                   scale + n0, bias ? bias + n0 : nullptr, y + m * N + n0, N, ncols);
       }
     }
   });
+}
+
+template <int P>
+void quantize_and_run(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& wsum, const at::Tensor& scale,
+                      const at::Tensor& bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), num_panels = panels.size(0), K4 = panels.size(1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor xq = at::empty({M, P * 4 * K4}, x.options().dtype(at::kByte)), xs = at::empty({M}, scale.options());
+  at::Tensor zp = at::empty({M, P}, wsum.options());
+  const float* xp = xf.data_ptr<float>();
+  uint8_t* xqp = xq.data_ptr<uint8_t>();
+  float* xsp = xs.data_ptr<float>();
+  int32_t* zpp = zp.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row<P>(xp + m * K, K, K4, xqp + m * P * 4 * K4, xsp + m, zpp + m * P);
+  });
+  const int8_t* wp = panels.data_ptr<int8_t>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (y.scalar_type() == at::kFloat)
+    run<P, float>(xqp, xsp, zpp, K4, wp, wsum.data_ptr<int32_t>(), scale.data_ptr<float>(), bp, y.data_ptr<float>(),
+                  M, N, num_panels);
+#if BUNNY_VNNI_BF16_OUT
+  else
+    run<P, at::BFloat16>(xqp, xsp, zpp, K4, wp, wsum.data_ptr<int32_t>(), scale.data_ptr<float>(), bp,
+                         y.data_ptr<at::BFloat16>(), M, N, num_panels);
+#endif
 }
 
 #endif  // BUNNY_VNNI
@@ -160,7 +211,8 @@ std::tuple<at::Tensor, at::Tensor> pack_int8_vnni(const at::Tensor& q) {
 }
 
 at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& wsum,
-                            const at::Tensor& scale, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+                            const at::Tensor& scale, int64_t out_features, const c10::optional<at::Tensor>& bias,
+                            int64_t activation_bits) {
   TORCH_CHECK(x.dim() == 2, "int8_vnni_linear: x must be [rows, in_features]");
   TORCH_CHECK(panels.dim() == 4 && panels.scalar_type() == at::kChar && panels.size(2) == kPanel &&
                   panels.size(3) == 4,
@@ -175,6 +227,8 @@ at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& panels, const
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "int8_vnni_linear: scale must be [", N, "]");
   TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->size(0) == N),
               "int8_vnni_linear: bias must be [", N, "]");
+  TORCH_CHECK(activation_bits == 8 || activation_bits == 16, "int8_vnni_linear: activation_bits must be 8 or 16, got ",
+              activation_bits);
   TORCH_CHECK(int8_vnni_linear_available(), "int8_vnni_linear: this build has no AVX512-VNNI");
   const bool bf16_out = BUNNY_VNNI_BF16_OUT && x.scalar_type() == at::kBFloat16;
   at::Tensor y = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
@@ -183,26 +237,10 @@ at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& panels, const
     const at::Tensor s = scale.to(at::kFloat).contiguous(), ws = wsum.contiguous();
     at::Tensor b;
     if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    at::Tensor xq = at::empty({M, 4 * K4}, x.options().dtype(at::kByte)), xs = at::empty({M}, s.options());
-    at::Tensor zp = at::empty({M}, ws.options());
-    const float* xp = xf.data_ptr<float>();
-    uint8_t* xqp = xq.data_ptr<uint8_t>();
-    float* xsp = xs.data_ptr<float>();
-    int32_t* zpp = zp.data_ptr<int32_t>();
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, xqp + m * 4 * K4, xsp + m, zpp + m);
-    });
-    const int8_t* wp = panels.data_ptr<int8_t>();
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    if (!bf16_out)
-      run<float>(xqp, xsp, zpp, K4, wp, ws.data_ptr<int32_t>(), s.data_ptr<float>(), bp, y.data_ptr<float>(), M,
-                 N, num_panels);
-#if BUNNY_VNNI_BF16_OUT
+    if (activation_bits == 8)
+      quantize_and_run<1>(x, panels, ws, s, b, y);
     else
-      run<at::BFloat16>(xqp, xsp, zpp, K4, wp, ws.data_ptr<int32_t>(), s.data_ptr<float>(), bp,
-                        y.data_ptr<at::BFloat16>(), M, N, num_panels);
-#endif
+      quantize_and_run<2>(x, panels, ws, s, b, y);
   }
 #endif
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
@@ -214,7 +252,7 @@ TORCH_LIBRARY_FRAGMENT(bunny, m) {
   m.def("int8_vnni_linear_available() -> bool", &int8_vnni_linear_available);
   m.def("pack_int8_vnni(Tensor q) -> (Tensor, Tensor)");
   m.def("int8_vnni_linear(Tensor x, Tensor panels, Tensor wsum, Tensor scale, int out_features, "
-        "Tensor? bias=None) -> Tensor");
+        "Tensor? bias=None, int activation_bits=8) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bunny, CPU, m) {
