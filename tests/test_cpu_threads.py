@@ -91,3 +91,15 @@ def test_the_plan_says_when_threads_adapt():
     gov = thread_governor(plan)
     if torch.get_num_threads() >= 2:
         assert gov is not None and gov.threads == gov.max_threads == (plan.num_threads or torch.get_num_threads())
+
+
+def test_probing_up_beside_a_busy_neighbour_costs_one_stalled_step_a_trial():
+    host = Host()
+    gov = governed(host)
+    serve(gov, host, 1000)
+    host.busy = 1
+    serve(gov, host, 2000)   # found, and settled at the free cores
+    assert gov.threads == CORES - 1
+    counts = serve(gov, host, 20000)   # ~60 s: the trials up space out to 30 s
+    stalled = sum(c > CORES - 1 for c in counts)
+    assert 0 < stalled <= 4, f"{stalled} stalled steps: each trial up should end at its first stalled step"

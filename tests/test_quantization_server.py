@@ -40,5 +40,7 @@ def test_int8_server_answers_as_the_int8_engine_and_near_the_unquantized_one(tin
             got = joined(responses)[1]
             assert got == int8[i], (i, got, int8[i])
             assert got[:3] == plain[i][:3], (i, got, plain[i])
+        # the engine's own log lines reach Triton's log (stub/engine_log.py): the bytes quantization saved
+        assert "int8 weights: the decoder's linears" in server.log_text()
     finally:
         assert stop_process(server.proc) == 0, server.log_text()[-3000:]

@@ -35,6 +35,7 @@ from bunny_backend.engine.outputs import BadRequestError, EngineDeadError, Reque
 from bunny_backend.io import wire_schema
 from bunny_backend.io.token_bytes import TokenBytes
 from bunny_backend.stub.bytes_probe import check_bytes_round_trip
+from bunny_backend.stub.engine_log import forward_engine_logs
 from bunny_backend.stub.engine_thread import start_engine_thread
 from bunny_backend.stub.handover import Handover, Ready
 from bunny_backend.stub.instance import placement
@@ -92,6 +93,7 @@ class TritonPythonModel:
         if not self.config.model_path:
             raise ValueError("parameter model_path is empty: set it in config.pbtxt or start with bunny-serve --model-path")
         self.log = pb_utils.Logger
+        forward_engine_logs(self.log)
         where = placement(args, model_config, self.config.tensor_parallel_size)
         # built on the thread that steps it (stub/engine_thread.py says why); it starts looping at _engine_go
         self.engine, self._thread, self._engine_go = start_engine_thread(lambda: LLMEngine(self.config, where),

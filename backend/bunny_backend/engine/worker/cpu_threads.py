@@ -5,7 +5,7 @@ the thread sharing it is descheduled for a time slice at a time and the others s
 one busy, 2 threads decode at ~5% of their quiet rate, 1 thread at ~100% for a small model. Passive waiting
 (OMP_WAIT_POLICY=PASSIVE) survives that but costs a quiet machine ~40%, and affinity or a cgroup quota do not see
 a neighbour. So the engine measures: now and then it alternates steps of the same shape between its thread count
-and another, and keeps whichever is clearly faster. Down, it tries half as many, then a quarter, and so on while those
+and another, and keeps the faster (a lower count only when it is clearly faster). Down, it tries half as many, then a quarter, and so on while those
 lose (every count above the free cores stalls alike, so one fewer would not show it); up, one more, up to the
 host's cores.
 A step that runs much slower than its shape's last measured time starts a trial at once (a neighbour arrived);
@@ -30,8 +30,14 @@ from bunny_backend.engine.worker.device import DevicePlan
 log = logging.getLogger("bunny.engine")
 
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 30.0
-SAMPLES = 3          # steps at each count per trial
-WIN_MARGIN = 0.90    # the other count must take under 90% of the time to win
+SAMPLES = 4          # steps at each count per trial
+# The other count wins when its median step takes under this share of the current one's. Down, a stall is
+# dramatic (2-20x) while a server's other threads make step times noisy (a 2-thread step at 256 streams moved
+# 53-64 ms between trials), so only a clear win counts; up, more threads are the normal case and a small gain is real.
+DOWN_WIN, UP_WIN = 0.75, 0.95
+# A trial ends early when the counts are this far apart: a probe up beside a busy neighbour stalls (a 2-thread demo
+# step took 160 ms against 3), so one such step is enough to know, and more of them cost more than the trial saves.
+DECISIVE = 2.0
 SLOWDOWN = 2.0       # a step this much slower than its shape's reference starts a trial
 MAX_SHAPES = 64
 TRIAL_STEPS = 64     # a trial not done within this many steps is dropped
@@ -109,7 +115,7 @@ class ThreadGovernor:
     def _finish(self, trial: "_Trial") -> None:
         self._trial = None
         mine, other = trial.medians()
-        if other < WIN_MARGIN * mine:
+        if other < (DOWN_WIN if trial.other < trial.current else UP_WIN) * mine:
             log.info("bunny: CPU threads %d -> %d (a step of this shape took %.2f ms, now %.2f ms)",
                      self.threads, trial.other, mine * 1e3, other * 1e3)
             self.threads = trial.other
@@ -149,7 +155,11 @@ class _Trial:
 
     @property
     def done(self) -> bool:
-        return all(len(t) >= SAMPLES for t in self.times.values())
+        if not all(self.times.values()):
+            return False
+        mine, other = self.medians()
+        return (all(len(t) >= SAMPLES for t in self.times.values())
+                or other > DECISIVE * mine or mine > DECISIVE * other)
 
     def medians(self) -> tuple[float, float]:
         return statistics.median(self.times[self.current]), statistics.median(self.times[self.other])
