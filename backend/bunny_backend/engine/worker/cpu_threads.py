@@ -30,17 +30,19 @@ from bunny_backend.engine.worker.device import DevicePlan
 log = logging.getLogger("bunny.engine")
 
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 30.0
-SAMPLES = 4          # steps at each count per trial
+SAMPLES = 4          # steps at each count per trial, at least,
+SAMPLE_S = 0.02      # and at least this much step time (a demo step of 0.6 ms moves by 2x from step to step)
+DECISIVE_SAMPLES = 2
 # The other count wins when its median step takes under this share of the current one's. Down, a stall is
 # dramatic (2-20x) while a server's other threads make step times noisy (a 2-thread step at 256 streams moved
 # 53-64 ms between trials), so only a clear win counts; up, more threads are the normal case and a small gain is real.
 DOWN_WIN, UP_WIN = 0.75, 0.95
-# A trial ends early when the counts are this far apart: a probe up beside a busy neighbour stalls (a 2-thread demo
-# step took 160 ms against 3), so one such step is enough to know, and more of them cost more than the trial saves.
+# A trial ends early when the counts are this far apart (over 2 steps each): a probe up beside a busy neighbour
+# stalls (a 2-thread demo step took 160 ms against 3), and more such steps cost more than the trial saves.
 DECISIVE = 2.0
 SLOWDOWN = 2.0       # a step this much slower than its shape's reference starts a trial
 MAX_SHAPES = 64
-TRIAL_STEPS = 64     # a trial not done within this many steps is dropped
+TRIAL_STEPS = 256    # a trial not done within this many steps is dropped
 DRIFT = 0.1          # a shape's reference follows its normal steps (contexts grow) at this rate
 
 
@@ -155,10 +157,10 @@ class _Trial:
 
     @property
     def done(self) -> bool:
-        if not all(self.times.values()):
+        if not all(len(t) >= DECISIVE_SAMPLES for t in self.times.values()):
             return False
         mine, other = self.medians()
-        return (all(len(t) >= SAMPLES for t in self.times.values())
+        return (all(len(t) >= SAMPLES and sum(t) >= SAMPLE_S for t in self.times.values())
                 or other > DECISIVE * mine or mine > DECISIVE * other)
 
     def medians(self) -> tuple[float, float]:
