@@ -1,6 +1,8 @@
 """The CPU engine's thread governor (engine/worker/cpu_threads.py) against a simulated host whose best thread count
 is known: a step's time is its work divided over the threads that get a core, and when any thread shares its core
 with a busy neighbour, the whole step waits at the barrier for that thread's time slices."""
+import random
+
 import pytest
 import torch
 
@@ -103,3 +105,18 @@ def test_probing_up_beside_a_busy_neighbour_costs_one_stalled_step_a_trial():
     counts = serve(gov, host, 20000)   # ~60 s: the trials up space out to 30 s
     stalled = sum(c > CORES - 1 for c in counts)
     assert 0 < stalled <= 4, f"{stalled} stalled steps: each trial up should end at its first stalled step"
+
+
+def test_noisy_steps_on_a_quiet_host_do_not_move_it():
+    """A server's other threads jitter step times (x0.7-1.4, and one step in 20 three times longer)."""
+    rng = random.Random(0)
+    host = Host()
+    gov = governed(host)
+    counts = []
+    for i in range(20000):
+        gov.before_step(DECODE)
+        t = host.step_time() * rng.uniform(0.7, 1.4) * (3 if rng.random() < 0.05 else 1)
+        counts.append(host.threads)
+        host.now += t
+        gov.after_step(DECODE, t)
+    assert counts.count(CORES) > 0.98 * len(counts)

@@ -8,7 +8,7 @@ a neighbour. So the engine measures: now and then it alternates steps of the sam
 and another, and keeps the faster (a lower count only when it is clearly faster). Down, it tries half as many, then a quarter, and so on while those
 lose (every count above the free cores stalls alike, so one fewer would not show it); up, one more, up to the
 host's cores.
-A step that runs much slower than its shape's last measured time starts a trial at once (a neighbour arrived);
+A few steps in a row much slower than their shape's usual time start a trial at once (a neighbour arrived);
 otherwise trials space out (1 s, doubling to 30 s) while they keep confirming the count.
 
 A trial's samples are steps of the shape it began with (decoding sequences, new tokens), so it compares like with
@@ -33,14 +33,15 @@ MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 30.0
 SAMPLES = 4          # steps at each count per trial, at least,
 SAMPLE_S = 0.02      # and at least this much step time (a demo step of 0.6 ms moves by 2x from step to step)
 DECISIVE_SAMPLES = 2
-# The other count wins when its median step takes under this share of the current one's. Down, a stall is
-# dramatic (2-20x) while a server's other threads make step times noisy (a 2-thread step at 256 streams moved
-# 53-64 ms between trials), so only a clear win counts; up, more threads are the normal case and a small gain is real.
-DOWN_WIN, UP_WIN = 0.75, 0.95
+# The other count wins when its median step takes under this share of the current one's. Step times are noisy in a
+# server (its other threads; a 2-thread step at 256 streams moved 53-64 ms between trials) and a wrong move is
+# costly either way: down, a quiet model loses its cores; up, beside a neighbour, every step stalls.
+DOWN_WIN, UP_WIN = 0.75, 0.85
 # A trial ends early when the counts are this far apart (over 2 steps each): a probe up beside a busy neighbour
 # stalls (a 2-thread demo step took 160 ms against 3), and more such steps cost more than the trial saves.
 DECISIVE = 2.0
-SLOWDOWN = 2.0       # a step this much slower than its shape's reference starts a trial
+SLOWDOWN = 2.0       # this many consecutive steps this much slower than their shape's reference start a trial
+SLOW_STEPS = 3
 MAX_SHAPES = 64
 TRIAL_STEPS = 256    # a trial not done within this many steps is dropped
 DRIFT = 0.1          # a shape's reference follows its normal steps (contexts grow) at this rate
@@ -59,6 +60,7 @@ class ThreadGovernor:
         self._reference: OrderedDict[Hashable, float] = OrderedDict()   # shape -> seconds at self.threads
         self._pending: int | None = None   # the count the coming step runs at
         self._applied = threads
+        self._slow = 0   # consecutive steps much slower than their shape's reference
 
     def before_step(self, shape: Hashable) -> None:
         """Called before a step of this shape: set the count it runs at."""
@@ -92,11 +94,13 @@ class ThreadGovernor:
         if ref is None:
             self._remember(shape, seconds)
         elif seconds > SLOWDOWN * ref:
-            if trial is None:
+            self._slow += 1
+            if trial is None and self._slow >= SLOW_STEPS:
                 self._next_trial = self._clock()
                 self._interval = MIN_INTERVAL_S
                 self._down_next = True
         else:
+            self._slow = 0
             self._remember(shape, ref + DRIFT * (seconds - ref))
 
     def _drop_trial(self) -> None:
