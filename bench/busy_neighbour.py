@@ -4,7 +4,7 @@ before), in one run, alternated per round so all four see the same machine. `--s
 the gRPC client (one streamed chat request with the example image, as `./build.sh run`; tokens over the whole
 request's time); else engine-direct (one text request's decode, its first token excluded).
 
-`python -m bench.busy_neighbour [--server] [--model demo|qwen] [--tokens 256] [--rounds 2] [--neighbours 1]
+`python -m bench.busy_neighbour [--server] [--only adaptive|fixed] [--model demo|qwen] [--tokens 256] [--rounds 2] [--neighbours 1]
 [--out FILE]`
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -46,15 +47,20 @@ def decode_rate(engine: LLMEngine, tokens: int) -> float:
 
 
 class Engine:
+    """An engine built and stepped on a thread of its own, as the server's is: OpenMP's thread count is a
+    per-thread setting, so two engines stepped on one thread would run at whatever count the last one set."""
+
     def __init__(self, path: str, dtype: str, threads: int):
-        self.engine = LLMEngine(EngineConfig(model_path=path, dtype=dtype, num_threads=threads,
-                                             kv_cache_memory_bytes=256 << 20))
+        self.thread = ThreadPoolExecutor(max_workers=1)
+        self.engine = self.thread.submit(LLMEngine, EngineConfig(model_path=path, dtype=dtype, num_threads=threads,
+                                                                 kv_cache_memory_bytes=256 << 20)).result()
 
     def rate(self, tokens: int) -> float:
-        return decode_rate(self.engine, tokens)
+        return self.thread.submit(decode_rate, self.engine, tokens).result()
 
     def close(self) -> None:
-        self.engine.shutdown()
+        self.thread.submit(self.engine.shutdown).result()
+        self.thread.shutdown()
 
 
 class Server:
@@ -83,12 +89,17 @@ def main(argv=None) -> int:
     ap.add_argument("--neighbours", type=int, default=1, help="busy processes (`yes`) in the contended runs")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--server", action="store_true", help="through bunny-serve and the gRPC client")
+    ap.add_argument("--only", choices=("adaptive", "fixed"),
+                    help="one system (engine-direct: run each in its own process, alternating; two engines in one "
+                         "process share OpenMP's pools and disturb each other)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     path = str(DEMO) if args.model == "demo" else str(ensure_checkpoint(SPECS[args.model]))
     cores = host_cores()
     kind = Server if args.server else Engine
-    engines = {name: kind(path, args.dtype, threads) for name, threads in (("adaptive", 0), (f"fixed {cores}", cores))}
+    systems = [(name, threads) for name, threads in (("adaptive", 0), (f"fixed {cores}", cores))
+               if args.only is None or name.startswith(args.only)]
+    engines = {name: kind(path, args.dtype, threads) for name, threads in systems}
     try:
         return measure(args, engines, cores)
     finally:

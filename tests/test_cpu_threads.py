@@ -120,3 +120,24 @@ def test_noisy_steps_on_a_quiet_host_do_not_move_it():
         host.now += t
         gov.after_step(DECODE, t)
     assert counts.count(CORES) > 0.98 * len(counts)
+
+
+def test_a_change_won_in_a_neighbours_lull_is_taken_back_at_its_first_stalled_step():
+    host = Host()
+    host.threads = 1
+    gov = ThreadGovernor(2, 1, host.set_threads, clock=lambda: host.now)   # beside a neighbour, at 1 of 2
+    times = {1: 2e-3, 2: 1e-3}   # a lull: 2 threads are faster for now
+
+    def step():
+        gov.before_step(DECODE)
+        t = times[host.threads]
+        host.now += t
+        gov.after_step(DECODE, t)
+
+    while gov.threads == 1:
+        step()
+    times[2] = 50e-3   # the neighbour is back
+    step()
+    assert gov.threads == 1 and host.threads == 2, "one stalled step at 2 threads, then back to 1"
+    step()
+    assert host.threads == 1

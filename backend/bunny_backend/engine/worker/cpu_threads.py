@@ -43,6 +43,7 @@ DECISIVE = 2.0
 SLOWDOWN = 2.0       # this many consecutive steps this much slower than their shape's reference start a trial
 SLOW_STEPS = 3
 MAX_SHAPES = 64
+PROBATION_STEPS = 32  # steps of the trial's shape after a change during which one stalled step undoes it
 TRIAL_STEPS = 256    # a trial not done within this many steps is dropped
 DRIFT = 0.1          # a shape's reference follows its normal steps (contexts grow) at this rate
 
@@ -61,6 +62,7 @@ class ThreadGovernor:
         self._pending: int | None = None   # the count the coming step runs at
         self._applied = threads
         self._slow = 0   # consecutive steps much slower than their shape's reference
+        self._probation: tuple[Hashable, int, float, int] | None = None   # shape, old count, its median, steps left
 
     def before_step(self, shape: Hashable) -> None:
         """Called before a step of this shape: set the count it runs at."""
@@ -90,6 +92,8 @@ class ThreadGovernor:
             return
         if count != self.threads:
             return
+        if self._on_probation(shape, seconds):
+            return
         ref = self._reference.get(shape)
         if ref is None:
             self._remember(shape, seconds)
@@ -102,6 +106,25 @@ class ThreadGovernor:
         else:
             self._slow = 0
             self._remember(shape, ref + DRIFT * (seconds - ref))
+
+    def _on_probation(self, shape: Hashable, seconds: float) -> bool:
+        """Just after a change, one step of the trial's shape that takes DECISIVE times the old count's median
+        takes the change back at once (a trial can win in a lull of the neighbour, whose return then stalls every
+        step until a trial notices)."""
+        if self._probation is None or self._probation[0] != shape:
+            return False
+        _, old_count, old_median, left = self._probation
+        self._probation = None if left <= 1 else (shape, old_count, old_median, left - 1)
+        if seconds <= DECISIVE * old_median:
+            return False
+        log.info("bunny: CPU threads %d -> %d (back: a step took %.2f ms, %.2f ms before the change)",
+                 self.threads, old_count, seconds * 1e3, old_median * 1e3)
+        self.threads, self._probation = old_count, None
+        self._reference.clear()
+        self._remember(shape, old_median)
+        self._interval = min(MAX_INTERVAL_S, self._interval * 4)
+        self._next_trial = self._clock() + self._interval
+        return True
 
     def _drop_trial(self) -> None:
         self._trial = None
@@ -124,6 +147,7 @@ class ThreadGovernor:
         if other < (DOWN_WIN if trial.other < trial.current else UP_WIN) * mine:
             log.info("bunny: CPU threads %d -> %d (a step of this shape took %.2f ms, now %.2f ms)",
                      self.threads, trial.other, mine * 1e3, other * 1e3)
+            self._probation = (trial.shape, self.threads, mine, PROBATION_STEPS)
             self.threads = trial.other
             self._reference.clear()
             self._remember(trial.shape, other)
