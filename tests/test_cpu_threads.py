@@ -141,3 +141,30 @@ def test_a_change_won_in_a_neighbours_lull_is_taken_back_at_its_first_stalled_st
     assert gov.threads == 1 and host.threads == 2, "one stalled step at 2 threads, then back to 1"
     step()
     assert host.threads == 1
+
+
+def test_the_loop_times_whole_step_periods_and_skips_idle_waits():
+    """In a server the loop's own work between forwards depends on the count too (its other threads): the
+    governor times from one step's start to the next. A wait for work in between is not a step's time."""
+    host = Host()
+    host.threads = 2
+    gov = ThreadGovernor(2, 2, host.set_threads, clock=lambda: host.now)
+    forward, between = {2: 0.5e-3, 1: 0.6e-3}, {2: 1.0e-3, 1: 0.2e-3}
+    for i in range(5000):
+        gov.step_starts(DECODE, host.now)
+        host.now += forward[host.threads]
+        gov.step_ran(host.now)
+        host.now += between[host.threads] + (1.0 if i % 50 == 49 else 0)   # now and then the loop idles
+    assert gov.threads == 1
+
+
+def test_a_wait_for_work_is_not_a_step_time():
+    host = Host()
+    host.threads = 2
+    gov = ThreadGovernor(2, 2, host.set_threads, clock=lambda: host.now)
+    for _ in range(3000):
+        gov.step_starts(DECODE, host.now)
+        host.now += 1e-3
+        gov.step_ran(host.now)
+        host.now += 0.2 if host.threads == 2 else 0   # (by chance) every 2-thread step is followed by a wait
+    assert gov.threads == 2

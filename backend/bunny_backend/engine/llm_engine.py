@@ -213,11 +213,9 @@ class LLMEngine:
     def _run(self, sched: SchedulerOutput):
         if self._threads is None:
             return self.runner.run(sched)
-        shape = (sched.num_decodes, len(sched.seqs), sum(sched.num_new_tokens))
-        self._threads.before_step(shape)
-        start = time.perf_counter()
+        self._threads.step_starts((sched.num_decodes, len(sched.seqs), sum(sched.num_new_tokens)), time.perf_counter())
         sampled = self.runner.run(sched)
-        self._threads.after_step(shape, time.perf_counter() - start)
+        self._threads.step_ran(time.perf_counter())
         return sampled
 
     def _on_step_failure(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:

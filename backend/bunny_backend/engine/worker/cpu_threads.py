@@ -43,6 +43,7 @@ DECISIVE = 2.0
 SLOWDOWN = 2.0       # this many consecutive steps this much slower than their shape's reference start a trial
 SLOW_STEPS = 3
 MAX_SHAPES = 64
+IDLE_GAP_S = 0.05     # more than this from a forward's end to the next step's start: the loop waited for work
 PROBATION_STEPS = 32  # steps of the trial's shape after a change during which one stalled step undoes it
 TRIAL_STEPS = 256    # a trial not done within this many steps is dropped
 DRIFT = 0.1          # a shape's reference follows its normal steps (contexts grow) at this rate
@@ -63,6 +64,21 @@ class ThreadGovernor:
         self._applied = threads
         self._slow = 0   # consecutive steps much slower than their shape's reference
         self._probation: tuple[Hashable, int, float, int] | None = None   # shape, old count, its median, steps left
+        self._last: tuple[Hashable, float, float | None] | None = None   # the last step: shape, start, end of forward
+
+    def step_starts(self, shape: Hashable, now: float) -> None:
+        """The engine loop's side: a step of this shape starts now. What is timed is a step's whole period, to the
+        next step's start (its forward and the loop's own work around it: in a server, the 2-thread demo's forward
+        was the faster one while its period was not), unless the loop went idle in between."""
+        last, self._last = self._last, None
+        if last is not None and last[2] is not None and now - last[2] <= IDLE_GAP_S:
+            self.after_step(last[0], now - last[1])
+        self.before_step(shape)
+        self._last = (shape, now, None)
+
+    def step_ran(self, now: float) -> None:
+        if self._last is not None:
+            self._last = (self._last[0], self._last[1], now)
 
     def before_step(self, shape: Hashable) -> None:
         """Called before a step of this shape: set the count it runs at."""
