@@ -168,3 +168,22 @@ def test_a_wait_for_work_is_not_a_step_time():
         gov.step_ran(host.now)
         host.now += 0.2 if host.threads == 2 else 0   # (by chance) every 2-thread step is followed by a wait
     assert gov.threads == 2
+
+
+def test_a_spike_right_after_a_change_down_does_not_undo_it():
+    host = Host()
+    host.threads = 2
+    gov = ThreadGovernor(2, 2, host.set_threads, clock=lambda: host.now)
+    times = {2: 50e-3, 1: 2e-3}   # beside a neighbour: 2 threads stall
+
+    def step(t=None):
+        gov.before_step(DECODE)
+        t = t if t is not None else times[host.threads]
+        host.now += t
+        gov.after_step(DECODE, t)
+
+    while gov.threads == 2:
+        step()
+    step(150e-3)   # one slow step at 1 thread (the neighbour's burst)
+    step()
+    assert host.threads == 1

@@ -44,7 +44,7 @@ SLOWDOWN = 2.0       # this many consecutive steps this much slower than their s
 SLOW_STEPS = 3
 MAX_SHAPES = 64
 IDLE_GAP_S = 0.05     # more than this from a forward's end to the next step's start: the loop waited for work
-PROBATION_STEPS = 32  # steps of the trial's shape after a change during which one stalled step undoes it
+PROBATION_STEPS = 32  # steps of the trial's shape after a change up during which one stalled step undoes it
 TRIAL_STEPS = 256    # a trial not done within this many steps is dropped
 DRIFT = 0.1          # a shape's reference follows its normal steps (contexts grow) at this rate
 
@@ -124,7 +124,7 @@ class ThreadGovernor:
             self._remember(shape, ref + DRIFT * (seconds - ref))
 
     def _on_probation(self, shape: Hashable, seconds: float) -> bool:
-        """Just after a change, one step of the trial's shape that takes DECISIVE times the old count's median
+        """Just after a change up, one step of the trial's shape that takes DECISIVE times the old count's median
         takes the change back at once (a trial can win in a lull of the neighbour, whose return then stalls every
         step until a trial notices)."""
         if self._probation is None or self._probation[0] != shape:
@@ -163,7 +163,8 @@ class ThreadGovernor:
         if other < (DOWN_WIN if trial.other < trial.current else UP_WIN) * mine:
             log.info("bunny: CPU threads %d -> %d (a step of this shape took %.2f ms, now %.2f ms)",
                      self.threads, trial.other, mine * 1e3, other * 1e3)
-            self._probation = (trial.shape, self.threads, mine, PROBATION_STEPS)
+            if trial.other > trial.current:   # a change down answers stalls; a spike right after must not undo it
+                self._probation = (trial.shape, self.threads, mine, PROBATION_STEPS)
             self.threads = trial.other
             self._reference.clear()
             self._remember(trial.shape, other)
