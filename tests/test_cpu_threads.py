@@ -2,13 +2,17 @@
 is known: a step's time is its work divided over the threads that get a core, and when any thread shares its core
 with a busy neighbour, the whole step waits at the barrier for that thread's time slices."""
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from engine_helpers import QUESTIONS, make_engine, run_all
 
 from bunny_backend.config import EngineConfig
-from bunny_backend.engine.worker.cpu_threads import ThreadGovernor, thread_governor
+from bunny_backend.engine.sampling_params import SamplingParams
+from bunny_backend.engine.worker.cpu_threads import ThreadGovernor, results_ignore_thread_count, thread_governor
 from bunny_backend.engine.worker.device import DevicePlan
+from bunny_backend.ops import cpu_kernels
 
 CORES = 4
 DECODE = (1, 1, 1)   # one sequence decoding one token
@@ -86,13 +90,40 @@ def test_a_trial_compares_steps_of_one_shape_only():
     assert gov.threads == CORES
 
 
-def test_the_plan_says_when_threads_adapt():
+def test_the_plan_says_when_threads_adapt(monkeypatch):
     assert thread_governor(DevicePlan.resolve(EngineConfig(device="cpu", num_threads=2))) is None   # asked: fixed
     assert thread_governor(DevicePlan.resolve(EngineConfig(device="cpu", tensor_parallel_size=2))) is None
-    plan = DevicePlan.resolve(EngineConfig(device="cpu"))
+    plan = DevicePlan.resolve(EngineConfig(device="cpu", dtype="float32"))
     gov = thread_governor(plan)
-    if torch.get_num_threads() >= 2:
+    if torch.get_num_threads() >= 2 and results_ignore_thread_count(torch.float32):
         assert gov is not None and gov.threads == gov.max_threads == (plan.num_threads or torch.get_num_threads())
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")   # the portable path: results would depend on the count
+    assert thread_governor(plan) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_where_threads_adapt_the_results_are_the_same_bits_at_any_count(tiny_checkpoint, test_images, dtype):
+    """The governor changes the count between steps: the logits of every step (prefill with an image, chunks,
+    decodes) must not change with it."""
+    if not results_ignore_thread_count(getattr(torch, dtype)):
+        pytest.skip(f"the CPU kernels do not run {dtype} here: the governor stays off")
+
+    def logits_at(threads):
+        torch.set_num_threads(threads)
+        engine = make_engine(tiny_checkpoint, dtype=dtype, num_threads=threads)
+        seen, compute = [], engine.model.compute_logits
+        engine.model.compute_logits = lambda hidden: seen.append(compute(hidden).clone()) or seen[-1]
+        run_all(engine, [(0, "a", QUESTIONS[0], [test_images[0]], SamplingParams(max_tokens=8, ignore_eos=True)),
+                         (1, "b", QUESTIONS[1], [], SamplingParams(max_tokens=8, ignore_eos=True))])
+        return seen
+
+    def on_own_thread(threads):   # OpenMP's count is per thread: leave the test's own as it was
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(logits_at, threads).result()
+
+    one, two = on_own_thread(1), on_own_thread(2)
+    assert len(one) == len(two) > 4
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
 def test_probing_up_beside_a_busy_neighbour_costs_one_stalled_step_a_trial():

@@ -26,6 +26,7 @@ from typing import Callable, Hashable
 import torch
 
 from bunny_backend.engine.worker.device import DevicePlan
+from bunny_backend.ops import cpu_kernels
 
 log = logging.getLogger("bunny.engine")
 
@@ -212,9 +213,18 @@ class _Trial:
         return statistics.median(self.times[self.current]), statistics.median(self.times[self.other])
 
 
+def results_ignore_thread_count(dtype: torch.dtype) -> bool:
+    """Whether a step's results are the same bits at any thread count: where the decoder runs on the CPU kernels,
+    which split their work over output columns, rows and heads only (tests/test_cpu_threads.py checks the whole
+    engine); torch's own matmuls on the portable path split differently by thread count (1.5e-5 apart in float32)."""
+    return all(k is not None for k in (cpu_kernels.panel_linear(dtype), cpu_kernels.paged_decode(),
+                                       cpu_kernels.decoder_ops()))
+
+
 def thread_governor(plan: DevicePlan) -> ThreadGovernor | None:
-    """The governor of an engine on this plan, or None where its thread count is fixed (or 1)."""
+    """The governor of an engine on this plan, or None where its thread count is fixed (or 1), or where changing
+    it would change the results (an engine's outputs must not depend on how busy its host was)."""
     threads = plan.num_threads or torch.get_num_threads()
-    if not plan.adaptive_threads or threads < 2:
+    if not plan.adaptive_threads or threads < 2 or not results_ignore_thread_count(plan.dtype):
         return None
     return ThreadGovernor(threads, threads, torch.set_num_threads)
