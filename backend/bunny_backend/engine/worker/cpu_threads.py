@@ -35,9 +35,10 @@ SAMPLES = 4          # steps at each count per trial, at least,
 SAMPLE_S = 0.02      # and at least this much step time (a demo step of 0.6 ms moves by 2x from step to step)
 DECISIVE_SAMPLES = 2
 # The other count wins when its median step takes under this share of the current one's. Step times are noisy in a
-# server (its other threads; a 2-thread step at 256 streams moved 53-64 ms between trials) and a wrong move is
-# costly either way: down, a quiet model loses its cores; up, beside a neighbour, every step stalls.
-DOWN_WIN, UP_WIN = 0.75, 0.85
+# server (its other threads; at 256 streams a 1-thread trial beat 2 threads by 0.64x and then ran slower) and a
+# wrong move is costly either way: down, a quiet model loses its cores; up, beside a neighbour, every step stalls.
+# A neighbour's stall is no subtle thing (2-thread demo steps of 20-160 ms against 1.5-2.4 at one thread).
+DOWN_WIN, UP_WIN = 0.5, 0.85
 # A trial ends early when the counts are this far apart (over 2 steps each): a probe up beside a busy neighbour
 # stalls (a 2-thread demo step took 160 ms against 3), and more such steps cost more than the trial saves.
 DECISIVE = 2.0
