@@ -165,8 +165,9 @@ class ThreadGovernor:
         if other < (DOWN_WIN if trial.other < trial.current else UP_WIN) * mine:
             log.info("bunny: CPU threads %d -> %d (a step of this shape took %.2f ms, now %.2f ms)",
                      self.threads, trial.other, mine * 1e3, other * 1e3)
-            if trial.other > trial.current:   # a change down answers stalls; a spike right after must not undo it
-                self._probation = (trial.shape, self.threads, mine, PROBATION_STEPS)
+            # a change down answers stalls: a spike right after must not undo it (nor an earlier change's probation)
+            self._probation = ((trial.shape, self.threads, mine, PROBATION_STEPS) if trial.other > trial.current
+                               else None)
             self.threads = trial.other
             self._reference.clear()
             self._remember(trial.shape, other)
