@@ -176,3 +176,13 @@ def _logprob_builders(token_ids: list[int], logprobs: list[TokenLogprobs], k: in
         "top_logprobs": lambda: np.array([t.top_logprobs for t in logprobs], dtype=np.float32).reshape(n, k),
         "top_token_bytes": lambda: byte_strings([i for t in logprobs for i in t.top_ids]).reshape(n, k),
     }
+
+
+def requested_outputs(request) -> frozenset | None:
+    """The output names a request asked for (Triton prunes the others after they are built: build only these);
+    None: all of them."""
+    try:
+        names = request.requested_output_names()
+    except Exception:   # noqa: BLE001 - a backend without it: build them all
+        return None
+    return frozenset(names) or None

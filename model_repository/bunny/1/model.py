@@ -40,7 +40,8 @@ from bunny_backend.stub.engine_thread import start_engine_thread
 from bunny_backend.stub.handover import Handover, Ready
 from bunny_backend.stub.instance import placement
 from bunny_backend.stub.metrics import BunnyMetrics
-from bunny_backend.stub.request_io import INPUT_NAMES, InvalidInput, parse_request, response_arrays
+from bunny_backend.stub.request_io import (INPUT_NAMES, InvalidInput, parse_request, requested_outputs,
+                                           response_arrays)
 from bunny_backend.stub.timeline import Timeline
 
 IDLE_WAIT_S = 0.05       # engine thread wake-up period when idle (stop flag, stats snapshots)
@@ -71,14 +72,6 @@ def _error(message: str, code_name: str = "INTERNAL"):
     message = wire_schema.tag_error(_WIRE_CODES[code_name], message)
     code = getattr(pb_utils.TritonError, code_name, None)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-
-
-def _requested_outputs(request) -> frozenset | None:
-    try:
-        names = request.requested_output_names()
-    except Exception:   # noqa: BLE001 - a backend without it: build them all
-        return None
-    return frozenset(names) or None
 
 
 class TritonPythonModel:
@@ -146,7 +139,7 @@ class TritonPythonModel:
         request_id = str(next(self._ids))
         client_id = request.request_id() if self._timeline.enabled else ""
         with self._lock:
-            self._inflight[request_id] = _InFlight(sender, parsed.stream, client_id, _requested_outputs(request),
+            self._inflight[request_id] = _InFlight(sender, parsed.stream, client_id, requested_outputs(request),
                                                    parsed.params.logprobs)
         self._handover.open(request_id, parsed.stream)
         try:
