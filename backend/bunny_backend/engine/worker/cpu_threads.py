@@ -5,10 +5,9 @@ the thread sharing it is descheduled for a time slice at a time and the others s
 one busy, 2 threads decode at ~5% of their quiet rate, 1 thread at ~100% for a small model. Passive waiting
 (OMP_WAIT_POLICY=PASSIVE) survives that but costs a quiet machine ~40%, and affinity or a cgroup quota do not see
 a neighbour. So the engine measures: now and then it alternates steps of the same shape between its thread count
-and another, and keeps the faster (a lower count only when it is clearly faster). Down, it tries half as many, then a quarter, and so on while those
-lose (every count above the free cores stalls alike, so one fewer would not show it); up, one more, up to the
-host's cores.
-A few steps in a row much slower than their shape's usual time start a trial at once (a neighbour arrived);
+and another, and keeps the faster (a lower count only when it is clearly faster). Down, it tries half as many,
+then a quarter, and so on while those lose (every count above the free cores stalls alike, so one fewer would not
+show it); up, one more, up to the host's cores. A few steps in a row much slower than their shape's usual time start a trial at once (a neighbour arrived);
 otherwise trials space out (1 s, doubling to 30 s) while they keep confirming the count.
 
 A trial's samples are steps of the shape it began with (decoding sequences, new tokens), so it compares like with
