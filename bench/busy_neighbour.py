@@ -4,8 +4,8 @@ before), in one run, alternated per round so all four see the same machine. `--s
 the gRPC client (one streamed chat request with the example image, as `./build.sh run`; tokens over the whole
 request's time); else engine-direct (one text request's decode, its first token excluded).
 
-`python -m bench.busy_neighbour [--server] [--only adaptive|fixed] [--model demo|qwen] [--tokens 256] [--rounds 2] [--neighbours 1]
-[--out FILE]`
+`python -m bench.busy_neighbour [--server] [--only adaptive|fixed] [--model demo|qwen] [--tokens 256] [--rounds 2]
+[--neighbours 1] [--out FILE]`
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def measure(args, engines: dict, cores: int) -> int:
     rates: dict[str, list[float]] = {f"{name}, {load}": [] for name in engines for load in ("quiet", "busy")}
     for _ in range(args.rounds):
         for load in ("quiet", "busy"):
-            hogs = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(args.neighbours * (load == "busy"))]
+            count = args.neighbours if load == "busy" else 0
+            hogs = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(count)]
             try:
                 for name, engine in engines.items():
                     engine.rate(32)   # a neighbour's arrival is found in a trial or two: not measured
@@ -122,7 +123,8 @@ def measure(args, engines: dict, cores: int) -> int:
                 for hog in hogs:
                     hog.kill()
                     hog.wait()
-    result = {"model": args.model, "path": "server" if args.server else "engine-direct", "tokens": args.tokens, "neighbours": args.neighbours, "cores": cores,
+    result = {"model": args.model, "path": "server" if args.server else "engine-direct", "tokens": args.tokens,
+              "neighbours": args.neighbours, "cores": cores,
               "torch_threads": torch.get_num_threads(), "machine": machine_info(),
               "tokens_per_s": {k: [round(r, 1) for r in v] for k, v in rates.items()}}
     for name in engines:

@@ -7,8 +7,9 @@ one busy, 2 threads decode at ~5% of their quiet rate, 1 thread at ~100% for a s
 a neighbour. So the engine measures: now and then it alternates steps of the same shape between its thread count
 and another, and keeps the faster (a lower count only when it is clearly faster). Down, it tries half as many,
 then a quarter, and so on while those lose (every count above the free cores stalls alike, so one fewer would not
-show it); up, one more, up to the host's cores. A few steps in a row much slower than their shape's usual time start a trial at once (a neighbour arrived);
-otherwise trials space out (1 s, doubling to 30 s) while they keep confirming the count.
+show it); up, one more, up to the host's cores. A few steps in a row much slower than their shape's usual time
+start a trial at once (a neighbour arrived); otherwise trials space out (1 s, doubling to 30 s) while they keep
+confirming the count.
 
 A trial's samples are steps of the shape it began with (decoding sequences, new tokens), so it compares like with
 like; steps of other shapes run at the current count meanwhile. A trial begins only on a shape seen before (so
