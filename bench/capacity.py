@@ -6,6 +6,12 @@ For each stream count N: engine-direct (the engine in this process, stepped in a
 output tokens/s, TTFT p50/p99, inter-token latency p50/p99 (per token: a response carrying k tokens counts k) and
 tokens per response. Every system runs with max_num_seqs = N, so all N streams decode together.
 
+Where the CPU went: engine-direct's own CPU seconds (`engine_cpu_s`); for a server started here, each of its
+processes' CPU seconds during the run (`server_cpu_s`: bunny-serve's front, tritonserver, the model's stub, which
+runs the engine) beside the client's (`client_cpu_s`); with engine-direct in the same run, what the serving path
+added to the engine's own CPU, in all and per response (`<system>_serving_cpu`). On a host whose cores the engine
+shares, that is what the responses cost the engine.
+
     python -m bench.capacity [--streams 64,256] [--max-tokens 256] [--model-path DIR] [--url HOST:PORT
                              --openai-url URL]   # --url: measure a server already running (e.g. another revision)
 
@@ -30,7 +36,7 @@ from pathlib import Path  # noqa: E402
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import machine_info, machine_name  # noqa: E402
+from bench.common import machine_info, machine_name, tree_cpu_by_name  # noqa: E402
 from bench.models import ROOT  # noqa: E402
 from bunny_client.perf_stats import RequestTiming  # noqa: E402
 
@@ -58,7 +64,7 @@ def engine_direct(model_path: str, n: int, max_tokens: int) -> dict:
     engine = LLMEngine(EngineConfig(model_path=model_path, device="cpu", max_num_seqs=n,
                                     max_num_batched_tokens=max(4096, n), enable_prefix_caching=False))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     timings = {}
     for i in range(n):
         engine.add_request(f"r{i}", PROMPTS[i % len(PROMPTS)], [], params)
@@ -69,6 +75,7 @@ def engine_direct(model_path: str, n: int, max_tokens: int) -> dict:
         for out in outs:
             timings[out.request_id].record(now, len(out.delta_token_ids))
     result = summary(time.perf_counter() - t0, list(timings.values()))
+    result["engine_cpu_s"] = round(cpu_seconds() - c0, 2)
     engine.shutdown()
     return result
 
@@ -127,13 +134,29 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measured(fn, *args) -> dict:
-    """fn(target, n, max_tokens) after a short warm-up round on the same target (first requests pay for loading)."""
+def measured(fn, *args, server_pid: int | None = None) -> dict:
+    """fn(target, n, max_tokens) after a short warm-up round on the same target (first requests pay for loading);
+    with server_pid, the CPU seconds of that server's processes during the run too."""
     run = (lambda *a: asyncio.run(fn(*a))) if asyncio.iscoroutinefunction(fn) else fn
     run(args[0], 4, 8)
+    s0 = tree_cpu_by_name(server_pid) if server_pid else {}
     c0 = cpu_seconds()
     out = run(*args)
-    return {**out, "client_cpu_s": round(cpu_seconds() - c0, 2)}
+    out["client_cpu_s"] = round(cpu_seconds() - c0, 2)
+    if server_pid:
+        s1 = tree_cpu_by_name(server_pid)
+        out["server_cpu_s"] = {name: round(t - s0.get(name, 0.0), 2) for name, t in s1.items()
+                               if t - s0.get(name, 0.0) >= 0.01}
+    return out
+
+
+def serving_cpu(system: dict, engine: dict) -> dict:
+    """What the serving path cost beyond the engine: the server's and client's CPU seconds less engine-direct's for
+    the same tokens, in all and per response."""
+    extra = system["client_cpu_s"] + sum(system["server_cpu_s"].values()) - engine["engine_cpu_s"]
+    responses = system["tokens"] / system["tokens_per_response"] if system["tokens_per_response"] else 0
+    return {"extra_cpu_s": round(extra, 2),
+            "extra_cpu_ms_per_response": round(1000 * extra / responses, 3) if responses else None}
 
 
 def main(argv=None) -> int:
@@ -156,16 +179,18 @@ def main(argv=None) -> int:
         if not args.skip_engine:
             row["engine"] = measured(engine_direct, args.model_path, n, args.max_tokens)
             print(f"{n} streams, engine-direct: {row['engine']}", flush=True)
-        with serving(args, n) as (url, openai_url):
-            row["triton"] = measured(triton_streams, url, n, args.max_tokens)
+        with serving(args, n) as (url, openai_url, pid):
+            row["triton"] = measured(triton_streams, url, n, args.max_tokens, server_pid=pid)
             print(f"{n} streams, Triton gRPC: {row['triton']}", flush=True)
             if openai_url:
-                row["openai"] = measured(openai_streams, openai_url, n, args.max_tokens)
+                row["openai"] = measured(openai_streams, openai_url, n, args.max_tokens, server_pid=pid)
                 print(f"{n} streams, OpenAI front: {row['openai']}", flush=True)
         if "engine" in row:
             for system in ("triton", "openai"):
                 if system in row:
                     row[f"{system}_over_engine"] = round(row[system]["tokens_per_s"] / row["engine"]["tokens_per_s"], 3)
+                    if "server_cpu_s" in row[system]:
+                        row[f"{system}_serving_cpu"] = serving_cpu(row[system], row["engine"])
         rows.append(row)
     info = machine_info()
     out = args.out or RESULTS / f"capacity-{machine_name(info)}-{time.strftime('%Y%m%d-%H%M')}.json"
@@ -183,7 +208,7 @@ class serving:
 
     def __enter__(self):
         if self.args.url:
-            return self.args.url, self.args.openai_url
+            return self.args.url, self.args.openai_url, None
         import sys
 
         from bunny_backend.server.launch import free_ports, launch, serve_command
@@ -193,7 +218,7 @@ class serving:
         cmd = serve_command(self.args.model_path, [grpc, http, metrics], params,
                             ["--device", "cpu", "--openai-port", str(openai_port)])
         self.proc = launch(cmd, sys.stderr, 600)
-        return f"127.0.0.1:{grpc}", f"http://127.0.0.1:{openai_port}/v1"
+        return f"127.0.0.1:{grpc}", f"http://127.0.0.1:{openai_port}/v1", self.proc.pid
 
     def __exit__(self, *exc):
         if self.proc is not None:

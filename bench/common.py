@@ -107,6 +107,23 @@ def tree_cpu_seconds(root_pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_by_name(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of `root_pid` and its living descendants, summed per process name
+    (/proc/PID/comm: e.g. python, tritonserver, triton_python_b)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in descendants(root_pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                head, _, tail = f.read().rpartition(")")
+            fields = tail.split()
+            name = head.partition("(")[2]
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def cpu_busy_seconds() -> float:
     """CPU seconds the whole machine has been busy since boot (all cores; /proc/stat, idle and iowait excluded)."""
     with open("/proc/stat") as f:
