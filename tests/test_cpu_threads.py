@@ -218,3 +218,29 @@ def test_a_spike_right_after_a_change_down_does_not_undo_it():
     step(150e-3)   # one slow step at 1 thread (the neighbour's burst)
     step()
     assert host.threads == 1
+
+
+def test_a_change_down_during_an_earlier_change_ups_probation_ends_that_probation():
+    """Up 2 -> 3 in a lull, then the neighbour is back (slow, not stalled, steps at 3 start a trial at once) and the
+    trial goes down to 1: a spike at 1 thread must not send it back to 2, the count the earlier probation kept."""
+    host = Host()
+    host.threads = 2
+    gov = ThreadGovernor(4, 2, host.set_threads, clock=lambda: host.now)
+    times = {2: 2e-3, 3: 1e-3, 1: 4e-3}   # a lull: 3 threads are faster for now
+
+    def step(t=None):
+        gov.before_step(DECODE)
+        t = t if t is not None else times[host.threads]
+        host.now += t
+        gov.after_step(DECODE, t)
+
+    while gov.threads != 3:
+        step()
+    times.update({3: 3e-3, 1: 1e-3})   # back: 3 slower than twice its median, under twice the old count's
+    for _ in range(200):
+        step()
+        if gov.threads == 1:
+            break
+    assert gov.threads == 1
+    step(20e-3)   # the neighbour's burst, at 1 thread
+    assert gov.threads == 1 and host.threads == 1

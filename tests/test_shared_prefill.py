@@ -3,7 +3,7 @@ instead of computing the same K/V again (the n choices of one request, many user
 from bunny_backend.engine.core.block_manager import BlockManager
 from bunny_backend.engine.core.sequence import Sequence
 from bunny_backend.engine.sampling_params import SamplingParams
-from test_scheduler import BS, assert_all_free, make_sched, make_seq, step
+from scheduler_helpers import BS, assert_all_free, make_sched, make_seq, step
 
 
 def computed_tokens(sched, until_decoding):
