@@ -69,7 +69,7 @@ def test_long_prompt_is_chunked_across_steps():
 
 
 def test_prefill_is_bounded_only_while_streams_decode():
-    sched = make_sched(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=6)
+    sched = make_sched(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=9)   # > 4 a decode
     alone = make_seq("alone", 20, first=300)
     sched.add(alone)
     assert step(sched).num_new_tokens == [20]     # nobody decodes: the whole prompt at once
@@ -86,8 +86,25 @@ def test_prefill_is_bounded_only_while_streams_decode():
         shapes.append((out.num_decodes, [s.request_id for s in out.seqs[out.num_decodes:]],
                        sum(out.num_new_tokens[out.num_decodes:])))
         assert out.seqs[:2] == [a, b]   # the running streams get a token every step
-    assert shapes == [(2, ["long"], 6), (2, ["long"], 6), (2, ["long"], 6), (2, ["long", "short"], 5)]
+    assert shapes == [(2, ["long"], 9), (2, ["long"], 9), (2, ["long", "short"], 5)]
     assert short.num_cached_tokens == 3
+
+
+
+def test_the_prefill_bound_grows_with_the_decodes_in_the_step():
+    """Beside many decodes a step may carry PREFILL_TOKENS_PER_DECODE prompt tokens per decode, more than the
+    configured bound; beside few, the bound holds."""
+    for streams, want in ((40, 160), (3, 16)):   # 4 tokens a decode, or the bound of 16
+        sched = make_sched(num_blocks=512, max_num_seqs=64, max_num_batched_tokens=512,
+                           max_prefill_tokens_while_decoding=16)
+        running = [make_seq(f"s{i}", 3, first=10 * i) for i in range(streams)]
+        for seq in running:
+            sched.add(seq)
+        step(sched)   # admitted together: nobody was streaming yet
+        sched.add(newcomer := make_seq("new", 300, first=5000))
+        out = step(sched)
+        assert out.num_decodes == streams and out.seqs[streams:] == [newcomer]
+        assert out.num_new_tokens[streams:] == [want]
 
 
 def prefill_chunks(sched, seq):

@@ -11,8 +11,9 @@ Policy (after vLLM v1): one token budget per step (max_num_batched_tokens), one 
   computed by another's prefill (the same prompt, or the same image) waits for it to enter the prefix cache
   rather than compute it again, and those behind it may pass. A prompt longer than what is left is chunked: it gets
   what is left, and continues next step. While the step carries decodes of streams that were already streaming when
-  a prompt arrived, that prompt's tokens are also bounded by max_prefill_tokens_while_decoding (all such prompts
-  together), so running streams are never stalled by a whole long prompt, and each prompt is spread over about
+  a prompt arrived, that prompt's tokens are also bounded (all such prompts together): by
+  max_prefill_tokens_while_decoding, or PREFILL_TOKENS_PER_DECODE per decode in the step where that is more. So
+  running streams are never stalled by a whole long prompt, and each prompt is spread over about
   prefill_chunks_while_decoding steps: its chunk size (at least MIN_CHUNK_BESIDE_DECODES tokens) is fixed from
   what is left of it at the first step it shares with decodes, so short prompts, too, add only a fraction of their
   prefill to the running streams' next gap. Prompts that arrived before any of the decoding streams had its first
@@ -45,6 +46,12 @@ from bunny_backend.engine.core.sequence import ImageSpan, Sequence, SequenceStat
 
 # Smaller chunks beside decodes would cost more in per-step work than they spare the running streams.
 MIN_CHUNK_BESIDE_DECODES = 32
+# Beside D decodes a step may carry up to this many prompt tokens per decode, where that is more than the configured
+# bound: a prompt token costs about what a decode token does, so such a step costs at most ~5x a decode-only one,
+# and only while prompts arrive. 256 streams arriving over gRPC within 0.25 s were otherwise admitted 128 tokens a
+# step, over ~35 steps (bench/log/2026-12-05-capacity-cpu-split.md). CUDA's default bound, 2048, is 8 per decode at
+# 256 streams.
+PREFILL_TOKENS_PER_DECODE = 4
 
 
 @dataclass
@@ -141,7 +148,8 @@ class Scheduler:
             preempted = self._schedule_decodes(out, budget)
             if out.num_decodes:
                 budget.beside_decodes = True
-                budget.spread_tokens = self.max_prefill_tokens_while_decoding
+                budget.spread_tokens = max(self.max_prefill_tokens_while_decoding,
+                                           PREFILL_TOKENS_PER_DECODE * out.num_decodes)
                 firsts = [s.first_token_time for s in out.seqs]
                 budget.streaming_since = None if None in firsts else min(firsts)
             self._schedule_prefills(out, budget, admit=not preempted)
