@@ -142,7 +142,8 @@ def measured(fn, *args, server_pid: int | None = None) -> dict:
     s0 = tree_cpu_by_name(server_pid) if server_pid else {}
     c0 = cpu_seconds()
     out = run(*args)
-    out["client_cpu_s"] = round(cpu_seconds() - c0, 2)
+    if "engine_cpu_s" not in out:   # engine-direct has no client: its own CPU is engine_cpu_s (loading excluded)
+        out["client_cpu_s"] = round(cpu_seconds() - c0, 2)
     if server_pid:
         s1 = tree_cpu_by_name(server_pid)
         out["server_cpu_s"] = {name: round(t - s0.get(name, 0.0), 2) for name, t in s1.items()
