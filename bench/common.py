@@ -94,19 +94,6 @@ def tree_peak_rss_bytes(root_pid: int) -> int:
     return total
 
 
-def tree_cpu_seconds(root_pid: int) -> float:
-    """CPU seconds (user + system) used so far by `root_pid` and its living descendants."""
-    total = 0
-    for pid in descendants(root_pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def tree_cpu_by_name(root_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of `root_pid` and its living descendants, summed per process name
     (/proc/PID/comm: e.g. python, tritonserver, triton_python_b)."""
@@ -122,6 +109,11 @@ def tree_cpu_by_name(root_pid: int) -> dict[str, float]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """CPU seconds (user + system) used so far by `root_pid` and its living descendants."""
+    return sum(tree_cpu_by_name(root_pid).values())
 
 
 def cpu_busy_seconds() -> float:

@@ -90,7 +90,6 @@ def test_prefill_is_bounded_only_while_streams_decode():
     assert short.num_cached_tokens == 3
 
 
-
 def test_the_prefill_bound_grows_with_the_decodes_in_the_step():
     """Beside many decodes a step may carry PREFILL_TOKENS_PER_DECODE prompt tokens per decode, more than the
     configured bound; beside few, the bound holds."""

@@ -14,7 +14,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-
 from bunny_backend.config import EngineConfig
 from bunny_backend.engine import step_hooks
 from bunny_backend.engine.core.block_manager import BlockManager
